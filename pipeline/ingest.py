@@ -1,0 +1,298 @@
+"""Ingest a face data set into raw tar chunks plus a manifest that accounts for every input file.
+
+Sources: an LFW release (split from View 1: peopleDevTrain -> train, peopleDevTest -> test), an
+ImageFolder ``root/<identity>/<image>`` (any depth under the identity folder) or an insightface
+RecordIO pair. Each file is decoded and vetted (:mod:`pipeline.image_check`); bad files are rejected
+with a reason, exact duplicates are reported, and the stage asserts ``in = accepted + rejected``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import recordio
+from pipeline.config import ComputeParams, IngestParams
+from pipeline.image_check import check_image
+from pipeline.parallel import map_chunks
+from pipeline.tar_chunks import dumps_json, write_chunk, write_json
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+LFW_IMAGE_DIRS = ("lfw-deepfunneled", "lfw_funneled", "lfw-funneled", "lfw")
+LFW_PROTOCOL_FILES = ("peopleDevTrain.txt", "peopleDevTest.txt", "pairsDevTrain.txt",
+                      "pairsDevTest.txt", "pairs.txt", "people.txt", "lfw-names.txt")
+SPLITS = ("train", "test")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("identity", pa.string()), ("split", pa.string()),
+    ("source_path", pa.string()), ("sha256", pa.string()), ("file_bytes", pa.int64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()), ("stored_as", pa.string()),
+    ("chunk", pa.string()), ("duplicate_of", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input file, found by a source lister; ``reason`` set means rejected before decoding."""
+
+    image_id: str
+    identity: str
+    split: str
+    source_path: str  # relative to the source root ("train.rec@offset" for RecordIO)
+    rec_offset: int = -1
+    reason: str = ""
+
+
+class IngestError(RuntimeError):
+    pass
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
+
+
+def make_image_id(rel_path: str, taken: set[str]) -> str:
+    """A WebDataset-safe key from a relative path: extension dropped, other characters -> '_'."""
+    stem, ext = os.path.splitext(rel_path.replace(os.sep, "/"))
+    key = _UNSAFE.sub("_", stem).strip("/") or "_"
+    if key in taken:
+        key = f"{key}_{ext.lstrip('.').lower() or 'noext'}"
+    base, n = key, 1
+    while key in taken:
+        n += 1
+        key = f"{base}_{n}"
+    taken.add(key)
+    return key
+
+
+def _walk_files(root: Path) -> list[str]:
+    """Every file under root (relative, sorted), following the whole tree, not one level."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def list_imagefolder(root: Path, split_of=None) -> list[SourceItem]:
+    """Files of ``root/<identity>/...``; files outside an identity folder or with other extensions
+    are listed as rejected so they show up in the manifest."""
+    if not root.is_dir():
+        raise IngestError(f"image folder not found: {root}")
+    items, taken = [], set()
+    for rel in _walk_files(root):
+        parts = rel.replace(os.sep, "/").split("/")
+        identity = parts[0] if len(parts) > 1 else ""
+        ext = os.path.splitext(rel)[1].lower()
+        reason = ""
+        if not identity:
+            reason = "file not inside an identity folder"
+        elif ext not in IMAGE_EXTENSIONS:
+            reason = f"unsupported extension {ext or '(none)'}; allowed: {sorted(IMAGE_EXTENSIONS)}"
+        split = split_of(identity) if (split_of and identity) else ""
+        if not reason and split_of is not None and not split:
+            reason = "identity not in the split's protocol lists"
+        items.append(SourceItem(make_image_id(rel, taken), identity, split, rel, reason=reason))
+    return items
+
+
+def read_people_list(path: Path) -> list[str]:
+    """Names from an LFW people file (first line: count; then 'name<TAB>n')."""
+    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    return [p[0] for p in lines[1:] if len(p) == 2]
+
+
+def find_lfw_images(root: Path) -> Path:
+    for name in LFW_IMAGE_DIRS:
+        if (root / name).is_dir():
+            return root / name
+    raise IngestError(f"{root}: no LFW image folder (looked for {', '.join(LFW_IMAGE_DIRS)})")
+
+
+def list_lfw(root: Path) -> list[SourceItem]:
+    for name in ("peopleDevTrain.txt", "peopleDevTest.txt"):
+        if not (root / name).is_file():
+            raise IngestError(f"{root}: missing LFW protocol file {name} (View 1 gives the split)")
+    train = set(read_people_list(root / "peopleDevTrain.txt"))
+    test = set(read_people_list(root / "peopleDevTest.txt"))
+    if train & test:
+        raise IngestError(f"View 1 train and test people overlap: {sorted(train & test)[:5]}")
+    split = {**{p: "train" for p in train}, **{p: "test" for p in test}}
+    images = find_lfw_images(root)
+    items = list_imagefolder(images, split_of=lambda ident: split.get(ident, ""))
+    prefix = images.name + "/"
+    return [replace(it, source_path=prefix + it.source_path) for it in items]
+
+
+def seeded_identity_split(identities: list[str], test_fraction: float, seed: int) -> dict[str, str]:
+    """Disjoint identities: a seeded permutation of the sorted names, the first share -> test."""
+    names = sorted(set(identities))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_test = int(round(test_fraction * len(names)))
+    test = {names[i] for i in order[:n_test]}
+    return {n: ("test" if n in test else "train") for n in names}
+
+
+def list_recordio(root: Path) -> list[SourceItem]:
+    rec, idx = root / "train.rec", root / "train.idx"
+    if not rec.is_file() or not idx.is_file():
+        raise IngestError(f"{root}: RecordIO source needs train.rec and train.idx")
+    items, taken = [], set()
+    with open(rec, "rb") as fh:
+        for i, off in recordio.image_record_offsets(rec, idx):
+            reason, identity = "", ""
+            try:
+                label = recordio.unpack_image(recordio.read_record(fh, off)).label
+                identity = f"id_{int(label):07d}"
+            except (recordio.RecordIOError, ValueError, OverflowError) as err:
+                reason = f"bad record: {err}"
+            image_id = make_image_id(f"{identity or 'unlabelled'}/{i:09d}", taken)
+            items.append(SourceItem(image_id, identity, "", f"train.rec@{off}", off, reason))
+    return items
+
+
+def list_source(params: IngestParams) -> list[SourceItem]:
+    root = Path(params.path)
+    if not root.exists():
+        raise IngestError(f"ingest.path={params.path!r} does not exist (source {params.source})")
+    if params.source == "lfw":
+        return list_lfw(root)
+    items = list_imagefolder(root) if params.source == "imagefolder" else list_recordio(root)
+    split = seeded_identity_split([it.identity for it in items if it.identity and not it.reason],
+                                  params.test_fraction, params.seed)
+    return [replace(it, split=split.get(it.identity, "")) for it in items]
+
+
+def _read_bytes(root: Path, item: SourceItem) -> bytes:
+    if item.rec_offset >= 0:
+        with open(root / "train.rec", "rb") as fh:
+            return recordio.unpack_image(recordio.read_record(fh, item.rec_offset)).image
+    return (root / item.source_path).read_bytes()
+
+
+def ingest_chunk(job: tuple[str, list[SourceItem]], *, root: Path, out_dir: Path,
+                 min_side: int, max_pixels: int) -> list[dict]:
+    """Vet the files of one chunk, write the accepted ones to ``out_dir/<chunk>.tar``; rows back."""
+    chunk, items = job
+    rows, samples = [], []
+    for it in items:
+        row = {"image_id": it.image_id, "identity": it.identity, "split": it.split,
+               "source_path": it.source_path, "sha256": "", "file_bytes": 0, "width": 0, "height": 0,
+               "format": "", "status": "rejected", "reason": it.reason, "stored_as": "", "chunk": "",
+               "duplicate_of": ""}
+        if not it.reason:
+            try:
+                raw = _read_bytes(root, it)
+            except (OSError, recordio.RecordIOError) as err:
+                row["reason"] = f"unreadable: {err}"
+            else:
+                c = check_image(raw, min_side=min_side, max_pixels=max_pixels)
+                row.update(sha256=c.sha256, file_bytes=len(raw), width=c.width, height=c.height,
+                           format=c.format, status=c.status, reason=c.reason)
+                if c.status == "accepted" and chunk:
+                    row.update(stored_as=c.ext, chunk=chunk + ".tar")
+                    meta = {"image_id": it.image_id, "identity": it.identity, "split": it.split}
+                    samples.append((it.image_id, {c.ext: c.data, "json": dumps_json(meta)}))
+        rows.append(row)
+    if samples:
+        write_chunk(out_dir / f"{chunk}.tar", samples)
+    return rows
+
+
+def plan_chunks(items: list[SourceItem], chunk_size: int) -> list[tuple[str, list[SourceItem]]]:
+    """Split-wise chunks of sorted image ids; items without a split ride in a chunk named ''."""
+    by_split: dict[str, list[SourceItem]] = defaultdict(list)
+    for it in items:
+        by_split[it.split if (it.split and not it.reason) else ""].append(it)
+    jobs = []
+    for split in sorted(by_split):
+        group = sorted(by_split[split], key=lambda it: it.image_id)
+        if not split:
+            jobs.append(("", group))
+            continue
+        for n, start in enumerate(range(0, len(group), chunk_size)):
+            jobs.append((f"{split}-{n:06d}", group[start:start + chunk_size]))
+    return jobs
+
+
+def mark_duplicates(rows: list[dict]) -> int:
+    """Set duplicate_of on accepted rows whose bytes equal an earlier (by image_id) accepted row."""
+    first: dict[str, str] = {}
+    n = 0
+    for row in sorted(rows, key=lambda r: r["image_id"]):
+        if row["status"] != "accepted":
+            continue
+        if row["sha256"] in first:
+            row["duplicate_of"] = first[row["sha256"]]
+            n += 1
+        else:
+            first[row["sha256"]] = row["image_id"]
+    return n
+
+
+def summarize(rows: list[dict], n_duplicates: int) -> dict:
+    acc = [r for r in rows if r["status"] == "accepted"]
+    per_split = {}
+    for split in SPLITS:
+        rs = [r for r in acc if r["split"] == split]
+        ids = Counter(r["identity"] for r in rs)
+        per_split[split] = {"images": len(rs), "identities": len(ids),
+                            "identities_with_2plus": sum(1 for c in ids.values() if c >= 2)}
+    reasons = Counter(r["reason"].split(":")[0] for r in rows if r["status"] == "rejected")
+    overlap = ({r["identity"] for r in acc if r["split"] == "train"}
+               & {r["identity"] for r in acc if r["split"] == "test"})
+    return {"inputs": len(rows), "accepted": len(acc), "rejected": len(rows) - len(acc),
+            "identities": len({r["identity"] for r in acc}), "splits": per_split,
+            "rejection_reasons": dict(sorted(reasons.items())), "exact_duplicates": n_duplicates,
+            "identity_overlap_train_test": len(overlap)}
+
+
+def copy_protocol(root: Path, out_dir: Path) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in LFW_PROTOCOL_FILES:
+        if (root / name).is_file():
+            shutil.copyfile(root / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def run_ingest(*, params: IngestParams, compute: ComputeParams, out_dir: str | Path) -> dict:
+    """List, vet and chunk the source; write chunks/, manifest.parquet, summary.json (+ protocol/)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "chunks").mkdir(parents=True)
+    items = list_source(params)
+    if not items:
+        raise IngestError(f"ingest.path={params.path!r}: no files found")
+    jobs = plan_chunks(items, params.chunk_size)
+    root = Path(params.path)
+    results = map_chunks(ingest_chunk, jobs, compute, desc="ingest", root=root,
+                         out_dir=out_dir / "chunks", min_side=params.min_side,
+                         max_pixels=params.max_pixels)
+    rows = sorted((r for chunk_rows in results for r in chunk_rows), key=lambda r: r["image_id"])
+    n_acc = sum(r["status"] == "accepted" for r in rows)
+    if len(rows) != len(items) or n_acc + sum(r["status"] == "rejected" for r in rows) != len(items):
+        raise IngestError(f"accounting broken: {len(items)} in, {len(rows)} rows, {n_acc} accepted")
+    n_dup = mark_duplicates(rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out_dir / "manifest.parquet")
+    summary = summarize(rows, n_dup)
+    summary["source"] = params.source
+    if params.source == "lfw":
+        summary["protocol_files"] = copy_protocol(root, out_dir / "protocol")
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def manifest_rows(out_dir: str | Path) -> list[dict]:
+    return pq.read_table(Path(out_dir) / "manifest.parquet").to_pylist()
+

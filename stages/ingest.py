@@ -1,0 +1,22 @@
+"""DVC stage `ingest`: source data set -> data/ingest/ (raw tar chunks, manifest, summary)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_params
+from pipeline.ingest import run_ingest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="data/ingest")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    summary = run_ingest(params=params.ingest, compute=params.compute, out_dir=args.out)
+    print(json.dumps({k: summary[k] for k in ("inputs", "accepted", "rejected", "identities")}))
+
+
+if __name__ == "__main__":
+    main()
