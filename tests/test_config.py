@@ -1,0 +1,54 @@
+"""Parameter validation: bad values fail before any work, naming the key and what is allowed."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, load_params, parse_params
+from tests.conftest import PROJECT_ROOT
+
+
+def test_project_params_yaml_is_valid():
+    p = load_params(PROJECT_ROOT / "params.yaml")
+    assert p.ingest.source == "lfw" and p.ingest.chunk_size > 0
+
+
+@pytest.mark.parametrize("data,key,expect", [
+    ({"ingest": {"source": "zip"}}, "ingest.source", "'lfw', 'imagefolder' or 'recordio'"),
+    ({"ingest": {"chunk_size": "many"}}, "ingest.chunk_size", "valid integer"),
+    ({"ingest": {"chunk_size": 0}}, "ingest.chunk_size", "greater than or equal to 1"),
+    ({"ingest": {"test_fraction": 1.5}}, "ingest.test_fraction", "less than or equal to 1"),
+    ({"ingest": {"chunksize": 10}}, "ingest.chunksize", "unknown key; allowed keys here: ['chunk_size'"),
+    ({"ingst": {}}, "ingst", "unknown key; allowed keys here: ['align', 'compute'"),
+    ({"compute": {"backend": "ray"}}, "compute.backend", "'joblib' or 'dask'"),
+    ({"mask": {"type_weights": {"bandana": 1.0}}}, "mask.type_weights", "allowed: ['surgical'"),
+    ({"mask": {"type_weights": {"surgical": 0.0}}}, "mask.type_weights", "at least one weight"),
+    ({"train": {"distill": {"kind": "l1"}}}, "train.distill.kind", "'none', 'mse', 'cosine' or 'margin_cosine'"),
+    ({"evaluate": {"mask_portions": [0.5, 2]}}, "evaluate.mask_portions", "in [0, 1]"),
+])
+def test_bad_values_name_key_and_allowed(data, key, expect):
+    with pytest.raises(ParamsError) as err:
+        parse_params(data)
+    msg = str(err.value)
+    assert f"  {key}: " in msg and expect in msg, msg
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"ingest": {"source": "zip", "seed": -1}, "compute": {"n_jobs": 0}})
+    assert {"ingest.source", "ingest.seed", "compute.n_jobs"} <= {
+        ln.split(":")[0].strip() for ln in str(err.value).splitlines()[1:]}
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("ingest: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(tmp_path / "list.yaml")
+    (tmp_path / "obj.yaml").write_text("ingest: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):  # safe_load refuses python tags
+        load_params(tmp_path / "obj.yaml")

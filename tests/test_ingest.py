@@ -1,0 +1,157 @@
+"""Ingest on real LFW images: each source type, bad input accounted for, determinism."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.config import ComputeParams, IngestParams
+from pipeline.ingest import IngestError, manifest_rows, run_ingest
+from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk
+from tests.conftest import lfw_root
+from tests.test_recordio import write_insightface_rec
+
+SERIAL = ComputeParams(n_jobs=1)
+
+
+def _tree_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_lfw_split_from_view1(tmp_path, lfw_small):
+    s = run_ingest(params=IngestParams(path=str(lfw_small), chunk_size=15), compute=SERIAL, out_dir=tmp_path)
+    rows = manifest_rows(tmp_path)
+    n_files = len(list((lfw_small / "lfw-deepfunneled").rglob("*.jpg")))
+    assert s["inputs"] == len(rows) == n_files and s["accepted"] == n_files
+    assert s["splits"]["train"]["identities"] == 6 and s["splits"]["test"]["identities"] == 4
+    train = {r["identity"] for r in rows if r["split"] == "train"}
+    test = {r["identity"] for r in rows if r["split"] == "test"}
+    assert not train & test and s["identity_overlap_train_test"] == 0
+    assert train == set((lfw_small / "peopleDevTrain.txt").read_text().split()[1::2])
+    # chunks hold every accepted image once, named by split, at most chunk_size each
+    seen = {}
+    for chunk in list_chunks(tmp_path / "chunks"):
+        samples = list(read_chunk(chunk))
+        assert len(samples) <= 15 and chunk.name.split("-")[0] in ("train", "test")
+        seen.update({k: m for k, m in samples})
+    assert set(seen) == {r["image_id"] for r in rows}
+    r0 = rows[0]
+    assert seen[r0["image_id"]]["jpg"] == (lfw_small / r0["source_path"]).read_bytes()
+    assert r0["image_id"] == "{0}/{0}_0001".format(r0["identity"])
+    assert (tmp_path / "protocol" / "pairsDevTest.txt").is_file()
+
+
+def _bad_folder(root: Path) -> dict[str, str]:
+    """An ImageFolder of real LFW faces plus one file of each kind of bad input -> expected reason."""
+    src = lfw_root() / "lfw-deepfunneled"
+    face = (src / "George_W_Bush" / "George_W_Bush_0001.jpg").read_bytes()
+    im = Image.open(io.BytesIO(face))
+    for ident in ("Alice", "Bob", "Carol", "Dave"):
+        (root / ident / "nested" / "deeper").mkdir(parents=True)
+    people = ["Colin_Powell", "Tony_Blair", "Donald_Rumsfeld", "Gerhard_Schroeder"]
+    for ident, person in zip(("Alice", "Bob", "Carol", "Dave"), people):
+        for n, f in enumerate(sorted((src / person).iterdir())[:4]):
+            name = [f"img{n}.jpg", f"IMG{n}.JPG", f"img{n}.Jpeg", f"nested/deeper/img{n}.jpg"][n]
+            shutil.copyfile(f, root / ident / name)
+
+    def enc(image, fmt, **kw):
+        b = io.BytesIO()
+        image.save(b, format=fmt, **kw)
+        return b.getvalue()
+
+    bad = {
+        "Alice/zero.jpg": (b"", "empty file"),
+        "Alice/truncated.jpg": (face[:3000], "truncated or corrupt"),
+        "Alice/notes.jpg": (b"this is a text file, not a photo\n", "not an image"),
+        "Alice/readme.txt": (b"hello", "unsupported extension .txt"),
+        "Bob/tiny.png": (enc(Image.new("RGB", (1, 1)), "PNG"), "too small"),
+        "Bob/anim.png": (enc(Image.new("RGB", (32, 32)), "GIF"), "unsupported image format GIF"),
+        "Bob/noext": (face, "unsupported extension (none)"),
+        "stray.jpg": (face, "file not inside an identity folder"),
+        "Carol/bomb.png": (enc(Image.new("1", (9000, 9000)), "PNG"), "decompression bomb"),
+        "Carol/half.png": (enc(im, "PNG")[:2000], "truncated or corrupt"),
+        "Dave/garbage.webp": (b"RIFF\x00\x00\x00\x00WEBPVP8 " + b"\x13" * 50, "corrupt"),
+        "Dave/html.bmp": (b"<html>404</html>", "not an image"),
+    }
+    ok = {
+        "Bob/grey.png": enc(im.convert("L"), "PNG"),
+        "Bob/cmyk.jpg": enc(im.convert("CMYK"), "JPEG"),
+        "Carol/rgba.PNG": enc(im.convert("RGBA"), "PNG"),
+        "Carol/palette.bmp": enc(im.convert("P"), "BMP"),
+        "Dave/photo.webp": enc(im, "WEBP"),
+        "Dave/dup.jpg": face,  # exact duplicate of George_W_Bush_0001 (also copied below)
+        "Dave/George.jpg": face,
+    }
+    for rel, (data, _) in bad.items():
+        (root / rel).write_bytes(data)
+    for rel, data in ok.items():
+        (root / rel).write_bytes(data)
+    return {rel: reason for rel, (_, reason) in bad.items()}
+
+
+def test_imagefolder_bad_inputs_are_rejected_with_reasons(tmp_path):
+    root = tmp_path / "src"
+    expected = _bad_folder(root)
+    params = IngestParams(source="imagefolder", path=str(root), test_fraction=0.5, max_pixels=50_000_000)
+    s = run_ingest(params=params, compute=SERIAL, out_dir=tmp_path / "out")
+    rows = {r["source_path"]: r for r in manifest_rows(tmp_path / "out")}
+    n_files = sum(1 for p in root.rglob("*") if p.is_file())
+    assert s["inputs"] == len(rows) == n_files == s["accepted"] + s["rejected"]
+    assert len(expected) >= 12
+    for rel, reason in expected.items():
+        assert rows[rel]["status"] == "rejected", rel
+        assert reason in rows[rel]["reason"], (rel, rows[rel]["reason"])
+    assert s["rejected"] == len(expected)
+    assert rows["Bob/grey.png"]["reason"] == "L->RGB" and rows["Bob/cmyk.jpg"]["reason"] == "CMYK->RGB"
+    assert rows["Alice/IMG1.JPG"]["status"] == "accepted"  # any letter case
+    assert rows["Alice/nested/deeper/img3.jpg"]["identity"] == "Alice"  # any depth
+    dups = [r for r in rows.values() if r["duplicate_of"]]
+    assert len(dups) == 1 and s["exact_duplicates"] == 1
+    assert {dups[0]["image_id"], dups[0]["duplicate_of"]} == {"Dave/dup", "Dave/George"}
+    splits = {r["identity"]: r["split"] for r in rows.values() if r["status"] == "accepted"}
+    assert sorted(splits.values()).count("test") == 2  # 4 identities x 0.5, disjoint by identity
+
+
+def test_recordio_source(tmp_path, lfw_small):
+    jpgs = sorted((lfw_small / "lfw-deepfunneled").rglob("*.jpg"))
+    images = [(i // 3, p.read_bytes()) for i, p in enumerate(jpgs[:12])] + [(9, b"not a jpeg")]
+    src = tmp_path / "rec"
+    src.mkdir()
+    write_insightface_rec(src, images)
+    s = run_ingest(params=IngestParams(source="recordio", path=str(src), test_fraction=0.25),
+                   compute=SERIAL, out_dir=tmp_path / "out")
+    assert s["inputs"] == 13 and s["accepted"] == 12 and s["rejected"] == 1
+    rows = manifest_rows(tmp_path / "out")
+    assert {r["identity"] for r in rows} == {f"id_{i:07d}" for i in (0, 1, 2, 3, 9)}
+    assert rows[0]["image_id"] == "id_0000000/000000001" and rows[0]["split"] in ("train", "test")
+    stored = {k: m for c in list_chunks(tmp_path / "out" / "chunks") for k, m in read_chunk(c)}
+    assert stored["id_0000000/000000001"]["jpg"] == images[0][1]
+
+
+def test_deterministic_across_runs_and_workers(tmp_path, lfw_small):
+    params = IngestParams(path=str(lfw_small), chunk_size=10)
+    run_ingest(params=params, compute=SERIAL, out_dir=tmp_path / "a")
+    run_ingest(params=params, compute=ComputeParams(n_jobs=2), out_dir=tmp_path / "b")
+    a, b = _tree_hashes(tmp_path / "a"), _tree_hashes(tmp_path / "b")
+    assert len(a) > 5 and a == b
+
+
+def test_missing_source_and_protocol(tmp_path):
+    with pytest.raises(IngestError, match="does not exist"):
+        run_ingest(params=IngestParams(path=str(tmp_path / "nope")), compute=SERIAL, out_dir=tmp_path / "o")
+    (tmp_path / "lfw" / "lfw-deepfunneled").mkdir(parents=True)
+    with pytest.raises(IngestError, match="peopleDevTrain.txt"):
+        run_ingest(params=IngestParams(path=str(tmp_path / "lfw")), compute=SERIAL, out_dir=tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_full_lfw_counts(tmp_path):
+    s = run_ingest(params=IngestParams(path=str(lfw_root())), compute=ComputeParams(n_jobs=2),
+                   out_dir=tmp_path)
+    assert (s["inputs"], s["accepted"], s["identities"]) == (13233, 13233, 5749)
+    assert s["splits"]["train"]["images"] == 9525 and s["splits"]["train"]["identities"] == 4038
+    assert s["splits"]["test"]["images"] == 3708 and s["splits"]["test"]["identities"] == 1711
+    assert s["identity_overlap_train_test"] == 0
