@@ -1,0 +1,173 @@
+"""Face verification and identification metrics in plain numpy.
+
+Kept free of torch and of the data formats so the same functions score any embedder (the trained
+model, dlib's reference ResNet) and so a test can check them against hand-computed values.
+Scores are similarities: higher means "more likely the same person".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FAR_TARGETS = {"tar_at_far_1e-2": 1e-2, "tar_at_far_1e-3": 1e-3}
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def _check_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).astype(bool).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores ({scores.shape}) and labels ({labels.shape}) differ in length")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity")
+    if labels.all() or not labels.any():
+        raise ValueError("need both same-identity and different-identity pairs")
+    return scores, labels
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), one point per distinct score, from (0, 0) to (1, 1).
+
+    Point i accepts every pair with score >= thresholds[i]; ties move together, so the curve never
+    credits an arbitrary order among equal scores.
+    """
+    scores, labels = _check_scores(scores, labels)
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    fp = np.cumsum(~y)[last_of_tie]
+    tpr = np.r_[0.0, tp / y.sum()]
+    fpr = np.r_[0.0, fp / (~y).sum()]
+    thresholds = np.r_[np.inf, s[last_of_tie]]
+    return fpr, tpr, thresholds
+
+
+def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under the ROC curve (trapezoids; equals P(score_same > score_diff) + ties / 2)."""
+    return float(np.trapezoid(tpr, fpr))
+
+
+def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
+    """Highest true-accept rate whose false-accept rate does not exceed ``far``."""
+    ok = fpr <= far + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def eer(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Equal error rate: where the false-accept and false-reject rates cross (linear interpolation)."""
+    fnr = 1.0 - tpr
+    diff = fnr - fpr  # starts at 1 (accept nothing), ends at -1 or 0 (accept everything)
+    i = int(np.argmax(diff <= 0))
+    if i == 0:
+        return float(fpr[0])
+    d0, d1 = diff[i - 1], diff[i]
+    w = d0 / (d0 - d1) if d0 != d1 else 0.0
+    return float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
+
+
+def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(threshold, accuracy) maximising accuracy of "same if score > threshold".
+
+    Candidates are the midpoints between neighbouring distinct scores plus one below and one above
+    all of them; among equally good thresholds the smallest wins (a fixed, documented tie-break).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    u = np.unique(scores)
+    cands = np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2.0, u[-1] + 1.0]
+    # accuracy for every candidate at once: sorted scores + counts on each side
+    s_pos = np.sort(scores[labels])
+    s_neg = np.sort(scores[~labels])
+    tp = s_pos.size - np.searchsorted(s_pos, cands, side="right")
+    tn = np.searchsorted(s_neg, cands, side="right")
+    acc = (tp + tn) / scores.size
+    i = int(np.argmax(acc))
+    return float(cands[i]), float(acc[i])
+
+
+@dataclass(frozen=True)
+class KFoldResult:
+    accuracy: float  # mean over folds
+    accuracy_std: float
+    fold_accuracies: list[float]
+    thresholds: list[float]
+
+
+def kfold_accuracy(scores, labels, folds) -> KFoldResult:
+    """LFW's protocol: for each fold, pick the threshold on the other folds, score this fold."""
+    scores, labels = _check_scores(scores, labels)
+    folds = np.asarray(folds).ravel()
+    if folds.shape != scores.shape:
+        raise ValueError("folds must give one fold id per pair")
+    ids = np.unique(folds)
+    if ids.size < 2:
+        raise ValueError("k-fold accuracy needs at least 2 folds")
+    accs, ths = [], []
+    for k in ids:
+        test = folds == k
+        th, _ = best_threshold(scores[~test], labels[~test])
+        accs.append(float(np.mean((scores[test] > th) == labels[test])))
+        ths.append(th)
+    return KFoldResult(float(np.mean(accs)), float(np.std(accs)), accs, ths)
+
+
+def verification_metrics(scores, labels, folds) -> dict:
+    """Every verification figure the evaluation reports, as plain floats."""
+    fpr, tpr, _ = roc_curve(scores, labels)
+    kf = kfold_accuracy(scores, labels, folds)
+    out = {"accuracy": kf.accuracy, "accuracy_std": kf.accuracy_std, "auc": auc(fpr, tpr),
+           "eer": eer(fpr, tpr)}
+    for key, far in FAR_TARGETS.items():
+        out[key] = tar_at_far(fpr, tpr, far)
+    labels = np.asarray(labels).astype(bool)
+    out["pairs_same"] = int(labels.sum())
+    out["pairs_different"] = int((~labels).sum())
+    return out
+
+
+def thin_roc(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """A plot-sized ROC: keeps the corners of the staircase, evenly spaced on a log FPR axis."""
+    if fpr.size <= max_points:
+        return fpr, tpr
+    grid = np.unique(np.r_[0.0, np.geomspace(max(fpr[fpr > 0].min(), 1e-6), 1.0, max_points - 1)])
+    idx = np.searchsorted(fpr, grid, side="right") - 1
+    return fpr[idx], tpr[idx]
+
+
+def identification_ranks(gallery: np.ndarray, gallery_ids, probes: np.ndarray, probe_ids) -> np.ndarray:
+    """Rank (1 = best) of each probe's true identity among the enrolled identities.
+
+    Embeddings are compared by cosine similarity; an identity scores the best of its enrolled
+    images. Ties count against the probe (rank = 1 + identities scoring >= the true one), so a
+    collapsed embedding cannot earn a perfect rank. Probes whose identity is not enrolled are an
+    error: they have no right answer.
+    """
+    gallery_ids = np.asarray(gallery_ids)
+    probe_ids = np.asarray(probe_ids)
+    names, inv = np.unique(gallery_ids, return_inverse=True)
+    missing = sorted(set(probe_ids.tolist()) - set(names.tolist()))
+    if missing:
+        raise ValueError(f"{len(missing)} probe identities are not enrolled, e.g. {missing[:3]}")
+    sim = l2_normalize(probes) @ l2_normalize(gallery).T  # P x G
+    per_id = np.full((sim.shape[0], names.size), -np.inf, dtype=np.float64)
+    for g in range(names.size):
+        per_id[:, g] = sim[:, inv == g].max(axis=1)
+    true_col = np.searchsorted(names, probe_ids)
+    true_score = per_id[np.arange(per_id.shape[0]), true_col]
+    others = per_id >= true_score[:, None]
+    others[np.arange(per_id.shape[0]), true_col] = False
+    return 1 + others.sum(axis=1)
+
+
+def cmc(ranks: np.ndarray, max_rank: int) -> np.ndarray:
+    """Cumulative match characteristic: share of probes with rank <= r, for r = 1..max_rank."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        raise ValueError("no probes")
+    return np.array([(ranks <= r).mean() for r in range(1, max_rank + 1)], dtype=np.float64)

@@ -1,0 +1,109 @@
+"""Metrics against answers worked out by hand (the comments show the working)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import metrics
+
+
+def _unit(deg: float) -> list[float]:
+    r = np.deg2rad(deg)
+    return [np.cos(r), np.sin(r)]
+
+
+def test_gallery_rank1_and_cmc_hand_computed():
+    # Enrolled: A at 0 deg, B at 90, C at 180. Cosine similarity = cos(angle between).
+    gallery = np.array([_unit(0), _unit(90), _unit(180)])
+    # a1 at 10: A cos10=.98 best -> rank 1.  a2 at 80: B cos10=.98 > A cos80=.17 -> rank 2.
+    # b1 at 100: B cos10 best -> rank 1.     c1 at 260: C cos80=.17 > A cos100=-.17 > B -> rank 1.
+    probes = np.array([_unit(10), _unit(80), _unit(100), _unit(260)])
+    ranks = metrics.identification_ranks(gallery, ["A", "B", "C"], probes, ["A", "A", "B", "C"])
+    assert ranks.tolist() == [1, 2, 1, 1]
+    assert metrics.cmc(ranks, 3).tolist() == [0.75, 1.0, 1.0]
+
+
+def test_identity_scores_best_enrolled_image_and_ties_count_against_probe():
+    gallery = np.array([_unit(0), _unit(170), _unit(90)])
+    # A has two images (0 and 170): probe at 160 is 10 deg from A's second image -> rank 1.
+    ranks = metrics.identification_ranks(gallery, ["A", "A", "B"], np.array([_unit(160)]), ["A"])
+    assert ranks.tolist() == [1]
+    # A collapsed embedding (all equal) ties every identity: rank = number of identities, not 1.
+    same = np.ones((3, 4))
+    ranks = metrics.identification_ranks(same, ["A", "B", "C"], np.ones((2, 4)), ["A", "C"])
+    assert ranks.tolist() == [3, 3]
+
+
+def test_probe_identity_not_enrolled_is_refused():
+    with pytest.raises(ValueError, match="not enrolled"):
+        metrics.identification_ranks(np.eye(2), ["A", "B"], np.eye(2)[:1], ["Z"])
+
+
+# Ten folds, one same-identity and one different-identity pair each. Same pairs score 0.9 except
+# fold 0 (0.1, a hard positive); different pairs score 0.0 except fold 1 (0.5, a hard negative).
+SAME = np.array([0.1] + [0.9] * 9)
+DIFF = np.array([0.0, 0.5] + [0.0] * 8)
+SCORES = np.r_[SAME, DIFF]
+LABELS = np.r_[np.ones(10, bool), np.zeros(10, bool)]
+FOLDS = np.r_[np.arange(10), np.arange(10)]
+
+
+def test_ten_fold_accuracy_hand_computed():
+    # Fold 0 held out: train = 9 x 0.9 same, 8 x 0.0 + 0.5 different -> best (smallest) threshold
+    #   0.7 (midpoint 0.5..0.9); test: 0.1 same rejected (wrong), 0.0 diff rejected (right): 0.5.
+    # Fold 1 held out: train = 0.1 + 8 x 0.9 same, 9 x 0.0 different -> threshold 0.05, perfect;
+    #   test: 0.9 accepted (right), 0.5 diff accepted (wrong): 0.5.
+    # Folds 2..9: train has both hard pairs, every threshold gets 17/18, smallest is 0.05;
+    #   test: 0.9 accepted, 0.0 rejected: 1.0.  Mean = (0.5 + 0.5 + 8) / 10 = 0.9.
+    kf = metrics.kfold_accuracy(SCORES, LABELS, FOLDS)
+    assert kf.fold_accuracies == [0.5, 0.5] + [1.0] * 8
+    assert kf.accuracy == pytest.approx(0.9)
+    assert kf.thresholds[0] == pytest.approx(0.7)
+    assert kf.thresholds[1:] == pytest.approx([0.05] * 9)
+
+
+def test_roc_auc_eer_tar_hand_computed():
+    # AUC = P(same > diff): nine 0.9s beat all ten diffs (90), 0.1 beats the nine 0.0s (9) -> 0.99.
+    # Accepting only 0.9: TAR .9 at FAR 0 -> TAR@FAR 1e-2 = 1e-3 = 0.9. At threshold 0.5:
+    # FAR .1 and FRR .1 -> EER 0.1.
+    m = metrics.verification_metrics(SCORES, LABELS, FOLDS)
+    assert m["auc"] == pytest.approx(0.99)
+    assert m["tar_at_far_1e-2"] == pytest.approx(0.9)
+    assert m["tar_at_far_1e-3"] == pytest.approx(0.9)
+    assert m["eer"] == pytest.approx(0.1)
+    assert m["accuracy"] == pytest.approx(0.9)
+    assert (m["pairs_same"], m["pairs_different"]) == (10, 10)
+
+
+def test_roc_groups_ties_and_spans_corners():
+    fpr, tpr, th = metrics.roc_curve([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1])
+    # thresholds inf, 0.9, 0.5 (one same + one diff together), 0.2
+    assert th[1:].tolist() == [0.9, 0.5, 0.2]
+    assert fpr.tolist() == [0.0, 0.0, 0.5, 1.0]
+    assert tpr.tolist() == [0.0, 0.5, 1.0, 1.0]
+    # the tie contributes half: AUC = (1 + 0.5 + 1 + 1) / 4
+    assert metrics.auc(fpr, tpr) == pytest.approx(0.875)
+
+
+def test_eer_interpolates_between_points():
+    # fnr - fpr: (0,0)->1, (0,.5)->.5, (.5,1)->-.5: crossing halfway between points 1 and 2.
+    assert metrics.eer(np.array([0, 0, 0.5, 1]), np.array([0, 0.5, 1, 1])) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("scores,labels,match", [
+    ([0.1, 0.2], [1, 1], "both"),
+    ([0.1, np.nan], [1, 0], "NaN"),
+    ([0.1], [1, 0], "differ"),
+])
+def test_bad_inputs_are_refused(scores, labels, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.roc_curve(scores, labels)
+
+
+def test_thin_roc_keeps_ends_and_is_monotone():
+    rng = np.random.default_rng(0)
+    s = np.r_[rng.normal(1, 1, 3000), rng.normal(0, 1, 3000)]
+    fpr, tpr, _ = metrics.roc_curve(s, np.r_[np.ones(3000), np.zeros(3000)])
+    f2, t2 = metrics.thin_roc(fpr, tpr, 200)
+    assert f2.size <= 200 and f2[0] == 0.0 and f2[-1] == 1.0 and t2[-1] == 1.0
+    assert (np.diff(f2) >= 0).all() and (np.diff(t2) >= 0).all()
