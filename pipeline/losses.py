@@ -1,0 +1,109 @@
+"""ArcFace head and the pairwise distillation losses between a face and its masked twin.
+
+Kept small and separate (like insightface arcface_torch's losses.py) so each piece can be unit
+tested on hand-computed values:
+
+- :class:`ArcFace`: additive angular margin logits ``s * cos(theta_y + m)`` for the true class,
+  ``s * cos(theta_j)`` otherwise; also returns the margin-free cosines (for accuracy and for the
+  dynamic balancing mask, which must not depend on the margin).
+- :func:`distill_per_pair`: ``mse`` = ||e_r - e_m||^2, ``cosine`` = 1 - cos(e_r, e_m),
+  ``margin_cosine`` = 1 - cos(arccos(cos(e_r, e_m)) + m_d), on the embeddings (not logits).
+- :func:`balancing_mask`: the report's dynamic balancing: a pair counts only when the raw AND the
+  masked branch are classified correctly.
+- :func:`pair_loss`: CE(raw) + CE(masked) + beta * distill, with the parts for logging.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DISTILL_KINDS = ("none", "mse", "cosine", "margin_cosine")
+_EPS = 1e-6
+
+
+class ArcFace(nn.Module):
+    """Class centres W (num_classes x D); ``forward(emb, labels) -> (scaled logits, cosines)``."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5):
+        super().__init__()
+        self.s, self.m = float(s), float(m)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
+        cos = cos.clamp(-1.0, 1.0)
+        target = cos.gather(1, labels[:, None])
+        # cos(theta + m), kept monotonic in theta past pi - m (insightface's "th / mm" fallback)
+        sin = torch.sqrt((1.0 - target * target).clamp_min(_EPS))
+        with_margin = target * math.cos(self.m) - sin * math.sin(self.m)
+        th, mm = math.cos(math.pi - self.m), math.sin(math.pi - self.m) * self.m
+        with_margin = torch.where(target > th, with_margin, target - mm)
+        logits = cos.scatter(1, labels[:, None], with_margin) * self.s
+        return logits, cos
+
+
+def distill_per_pair(e_raw: torch.Tensor, e_masked: torch.Tensor, kind: str,
+                     margin: float = 0.0) -> torch.Tensor:
+    """Distance between each pair of embeddings (B,), by ``kind``; zeros for ``none``."""
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"unknown distill kind {kind!r}; known: {list(DISTILL_KINDS)}")
+    e_raw, e_masked = e_raw.float(), e_masked.float()
+    if kind == "none":
+        return e_raw.new_zeros(e_raw.shape[0])
+    if kind == "mse":
+        return (e_raw - e_masked).pow(2).sum(dim=1)
+    cos = F.cosine_similarity(e_raw, e_masked, dim=1, eps=1e-8)
+    if kind == "cosine":
+        return 1.0 - cos
+    # margin_cosine: the angle between the twins is pushed below zero by m_d (capped at pi).
+    theta = torch.acos(cos.clamp(-1.0 + _EPS, 1.0 - _EPS))
+    return 1.0 - torch.cos(torch.clamp(theta + margin, max=math.pi))
+
+
+def balancing_mask(cos_raw: torch.Tensor, cos_masked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """True where both branches' margin-free argmax is the true class (the pairs that distil)."""
+    return (cos_raw.argmax(1) == labels) & (cos_masked.argmax(1) == labels)
+
+
+@dataclass
+class PairLoss:
+    total: torch.Tensor
+    ce_raw: torch.Tensor
+    ce_masked: torch.Tensor
+    distill: torch.Tensor  # mean over the contributing pairs (0 when none contribute)
+    fraction: torch.Tensor  # share of pairs that contributed to the distillation term
+    correct_raw: torch.Tensor  # (B,) bool, margin-free
+    correct_masked: torch.Tensor
+
+
+def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels: torch.Tensor, *,
+              kind: str, beta: float, margin: float = 0.0, dynamic: bool = False,
+              stop_grad: str = "none") -> PairLoss:
+    """CE(raw) + CE(masked) + beta * distill(e_raw, e_masked) for one batch of twins.
+
+    ``dynamic``: only pairs classified correctly on both sides contribute, averaged over those
+    pairs. ``stop_grad="raw"``: the raw branch is a fixed teacher inside the distillation term (its
+    own CE still trains it).
+    """
+    if stop_grad not in ("none", "raw"):
+        raise ValueError(f"stop_grad must be 'none' or 'raw', got {stop_grad!r}")
+    logits_r, cos_r = head(e_raw, labels)
+    logits_m, cos_m = head(e_masked, labels)
+    ce_r, ce_m = F.cross_entropy(logits_r, labels), F.cross_entropy(logits_m, labels)
+    with torch.no_grad():
+        ok_r, ok_m = cos_r.argmax(1) == labels, cos_m.argmax(1) == labels
+        both = balancing_mask(cos_r, cos_m, labels)
+    teacher = e_raw.detach() if stop_grad == "raw" else e_raw
+    per_pair = distill_per_pair(teacher, e_masked, kind, margin)
+    weight = both.float() if dynamic else torch.ones_like(per_pair)
+    if kind == "none":
+        weight = torch.zeros_like(per_pair)
+    distill = (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
+    total = ce_r + ce_m + beta * distill
+    return PairLoss(total, ce_r.detach(), ce_m.detach(), distill.detach(), weight.mean().detach(),
+                    ok_r, ok_m)

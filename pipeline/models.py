@@ -1,0 +1,164 @@
+"""Face embedding networks: a torchvision backbone looked up by name + an embedding head.
+
+The backbone is torchvision's ResNet as is (so ImageNet weights load unchanged); the adaptation to
+112x112 faces is the head: ResNet18 leaves a 512 x 4 x 4 map at 112 px, and instead of averaging it
+away (which discards where on the face a feature is, the part a mask hides) the head keeps it, like
+insightface's output layer: BN -> dropout -> flatten -> linear -> BN. "*_hr" backbones drop the max
+pool (7 x 7 map, 4x the compute: for GPUs). The ArcFace head lives in pipeline/losses.py and is not
+part of the saved embedding model.
+
+Input everywhere: B x 3 x 112 x 112 RGB scaled to [-1, 1]; output: B x D embeddings (not
+normalised; compare them by cosine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+IMAGE_SIZE = 112
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights were asked for but cannot be read or downloaded."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[..., nn.Module]  # torchvision constructor
+    weights: Any  # torchvision weights enum member (ImageNet)
+    channels: int  # channels of the last feature map
+    drop_maxpool: bool = False
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet18_hr": BackboneSpec(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512, True),
+    "resnet34": BackboneSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, 512),
+    "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, 2048),
+}
+
+
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def feature_map_size(name: str, image_size: int = IMAGE_SIZE) -> int:
+    """Side of the last feature map (conv stride 2 and max pool round up)."""
+    side = -(-image_size // 2)  # conv1
+    if not _spec(name).drop_maxpool:
+        side = -(-side // 2)
+    for _ in range(3):  # layer2..4
+        side = -(-side // 2)
+    return side
+
+
+class Trunk(nn.Module):
+    """A torchvision ResNet without avgpool/fc: image -> C x h x w feature map."""
+
+    def __init__(self, net: nn.Module, drop_maxpool: bool):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = net.conv1, net.bn1, net.relu
+        self.maxpool = nn.Identity() if drop_maxpool else net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class EmbeddingHead(nn.Module):
+    """BN -> dropout -> flatten -> linear -> BN1d (insightface's output layer)."""
+
+    def __init__(self, channels: int, side: int, embedding_dim: int, dropout: float):
+        super().__init__()
+        self.bn2d = nn.BatchNorm2d(channels)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels * side * side, embedding_dim)
+        self.bn1d = nn.BatchNorm1d(embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.bn2d(x))
+        return self.bn1d(self.fc(torch.flatten(x, 1)))
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone + embedding head; ``config`` is everything needed to rebuild it."""
+
+    def __init__(self, backbone: str = "resnet18", embedding_dim: int = 512, dropout: float = 0.0):
+        super().__init__()
+        spec = _spec(backbone)
+        self.config = {"backbone": backbone, "embedding_dim": int(embedding_dim),
+                       "dropout": float(dropout), "image_size": IMAGE_SIZE,
+                       "input": "RGB, B x 3 x 112 x 112, (x/255 - 0.5)/0.5"}
+        self.trunk = Trunk(spec.build(weights=None), spec.drop_maxpool)
+        self.head = EmbeddingHead(spec.channels, feature_map_size(backbone), embedding_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """Where torchvision caches the ImageNet weights of this backbone (torch.hub's checkpoints dir)."""
+    url = _spec(backbone).weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def load_imagenet_weights(net: EmbeddingNet, path: str | Path | None = None) -> EmbeddingNet:
+    """Copy torchvision ImageNet weights into the trunk (fc is dropped: the head is new).
+
+    Reads ``path`` if given, else torch.hub's cache, else downloads into that cache. Offline with no
+    file gives one error that says which file to fetch and where to put it.
+    """
+    backbone = net.config["backbone"]
+    url = _spec(backbone).weights.url
+    file = Path(path) if path else imagenet_weights_file(backbone)
+    if path and not file.is_file():
+        raise PretrainedWeightsError(f"train.pretrained_path: {file} does not exist")
+    if not file.is_file():
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(file), progress=True)
+        except Exception as err:  # URLError, socket errors, HTTP errors: all mean "no download"
+            raise PretrainedWeightsError(
+                f"train.pretrained=imagenet: no weights file at {file} and the download of {url} "
+                f"failed ({type(err).__name__}: {err}). Download that file on a machine with "
+                f"network and set train.pretrained_path to it (or place it at {file}), or use "
+                f"train.pretrained: none") from None
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = net.trunk.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise PretrainedWeightsError(f"{file}: does not match {backbone} (missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]})")
+    return net
+
+
+def build_embedding_net(backbone: str, embedding_dim: int, dropout: float = 0.0,
+                        pretrained: str = "none", pretrained_path: str | None = None) -> EmbeddingNet:
+    net = EmbeddingNet(backbone, embedding_dim, dropout)
+    if pretrained == "imagenet":
+        load_imagenet_weights(net, pretrained_path)
+    elif pretrained != "none":
+        raise ValueError(f"pretrained must be 'none' or 'imagenet', got {pretrained!r}")
+    return net
+
+
+def load_embedding_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the embedding network from a models/model.pt checkpoint, in eval mode.
+
+    Input B x 3 x 112 x 112 RGB in [-1, 1]; output B x D embeddings (compare by cosine).
+    """
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a model checkpoint (expected keys 'model' and 'config')")
+    cfg = ckpt["config"]
+    net = EmbeddingNet(cfg["backbone"], cfg["embedding_dim"], cfg.get("dropout", 0.0))
+    net.load_state_dict(ckpt["model"])
+    return net.to(device).eval()

@@ -1,0 +1,61 @@
+"""Embedding network: shapes at 112 px, registry, ImageNet weights from a file or one clear error,
+and the checkpoint round trip the evaluation stage relies on."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import models as tvm
+
+from pipeline.models import (BACKBONES, PretrainedWeightsError, build_embedding_net, feature_map_size,
+                             load_embedding_model)
+
+
+def test_resnet18_maps_112px_faces_to_embeddings():
+    net = build_embedding_net("resnet18", embedding_dim=64).eval()
+    assert feature_map_size("resnet18") == 4 and feature_map_size("resnet18_hr") == 7
+    out = net(torch.rand(3, 3, 112, 112) * 2 - 1)
+    assert out.shape == (3, 64) and torch.isfinite(out).all()
+    assert net.config["image_size"] == 112 and net.config["backbone"] == "resnet18"
+
+
+def test_unknown_backbone_names_the_known_ones():
+    with pytest.raises(ValueError, match="resnet18"):
+        build_embedding_net("vgg11", embedding_dim=64)
+    assert "resnet18" in BACKBONES
+
+
+def test_imagenet_weights_load_from_a_local_file(tmp_path):
+    ref = tvm.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    net = build_embedding_net("resnet18", 32, pretrained="imagenet", pretrained_path=str(path))
+    assert torch.equal(net.trunk.conv1.weight, ref.conv1.weight)
+    assert torch.equal(net.trunk.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var)
+
+
+def test_imagenet_offline_without_file_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty hub cache
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    with pytest.raises(PretrainedWeightsError, match="pretrained_path"):
+        build_embedding_net("resnet18", 32, pretrained="imagenet")
+    with pytest.raises(PretrainedWeightsError, match="does not exist"):
+        build_embedding_net("resnet18", 32, pretrained="imagenet", pretrained_path=str(tmp_path / "no.pth"))
+
+
+def test_checkpoint_round_trip_is_weights_only_and_eval_mode(tmp_path):
+    torch.manual_seed(0)
+    net = build_embedding_net("resnet18", 16, dropout=0.2)
+    net.train()
+    net(torch.randn(4, 3, 112, 112))  # move BN running stats away from their init
+    net.eval()
+    path = tmp_path / "model.pt"
+    torch.save({"model": net.state_dict(), "config": dict(net.config), "meta": {"epoch": 1}}, path)
+    assert torch.load(path, weights_only=True)["config"]["embedding_dim"] == 16
+    loaded = load_embedding_model(path)
+    assert not loaded.training
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), net(x), atol=1e-6)
+    torch.save({"weights": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a model checkpoint"):
+        load_embedding_model(tmp_path / "bad.pt")
