@@ -1,0 +1,107 @@
+"""Protocols on LFW's real protocol files: pair parsing, the leak-free gallery, overlap refusal."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from pipeline import protocols
+from tests.conftest import lfw_root
+
+
+def _lfw_test_images() -> tuple[list[str], list[str]]:
+    """Image ids and identities of LFW View 1 test people, listed from the real folder."""
+    root = lfw_root()
+    ids, idents = [], []
+    for name in sorted(protocols.read_people(root / "peopleDevTest.txt")):
+        for f in sorted(os.listdir(root / "lfw-deepfunneled" / name)):
+            ids.append(f"{name}/{f.rsplit('.', 1)[0]}")
+            idents.append(name)
+    return ids, idents
+
+
+def test_view1_pairs_parse_into_ten_balanced_folds():
+    p = protocols.parse_pairs(lfw_root() / "pairsDevTest.txt")
+    assert len(p) == 1000 and p.same.sum() == 500
+    assert p.a[0] == "Abdullah_Gul/Abdullah_Gul_0013" and p.b[0] == "Abdullah_Gul/Abdullah_Gul_0014"
+    for k in range(10):
+        assert (p.same[p.fold == k].sum(), (~p.same[p.fold == k]).sum()) == (50, 50)
+    # different-identity pairs name two people
+    diff = [(a, b) for a, b, s in zip(p.a, p.b, p.same) if not s]
+    assert all(a.split("/")[0] != b.split("/")[0] for a, b in diff)
+
+
+def test_view2_pairs_use_the_published_sets_as_folds():
+    p = protocols.parse_pairs(lfw_root() / "pairs.txt")
+    assert len(p) == 6000
+    assert np.bincount(p.fold).tolist() == [600] * 10
+    assert p.same[:300].all() and not p.same[300:600].any() and p.fold[599] == 0 and p.fold[600] == 1
+
+
+def test_malformed_pairs_file_names_the_line(tmp_path):
+    f = tmp_path / "pairs.txt"
+    f.write_text("1\nAlice\t1\t2\nBob\t1\n")
+    with pytest.raises(protocols.ProtocolError, match=r"pairs.txt:3: expected 'name1 n1 name2 n2'"):
+        protocols.parse_pairs(f)
+    f.write_text("2\nAlice\t1\t2\n")
+    with pytest.raises(protocols.ProtocolError, match="promises 4 pairs, found 1"):
+        protocols.parse_pairs(f)
+
+
+def test_no_enrolled_image_is_ever_a_probe_on_lfw_view1_test():
+    ids, idents = _lfw_test_images()
+    for seed in range(3):
+        g = protocols.build_gallery(ids, idents, seed=seed)
+        assert not set(g.enrolled) & set(g.probes)
+        # View 1 test: 496 people with >= 2 images, 2,493 images -> 496 enrolled, 1,997 probes
+        assert len(g.enrolled) == 496 and len(g.probes) == 2493 - 496
+        assert len(set(g.enrolled_identity)) == 496
+        # every probe's identity is enrolled (there is a right answer), every enrolled image is raw
+        assert set(g.probe_identity) == set(g.enrolled_identity)
+        for p in (0.0, 0.5, 1.0):
+            assert not set(g.enrolled) & set(np.array(g.probes)[g.masked(p)].tolist())
+
+
+def test_gallery_is_seeded_and_independent_of_input_order():
+    ids, idents = _lfw_test_images()
+    g1 = protocols.build_gallery(ids, idents, seed=7)
+    order = list(range(len(ids)))
+    random.Random(1).shuffle(order)
+    g2 = protocols.build_gallery([ids[i] for i in order], [idents[i] for i in order], seed=7)
+    assert g1.enrolled == g2.enrolled and g1.probes == g2.probes
+    assert np.array_equal(g1.draws, g2.draws)
+    g3 = protocols.build_gallery(ids, idents, seed=8)
+    assert g3.enrolled != g1.enrolled
+    # mask portions: none, about half, all; nested so a probe masked at 0.5 stays masked at 1.0
+    m0, m5, m1 = g1.masked(0.0), g1.masked(0.5), g1.masked(1.0)
+    assert m0.sum() == 0 and m1.all() and 0.45 < m5.mean() < 0.55 and not (m5 & ~m1).any()
+
+
+def test_single_image_identities_take_no_part_and_empty_galleries_are_refused():
+    g = protocols.build_gallery(["A/1", "A/2", "B/1"], ["A", "A", "B"], seed=0)
+    assert g.notes["identities_single_image_skipped"] == 1 and "B/1" not in g.enrolled + g.probes
+    with pytest.raises(protocols.ProtocolError, match="2 or more images"):
+        protocols.build_gallery(["A/1", "B/1"], ["A", "B"], seed=0)
+    with pytest.raises(protocols.ProtocolError, match="duplicate"):
+        protocols.build_gallery(["A/1", "A/1"], ["A", "A"], seed=0)
+
+
+def test_overlap_is_refused_unless_allowed():
+    root = lfw_root()
+    train = protocols.read_people(root / "peopleDevTrain.txt")
+    test = protocols.read_people(root / "peopleDevTest.txt")
+    assert len(train) == 4038 and len(test) == 1711
+    assert protocols.check_identity_overlap(train, test, allow=False) == set()
+    # View 2's people include View 1's training people: refused, or reported when allowed
+    view2 = protocols.parse_pairs(root / "pairs.txt").identities()
+    with pytest.raises(protocols.IdentityOverlapError, match="also training identities"):
+        protocols.check_identity_overlap(train, view2, allow=False, what="View 2")
+    assert len(protocols.check_identity_overlap(train, view2, allow=True)) > 100
+
+
+def test_paper_protocol_is_the_leaky_one_and_says_so():
+    g = protocols.build_paper_protocol(["A/1", "A/2", "B/1"], ["A", "A", "B"], seed=0)
+    assert g.enrolled == ["A/1", "B/1"] and g.probes == ["A/1", "A/2", "B/1"]
+    assert "NOT COMPARABLE" in g.notes["note"]
