@@ -134,13 +134,19 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    seed: int = Field(0, ge=0)
+    """Leak-free evaluation; every choice is seeded from (seed, item name)."""
+
+    seed: int = Field(0, ge=0)  # gallery enrolment and probe masking draws
+    # share of gallery probes replaced by their masked twin; one gallery.rank1.mask_<p> per entry
     mask_portions: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
-    flip: bool = False
+    flip: bool = False  # flip-averaged embeddings
     batch_size: int = Field(128, ge=1)
-    paper_protocol: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    n_folds: int = Field(10, ge=2, le=100)  # cross-validated thresholds on View 1 (View 2 has its 10 sets)
+    cmc_max_rank: int = Field(20, ge=5, le=1000)
+    paper_protocol: bool = False  # also report the report's leaky metric (labelled not comparable)
     allow_identity_overlap: bool = False
-    reference_dlib: bool = True
+    reference_dlib: bool = True  # dlib's pretrained ResNet through the same evaluation
 
     @field_validator("mask_portions")
     @classmethod
