@@ -49,6 +49,17 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str]:
     return im.convert("RGB"), f"{mode}->RGB"
 
 
+def _open_header_only(raw: bytes) -> Image.Image:
+    """Image.open without PIL's own size guard, so the size is read from the header and judged by
+    our max_pixels (PIL would raise before telling the size). Pixels are decoded only later."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(io.BytesIO(raw))
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def check_image(raw: bytes, *, min_side: int = 16, max_pixels: int = 40_000_000) -> CheckedImage:
     sha = hashlib.sha256(raw).hexdigest()
     if len(raw) == 0:
@@ -56,7 +67,7 @@ def check_image(raw: bytes, *, min_side: int = 16, max_pixels: int = 40_000_000)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(raw))
+            im = _open_header_only(raw)
             fmt = im.format or ""
             w, h = im.size
             if w * h > max_pixels:
