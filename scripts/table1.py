@@ -1,0 +1,165 @@
+"""The report's Table 1 from DVC experiments: ArcFace vs ArcFace + distillation, mean +- std over seeds.
+
+    dvc exp show --json > exps.json && python scripts/table1.py exps.json
+    python scripts/table1.py            # runs `dvc exp show --json` itself
+
+Experiments are grouped by every parameter except the training seed (so runs that differ in
+anything else never get averaged together); each group is a row named by its method (ArcFace when
+train.distill.kind is none or beta is 0). Cells are mean +- sample std (n-1) in percent over the
+group's seeds. The dlib reference row (same for every run) is added when the metrics hold it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_COLUMNS = ("gallery.rank1.mask_0", "gallery.rank1.mask_0.5", "gallery.rank1.mask_1.0")
+SEED_KEYS = ("train.seed",)
+METRICS_FILE = "eval/metrics.json"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def experiments(exp_show: list) -> list[dict]:
+    """[{rev, name, params (flat), metrics (flat)}] of every committed baseline and experiment with
+    metrics; the workspace is skipped (it repeats the last applied experiment)."""
+    records, seen = [], set()
+
+    def add(entry: dict) -> None:
+        data = entry.get("data") or {}
+        rev = data.get("rev") or entry.get("rev")
+        if rev in (None, "workspace") or rev in seen or entry.get("error"):
+            return
+        metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+        if not metrics or params is None:
+            return
+        seen.add(rev)
+        records.append({"rev": rev, "name": entry.get("name") or rev[:7], "params": flatten(params),
+                        "metrics": flatten(metrics)})
+
+    for base in exp_show:
+        add(base)
+        for exp in base.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                add(rev)
+    return records
+
+
+def method_label(params: dict) -> str:
+    kind = params.get("train.distill.kind", "none")
+    beta = params.get("train.distill.beta", 0)
+    if kind == "none" or not beta:
+        return "ArcFace"
+    extra = ", dynamic" if params.get("train.distill.dynamic") else ""
+    return f"ArcFace + distill ({kind}, beta={beta:g}{extra})"
+
+
+def _freeze(v):
+    return json.dumps(v, sort_keys=True)
+
+
+def group(records: list[dict]) -> list[tuple[str, list[dict]]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = tuple(sorted((k, _freeze(v)) for k, v in r["params"].items() if k not in SEED_KEYS))
+        groups.setdefault(key, []).append(r)
+    labelled = [(method_label(rs[0]["params"]), key, rs) for key, rs in groups.items()]
+    # two groups with the same method name: add the parameters that tell them apart
+    out = []
+    for label, key, rs in labelled:
+        twins = [k for lab, k, _ in labelled if lab == label and k != key]
+        if twins:
+            mine = dict(key)
+            differ = sorted({p for t in twins for p, v in t if mine.get(p) != v} |
+                            {p for t in twins for p in mine if p not in dict(t)})
+            label += " [" + ", ".join(f"{p}={json.loads(mine[p]) if p in mine else '-'}" for p in differ) + "]"
+        out.append((label, rs))
+    return sorted(out, key=lambda x: (x[0] != "ArcFace", x[0]))
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    pct = [100.0 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.1f}"
+    return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
+
+
+def build_table(exp_show: list, columns=DEFAULT_COLUMNS) -> list[dict]:
+    rows = []
+    records = experiments(exp_show)
+    for label, rs in group(records):
+        row = {"method": label, "seeds": len(rs),
+               "seed_values": sorted({r["params"].get("train.seed") for r in rs}, key=str)}
+        for c in columns:
+            row[c] = [r["metrics"][c] for r in rs if isinstance(r["metrics"].get(c), (int, float))]
+        rows.append(row)
+    ref = [r["metrics"] for r in records if f"reference.dlib.{columns[0]}" in r["metrics"]]
+    if ref:
+        row = {"method": "dlib ResNet (pretrained, mask-unaware reference)", "seeds": 0, "seed_values": []}
+        for c in columns:
+            vals = {m.get(f"reference.dlib.{c}") for m in ref} - {None}
+            row[c] = sorted(vals)[:1]  # the same evaluation for every run
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict], columns=DEFAULT_COLUMNS) -> str:
+    head = ["method", "seeds"] + [c.removeprefix("gallery.rank1.") for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        seeds = str(r["seeds"]) if r["seeds"] else "-"
+        lines.append("| " + " | ".join([r["method"], seeds] + [cell(r[c]) for c in columns]) + " |")
+    title = ("Gallery rank-1 (%) on LFW View 1 test identities, probes masked with probability p "
+             "(mask_<p>); mean ± sample std over training seeds.")
+    return title + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="?", help="output of `dvc exp show --json` ('-' = stdin); "
+                                            "default: run it here")
+    ap.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                    help="comma-separated flattened metric keys")
+    ap.add_argument("--out", help="also write the table to this file")
+    args = ap.parse_args(argv)
+    if args.json == "-":
+        text = sys.stdin.read()
+    elif args.json:
+        text = Path(args.json).read_text()
+    else:
+        p = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            print(p.stderr, file=sys.stderr)
+            return p.returncode
+        text = p.stdout
+    columns = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+    rows = build_table(json.loads(text), columns)
+    if not rows:
+        print("error: no experiment with eval/metrics.json found", file=sys.stderr)
+        return 1
+    table = to_markdown(rows, columns)
+    print(table, end="")
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

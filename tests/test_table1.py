@@ -1,0 +1,84 @@
+"""scripts/table1.py on the JSON of a real `dvc exp show` over real `dvc exp run`s.
+
+The experiments run a two-line stage that writes eval/metrics.json from the params, so the right
+table is known in advance; the real pipeline's experiment queue is tested in test_pipeline_dvc.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from tests.dvc_project import dvc, run
+
+sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+import table1  # noqa: E402
+
+STAGE = """import json, os, yaml
+p = yaml.safe_load(open("params.yaml"))
+b, s = p["train"]["distill"]["beta"], p["train"]["seed"]
+os.makedirs("eval", exist_ok=True)
+r = {"mask_0": 0.80 + 0.01 * s, "mask_0.5": 0.60 + 0.1 * b + 0.02 * s, "mask_1.0": 0.40 + 0.2 * b}
+ref = {"gallery": {"rank1": {"mask_0": 0.9, "mask_0.5": 0.7, "mask_1.0": 0.5}}}
+json.dump({"gallery": {"rank1": r}, "reference": {"dlib": ref}}, open("eval/metrics.json", "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def exp_show(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("exps")
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "test@example.com"], repo)
+    run(["git", "config", "user.name", "test"], repo)
+    dvc("init", "-q", cwd=repo)
+    (repo / "params.yaml").write_text("train:\n  seed: 0\n  distill:\n    kind: cosine\n    beta: 1.0\n")
+    (repo / "stage.py").write_text(STAGE)
+    (repo / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                   "    params: [train]\n    metrics:\n      - eval/metrics.json:\n"
+                                   "          cache: false\n")
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
+    for beta in (0, 1):
+        for seed in (0, 1, 2):
+            dvc("exp", "run", "-q", "-S", f"train.distill.beta={beta}", "-S", f"train.seed={seed}", cwd=repo)
+    return json.loads(dvc("exp", "show", "--json", cwd=repo).stdout), repo
+
+
+def test_table_groups_seeds_and_reports_mean_and_sample_std(exp_show):
+    data, _ = exp_show
+    rows = table1.build_table(data)
+    assert [r["method"] for r in rows] == ["ArcFace", "ArcFace + distill (cosine, beta=1)",
+                                           "dlib ResNet (pretrained, mask-unaware reference)"]
+    arc, dist, ref = rows
+    assert arc["seeds"] == dist["seeds"] == 3 and arc["seed_values"] == [0, 1, 2]
+    # ArcFace mask_0: 0.80, 0.81, 0.82 -> 81.0 +- 1.0 (sample std); mask_0.5: 60, 62, 64 -> 62.0 +- 2.0
+    assert table1.cell(arc["gallery.rank1.mask_0"]) == "81.0 ± 1.0"
+    assert table1.cell(arc["gallery.rank1.mask_0.5"]) == "62.0 ± 2.0"
+    assert table1.cell(dist["gallery.rank1.mask_0.5"]) == "72.0 ± 2.0"
+    assert table1.cell(dist["gallery.rank1.mask_1.0"]) == "60.0 ± 0.0"
+    assert table1.cell(ref["gallery.rank1.mask_1.0"]) == "50.0"
+
+
+def test_script_prints_markdown_from_dvc_itself(exp_show):
+    _, repo = exp_show
+    p = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "table1.py")], cwd=repo,
+                       capture_output=True, text=True, check=True)
+    lines = p.stdout.splitlines()
+    assert "| method | seeds | mask_0 | mask_0.5 | mask_1.0 |" in lines
+    assert "| ArcFace | 3 | 81.0 ± 1.0 | 62.0 ± 2.0 | 40.0 ± 0.0 |" in lines
+
+
+def test_runs_differing_in_other_params_are_not_averaged():
+    def rec(rev, beta, seed, epochs, v):
+        params = {"train": {"seed": seed, "epochs": epochs, "distill": {"kind": "mse", "beta": beta}}}
+        return {"rev": rev, "name": rev, "error": None, "experiments": None,
+                "data": {"rev": rev, "params": {"params.yaml": {"data": params}},
+                         "metrics": {"eval/metrics.json": {"data": {"gallery": {"rank1": {"mask_0": v}}}}}}}
+    data = [rec("a", 1, 0, 1, 0.5), rec("b", 1, 1, 1, 0.7), rec("c", 1, 0, 5, 0.9)]
+    rows = table1.build_table(data, ("gallery.rank1.mask_0",))
+    assert sorted((r["method"], r["seeds"]) for r in rows) == [
+        ("ArcFace + distill (mse, beta=1) [train.epochs=1]", 2),
+        ("ArcFace + distill (mse, beta=1) [train.epochs=5]", 1)]
