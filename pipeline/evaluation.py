@@ -1,0 +1,413 @@
+"""The `evaluate` stage: embed every aligned test pair, score leak-free protocols, write metrics/plots.
+
+Every embedder (the trained model, dlib's reference network) goes through the same functions on the
+same aligned crops: :func:`embed_aligned` then :func:`score_embeddings`. The dlib pass does not
+depend on the model and takes minutes, so the `embed_reference` stage computes it once into a
+parquet that DVC caches; `evaluate` only scores it.
+
+Outputs (``out_dir``): metrics.json (nested, so ``dvc metrics show`` flattens it to keys like
+``gallery.rank1.mask_0.5``), plots/roc/<embedder>/<condition>.csv, plots/cmc/<embedder>/mask_<p>.csv
+(DVC plot data), roc.png and cmc.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import simplejpeg
+from tqdm import tqdm
+
+from pipeline.config import ComputeParams, EvaluateParams
+from pipeline.embedders import Embedder, make_embedder
+from pipeline.metrics import (cmc, identification_ranks, roc_curve, thin_roc, verification_metrics)
+from pipeline.parallel import map_chunks
+from pipeline.protocols import (Gallery, Pairs, build_gallery, build_paper_protocol,
+                                check_identity_overlap, parse_pairs)
+from pipeline.tar_chunks import list_chunks, read_chunk, write_json
+
+CONDITIONS = ("unmasked_unmasked", "masked_unmasked", "masked_masked")
+VIEW1_PAIRS = "pairsDevTest.txt"
+VIEW2_PAIRS = "pairs.txt"
+
+
+class EvaluationError(RuntimeError):
+    pass
+
+
+@dataclass
+class EmbeddedSet:
+    """Embeddings of every evaluated image: the raw crop and its masked twin, row-aligned."""
+
+    image_ids: list[str]
+    identities: list[str]
+    raw: np.ndarray
+    masked: np.ndarray
+    embedder: dict = field(default_factory=dict)
+
+    def index(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.image_ids)}
+
+
+def portion_key(p: float) -> str:
+    """0 -> 'mask_0', 0.5 -> 'mask_0.5', 1 -> 'mask_1.0' (the metric names the issue fixes)."""
+    return "mask_0" if p == 0 else f"mask_{float(p)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding the aligned test set
+# ----------------------------------------------------------------------------------------------
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
+def read_aligned_chunk(path: str | Path, split: str = "test"):
+    """(ids, identities, raw crops, masked crops) of one aligned chunk, sorted by id."""
+    ids, idents, raw, masked = [], [], [], []
+    for key, m in read_chunk(path):
+        missing = {"raw.jpg", "masked.jpg", "json"} - set(m)
+        if missing:
+            raise EvaluationError(f"{path}: sample {key} lacks {sorted(missing)}")
+        meta = json.loads(m["json"])
+        if meta.get("split") != split:
+            raise EvaluationError(f"{path}: sample {key} is in split {meta.get('split')!r}, "
+                                  f"expected {split!r}")
+        ids.append(key)
+        idents.append(meta["identity"])
+        raw.append(decode_rgb(m["raw.jpg"]))
+        masked.append(decode_rgb(m["masked.jpg"]))
+    order = np.argsort(ids, kind="stable")
+    return ([ids[i] for i in order], [idents[i] for i in order],
+            np.stack([raw[i] for i in order]) if ids else np.zeros((0, 112, 112, 3), np.uint8),
+            np.stack([masked[i] for i in order]) if ids else np.zeros((0, 112, 112, 3), np.uint8))
+
+
+def _embed_chunk(path, *, embedder: Embedder | str, flip: bool, batch_size: int, device: str = "cpu"):
+    if isinstance(embedder, str):  # in a worker process: build it there (dlib objects do not pickle)
+        embedder = make_embedder(embedder, device=device)
+    ids, idents, raw, masked = read_aligned_chunk(path)
+    if not ids:
+        return ids, idents, np.zeros((0, embedder.dim), np.float32), np.zeros((0, embedder.dim), np.float32)
+    return (ids, idents, embedder.embed(raw, flip=flip, batch_size=batch_size),
+            embedder.embed(masked, flip=flip, batch_size=batch_size))
+
+
+def test_chunks(aligned_dir: str | Path) -> list[Path]:
+    chunks = list_chunks(Path(aligned_dir) / "chunks", prefix="test-")
+    if not chunks:
+        raise EvaluationError(f"no test chunks in {Path(aligned_dir) / 'chunks'}: run the align stage")
+    return chunks
+
+
+def read_test_identities(aligned_dir: str | Path) -> set[str]:
+    """Identities in the aligned test chunks (json members only: no decoding)."""
+    return {json.loads(m["json"])["identity"] for c in test_chunks(aligned_dir) for _, m in read_chunk(c)}
+
+
+def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bool, batch_size: int,
+                  compute: ComputeParams | None = None, device: str = "cpu") -> EmbeddedSet:
+    """Embed raw and masked crops of every aligned test image.
+
+    With ``compute`` (and ``embedder`` given as a spec string like "dlib"), chunks are spread over
+    workers; otherwise they run here (torch uses all cores by itself).
+    """
+    chunks = test_chunks(aligned_dir)
+    if compute is not None and isinstance(embedder, str):
+        parts = map_chunks(_embed_chunk, chunks, compute, desc=f"embed {embedder}", embedder=embedder,
+                           flip=flip, batch_size=batch_size, device=device)
+        info = {"name": embedder}
+    else:
+        if isinstance(embedder, str):
+            embedder = make_embedder(embedder, device=device)
+        parts = [_embed_chunk(c, embedder=embedder, flip=flip, batch_size=batch_size)
+                 for c in tqdm(chunks, desc=f"embed {embedder.name}", unit="chunk")]
+        info = embedder.describe()
+    ids = [i for p in parts for i in p[0]]
+    if len(set(ids)) != len(ids):
+        raise EvaluationError("an image id appears in two test chunks")
+    info["flip"] = bool(flip)
+    return EmbeddedSet(ids, [i for p in parts for i in p[1]], np.concatenate([p[2] for p in parts]),
+                       np.concatenate([p[3] for p in parts]), info)
+
+
+def save_embeddings(emb: EmbeddedSet, path: str | Path) -> None:
+    """Parquet with one row per image (id, identity, raw and masked vectors); metadata in schema."""
+    dim = emb.raw.shape[1]
+    table = pa.table({
+        "image_id": pa.array(emb.image_ids, pa.string()),
+        "identity": pa.array(emb.identities, pa.string()),
+        "raw": pa.FixedSizeListArray.from_arrays(pa.array(emb.raw.ravel(), pa.float32()), dim),
+        "masked": pa.FixedSizeListArray.from_arrays(pa.array(emb.masked.ravel(), pa.float32()), dim),
+    }).replace_schema_metadata({"embedder": json.dumps(emb.embedder, sort_keys=True)})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def load_embeddings(path: str | Path) -> EmbeddedSet:
+    t = pq.read_table(path)
+    meta = json.loads((t.schema.metadata or {}).get(b"embedder", b"{}"))
+    n = t.num_rows
+
+    def mat(col: str) -> np.ndarray:
+        if n == 0:
+            return np.zeros((0, 0), np.float32)
+        arr = t.column(col).combine_chunks()
+        return arr.values.to_numpy().reshape(n, -1).astype(np.float32)
+
+    return EmbeddedSet(t.column("image_id").to_pylist(), t.column("identity").to_pylist(),
+                       mat("raw"), mat("masked"), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+
+def pair_scores(emb: EmbeddedSet, pairs: Pairs) -> tuple[dict[str, np.ndarray], Pairs, int]:
+    """Cosine scores per condition for the pairs whose two images were evaluated.
+
+    masked_unmasked masks the second image of every pair (the probe side); masked_masked both.
+    Returns (scores per condition, pairs kept, number of pairs missing an image).
+    """
+    idx = emb.index()
+    keep = np.array([a in idx and b in idx for a, b in zip(pairs.a, pairs.b)], bool)
+    kept = pairs.subset(keep)
+    ia = np.array([idx[a] for a in kept.a], np.int64)
+    ib = np.array([idx[b] for b in kept.b], np.int64)
+
+    def cos(x, y):
+        return np.einsum("ij,ij->i", x, y).astype(np.float64)
+
+    scores = {"unmasked_unmasked": cos(emb.raw[ia], emb.raw[ib]),
+              "masked_unmasked": cos(emb.raw[ia], emb.masked[ib]),
+              "masked_masked": cos(emb.masked[ia], emb.masked[ib])}
+    return scores, kept, int((~keep).sum())
+
+
+def score_verification(emb: EmbeddedSet, pairs: Pairs) -> tuple[dict, dict]:
+    """verification metrics per condition + ROC curves for plotting."""
+    scores, kept, missing = pair_scores(emb, pairs)
+    if kept.same.all() or not kept.same.any():
+        raise EvaluationError(f"{pairs.source}: after dropping {missing} pairs with an image that was "
+                              f"not evaluated, same and different pairs are no longer both present")
+    metrics, curves = {}, {}
+    for cond in CONDITIONS:
+        m = verification_metrics(scores[cond], kept.same, kept.fold)
+        m["pairs_missing"] = missing
+        metrics[cond] = m
+        fpr, tpr, _ = roc_curve(scores[cond], kept.same)
+        curves[cond] = thin_roc(fpr, tpr)
+    return metrics, curves
+
+
+def score_gallery(emb: EmbeddedSet, gallery: Gallery, portions, max_rank: int) -> tuple[dict, dict]:
+    """rank-1 / rank-5 / CMC per mask portion: enrolled raw crops vs probes masked with prob. p."""
+    idx = emb.index()
+    g = np.array([idx[i] for i in gallery.enrolled], np.int64)
+    pr = np.array([idx[i] for i in gallery.probes], np.int64)
+    max_rank = min(max_rank, len(set(gallery.enrolled_identity)))
+    out = {"rank1": {}, "rank5": {}, "probes_masked": {}}
+    curves = {}
+    for p in portions:
+        use_masked = gallery.masked(p)
+        probes = np.where(use_masked[:, None], emb.masked[pr], emb.raw[pr])
+        ranks = identification_ranks(emb.raw[g], gallery.enrolled_identity, probes, gallery.probe_identity)
+        curve = cmc(ranks, max_rank)
+        key = portion_key(p)
+        out["rank1"][key] = float(curve[0])
+        out["rank5"][key] = float(curve[min(4, max_rank - 1)])
+        out["probes_masked"][key] = int(use_masked.sum())
+        curves[key] = curve
+    out["identities_enrolled"] = len(gallery.enrolled)
+    out["probes"] = len(gallery.probes)
+    out["identities_single_image_skipped"] = gallery.notes.get("identities_single_image_skipped", 0)
+    return out, curves
+
+
+def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: str | Path,
+                     train_identities: set[str]) -> tuple[dict, dict]:
+    """All metrics of one embedder + curves {"roc": {cond: (fpr, tpr)}, "cmc": {portion: curve}}."""
+    protocol_dir = Path(protocol_dir)
+    test_ids = set(emb.identities)
+    overlap = check_identity_overlap(train_identities, test_ids, allow=params.allow_identity_overlap)
+    metrics: dict = {"images": len(emb.image_ids), "identities": len(test_ids),
+                     "identity_overlap_with_train": len(overlap)}
+    gallery = build_gallery(emb.image_ids, emb.identities, seed=params.seed)
+    metrics["gallery"], cmc_curves = score_gallery(emb, gallery, params.mask_portions, params.cmc_max_rank)
+    view1 = parse_pairs(protocol_dir / VIEW1_PAIRS, n_folds=params.n_folds)
+    check_identity_overlap(train_identities, view1.identities(), allow=params.allow_identity_overlap,
+                           what="View 1 pair")
+    metrics["verification"], roc = score_verification(emb, view1)
+    view2_file = protocol_dir / VIEW2_PAIRS
+    if view2_file.is_file():
+        view2 = parse_pairs(view2_file)
+        shared = set(train_identities) & view2.identities()
+        if shared and not params.allow_identity_overlap:
+            metrics["verification_view2"] = {
+                "skipped": 1, "identities_shared_with_train": len(shared),
+                "note": f"skipped: {len(shared)} of {len(view2.identities())} View 2 identities were "
+                        f"training identities (LFW View 1 train people appear in View 2)"}
+        else:
+            metrics["verification_view2"], _ = score_verification(emb, view2)
+            metrics["verification_view2"]["identities_shared_with_train"] = len(shared)
+    if params.paper_protocol:
+        paper = build_paper_protocol(emb.image_ids, emb.identities, seed=params.seed)
+        pm, _ = score_gallery(emb, paper, params.mask_portions, params.cmc_max_rank)
+        metrics["paper_protocol"] = {"rank1": pm["rank1"], "not_comparable": 1,
+                                     "note": paper.notes["note"]}
+    return metrics, {"roc": roc, "cmc": cmc_curves}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage
+# ----------------------------------------------------------------------------------------------
+
+def read_train_identities(shards_dir: str | Path) -> set[str]:
+    """Identities the model was trained on: the keys of the pack stage's classes.json."""
+    path = Path(shards_dir) / "classes.json"
+    if not path.is_file():
+        raise EvaluationError(f"{path} not found: evaluation needs the training identities to refuse "
+                              f"overlap with the test identities (run the pack stage)")
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and isinstance(data.get("classes"), (dict, list)):
+        data = data["classes"]
+    if isinstance(data, dict):
+        return set(data)
+    if isinstance(data, list) and all(isinstance(x, str) for x in data):
+        return set(data)
+    raise EvaluationError(f"{path}: expected {{identity: label}} or a list of identities")
+
+
+def _round(obj, digits: int = 6):
+    if isinstance(obj, float):
+        return round(obj, digits) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    return obj
+
+
+def write_plot_data(out_dir: Path, name: str, curves: dict) -> None:
+    for cond, (fpr, tpr) in curves["roc"].items():
+        f = out_dir / "plots" / "roc" / name / f"{cond}.csv"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("fpr,tpr\n" + "".join(f"{a:.6g},{b:.6g}\n" for a, b in zip(fpr, tpr)))
+    for key, curve in curves["cmc"].items():
+        f = out_dir / "plots" / "cmc" / name / f"{key}.csv"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("rank,identification_rate\n" +
+                     "".join(f"{r},{v:.6g}\n" for r, v in enumerate(curve, start=1)))
+
+
+def draw_figures(out_dir: Path, results: dict[str, tuple[dict, dict]]) -> None:
+    """roc.png (one panel per condition, log FPR) and cmc.png (one panel per mask portion)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    styles = {"model": dict(color="tab:blue", lw=2), "dlib": dict(color="tab:gray", lw=1.5, ls="--")}
+    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(5 * len(CONDITIONS), 4.4), squeeze=False)
+    for ax, cond in zip(axes[0], CONDITIONS):
+        for name, (m, curves) in results.items():
+            fpr, tpr = curves["roc"][cond]
+            v = m["verification"][cond]
+            ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{name}: acc {v['accuracy']:.3f}, AUC {v['auc']:.3f}",
+                    **styles.get(name, {}))
+        ax.set_xscale("log")
+        ax.set_xlim(1e-3, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_title(f"ROC, LFW View 1 test pairs: {cond.replace('_', ' / ')}")
+        ax.set_xlabel("false accept rate")
+        ax.set_ylabel("true accept rate")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc.png", dpi=90)
+    plt.close(fig)
+
+    portions = list(next(iter(results.values()))[1]["cmc"])
+    fig, axes = plt.subplots(1, len(portions), figsize=(4.6 * len(portions), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], portions):
+        for name, (m, curves) in results.items():
+            curve = curves["cmc"][key]
+            ax.plot(np.arange(1, len(curve) + 1), curve, marker=".",
+                    label=f"{name}: rank-1 {curve[0]:.3f}", **styles.get(name, {}))
+        ax.set_title(f"CMC, probes masked: {key.removeprefix('mask_')}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("rank")
+        ax.set_ylabel("identification rate")
+        ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "cmc.png", dpi=90)
+    plt.close(fig)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_embed_reference(*, params: EvaluateParams, compute: ComputeParams, aligned_dir: str | Path,
+                        out_path: str | Path) -> dict:
+    """dlib reference embeddings of the test set (or an empty table when reference_dlib is off)."""
+    if params.reference_dlib:
+        emb = embed_aligned("dlib", aligned_dir, flip=params.flip, batch_size=params.batch_size,
+                            compute=compute)
+    else:
+        emb = EmbeddedSet([], [], np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32),
+                          {"name": "dlib", "disabled": True})
+    save_embeddings(emb, out_path)
+    return {"images": len(emb.image_ids), "embedder": emb.embedder}
+
+
+def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir: str | Path,
+                 protocol_dir: str | Path, model_path: str | Path, out_dir: str | Path,
+                 reference_path: str | Path | None = None) -> dict:
+    """Score the trained model (and the dlib reference when enabled) and write every output."""
+    out_dir = Path(out_dir)
+    train_ids = read_train_identities(shards_dir)
+    # refuse overlap before the expensive part
+    check_identity_overlap(train_ids, read_test_identities(aligned_dir),
+                           allow=params.allow_identity_overlap)
+    ref = None
+    if params.reference_dlib:  # check the cached reference before the model's embedding pass
+        if reference_path is None or not Path(reference_path).is_file():
+            raise EvaluationError("evaluate.reference_dlib is true but the reference embeddings are "
+                                  f"missing ({reference_path}): run the embed_reference stage")
+        ref = load_embeddings(reference_path)
+        if ref.embedder.get("disabled") or ref.embedder.get("flip") != params.flip:
+            raise EvaluationError(f"{reference_path} was made with other settings ({ref.embedder}); "
+                                  f"rerun the embed_reference stage")
+    emb = embed_aligned(str(model_path), aligned_dir, flip=params.flip, batch_size=params.batch_size,
+                        device=resolve_device(params.device))
+    results = {"model": score_embeddings(emb, params=params, protocol_dir=protocol_dir,
+                                         train_identities=train_ids)}
+    metrics = dict(results["model"][0])
+    metrics["embedder"] = {"flip": int(params.flip), "dim": emb.raw.shape[1]}
+    if ref is not None:
+        if ref.image_ids != emb.image_ids:
+            raise EvaluationError(f"{reference_path} holds other test images than {aligned_dir}; "
+                                  f"rerun the embed_reference stage")
+        results["dlib"] = score_embeddings(ref, params=params, protocol_dir=protocol_dir,
+                                           train_identities=train_ids)
+        metrics["reference"] = {"dlib": results["dlib"][0]}
+    if out_dir.exists():
+        for old in (out_dir / "plots").rglob("*.csv"):
+            old.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (_, curves) in results.items():
+        write_plot_data(out_dir, name, curves)
+    draw_figures(out_dir, results)
+    metrics = _round(metrics)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

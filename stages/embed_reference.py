@@ -1,0 +1,28 @@
+"""DVC stage `embed_reference`: dlib's pretrained ResNet embeds the aligned test pairs once.
+
+Separate from `evaluate` because it does not depend on the trained model and takes minutes on a
+CPU: DVC caches it, so changing a training parameter reruns only train and evaluate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_params
+from pipeline.evaluation import run_embed_reference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--aligned", default="data/aligned")
+    ap.add_argument("--out", default="data/reference/dlib_test.parquet")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    summary = run_embed_reference(params=params.evaluate, compute=params.compute,
+                                  aligned_dir=args.aligned, out_path=args.out)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""DVC stage `evaluate`: trained model + aligned test pairs -> eval/ (metrics.json, plot data, PNGs)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_params
+from pipeline.evaluation import run_evaluate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--aligned", default="data/aligned")
+    ap.add_argument("--shards", default="data/shards", help="for classes.json (training identities)")
+    ap.add_argument("--protocol", default="data/ingest/protocol")
+    ap.add_argument("--model", default="models/model.pt")
+    ap.add_argument("--reference", default="data/reference/dlib_test.parquet")
+    ap.add_argument("--out", default="eval")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    metrics = run_evaluate(params=params.evaluate, aligned_dir=args.aligned, shards_dir=args.shards,
+                           protocol_dir=args.protocol, model_path=args.model, out_dir=args.out,
+                           reference_path=args.reference)
+    brief = {"gallery.rank1": metrics["gallery"]["rank1"],
+             "verification.accuracy": {c: v["accuracy"] for c, v in metrics["verification"].items()}}
+    if "reference" in metrics:
+        brief["reference.dlib.gallery.rank1"] = metrics["reference"]["dlib"]["gallery"]["rank1"]
+    print(json.dumps(brief))
+
+
+if __name__ == "__main__":
+    main()
