@@ -1,0 +1,264 @@
+"""The mask stage: every ingested image -> masked twin + binary mask + landmarks, or a recorded rejection.
+
+Per ingest chunk (parallel with :func:`pipeline.parallel.map_chunks`), each image gets landmarks
+(:mod:`pipeline.landmarks`), a mask type / colour / texture drawn from an RNG seeded by
+(mask.seed, image_id) and an overlay (:mod:`pipeline.mask_overlay`). Outputs depend on the data and
+``mask`` params only, never on the compute backend, worker count or chunk order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import MASK_TEXTURES, MASK_TYPES, ComputeParams, MaskParams
+from pipeline.landmarks import ROUTES, LandmarkDetector, check_predictor
+from pipeline.mask_overlay import overlay_mask
+from pipeline.mask_templates import N_VARIANTS, PALETTES, get_template
+from pipeline.parallel import map_chunks
+from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
+
+STATUS_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("identity", pa.string()), ("split", pa.string()),
+    ("status", pa.string()), ("route", pa.string()), ("mask_type", pa.string()),
+    ("colour", pa.string()), ("texture", pa.string()), ("reason", pa.string()),
+])
+THUMB = 128  # contact sheet tile side
+
+
+class MaskStageError(RuntimeError):
+    pass
+
+
+def image_rng(seed: int, image_id: str) -> np.random.Generator:
+    """The per-image RNG: a function of (seed, image_id) only, so no chunking/worker dependence."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _weighted(rng: np.random.Generator, weights: dict[str, float], order: tuple[str, ...]) -> str:
+    names = [n for n in order if weights.get(n, 0.0) > 0]
+    p = np.array([weights[n] for n in names], np.float64)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def choose_style(params: MaskParams, rng: np.random.Generator) -> tuple[str, str, str, int]:
+    """(mask_type, colour, texture, variant) from the image's RNG; colours uniform in the type's palette."""
+    mask_type = _weighted(rng, params.type_weights, MASK_TYPES)
+    colours = list(PALETTES[mask_type])
+    colour = colours[int(rng.integers(len(colours)))]
+    texture = _weighted(rng, params.texture_weights, MASK_TEXTURES)
+    variant = int(rng.integers(N_VARIANTS))
+    return mask_type, colour, texture, variant
+
+
+_DETECTORS: dict[tuple, LandmarkDetector] = {}
+
+
+def get_detector(predictor_path: str, params: MaskParams) -> LandmarkDetector:
+    """One detector per worker process (loading the 100 MB predictor takes ~0.5 s)."""
+    key = (predictor_path, params.max_upsample, params.haar_fallback, params.assume_aligned)
+    if key not in _DETECTORS:
+        _DETECTORS[key] = LandmarkDetector(predictor_path, max_upsample=params.max_upsample,
+                                           haar_fallback=params.haar_fallback,
+                                           assume_aligned=params.assume_aligned)
+    return _DETECTORS[key]
+
+
+def decode_rgb(data: bytes) -> np.ndarray | None:
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def mask_image(rgb: np.ndarray, image_id: str, detector: LandmarkDetector, params: MaskParams) -> dict:
+    """Mask one RGB image. Returns {route, reason, ...}; masked ones add the images and metadata."""
+    res = detector.detect(rgb)
+    if not res.route:
+        return {"route": "", "reason": res.reason}
+    rng = image_rng(params.seed, image_id)
+    mask_type, colour, texture, variant = choose_style(params, rng)
+    template = get_template(mask_type, colour, texture, variant)
+    out, mask = overlay_mask(rgb, res.landmarks, template, feather_px=params.feather_px,
+                             match_brightness=params.match_brightness, shading=params.shading, rng=rng)
+    if not mask.any():
+        return {"route": res.route, "reason": "mask fell outside the image (landmarks off-frame)"}
+    return {"route": res.route, "reason": "", "masked": out, "mask": mask, "landmarks": res.landmarks,
+            "face_box": list(res.face_box), "mask_type": mask_type, "colour": colour, "texture": texture,
+            "n_faces": res.n_faces}
+
+
+def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_dir: str) -> list[dict]:
+    """Mask every image of one ingest chunk; write out_dir/<same name>.tar; return status rows."""
+    detector = get_detector(predictor_path, params)
+    rows, samples = [], []
+    for key, members in read_chunk(chunk_path):
+        meta = _load_meta(members.get("json", b"{}"))
+        image_id = meta.get("image_id", key)
+        row = {"image_id": image_id, "identity": meta.get("identity", ""), "split": meta.get("split", ""),
+               "status": "rejected", "route": "", "mask_type": "", "colour": "", "texture": "",
+               "reason": "", "n_faces": 0}
+        data = members.get("jpg", members.get("png"))
+        rgb = decode_rgb(data) if data else None
+        if rgb is None:
+            row["reason"] = "no decodable image in the ingest chunk"
+            rows.append(row)
+            continue
+        r = mask_image(rgb, image_id, detector, params)
+        row.update(route=r["route"], reason=r["reason"])
+        if "masked" in r:
+            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(r["masked"], cv2.COLOR_RGB2BGR),
+                                   [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality])
+            ok2, png = cv2.imencode(".png", r["mask"], [cv2.IMWRITE_PNG_COMPRESSION, 3])
+            if not (ok and ok2):
+                raise MaskStageError(f"{image_id}: image encoding failed")
+            info = {"image_id": image_id, "identity": row["identity"], "split": row["split"],
+                    "route": r["route"], "landmarks": [[round(float(x), 2), round(float(y), 2)]
+                                                       for x, y in r["landmarks"]],
+                    "mask_type": r["mask_type"], "colour": r["colour"], "texture": r["texture"],
+                    "face_box": r["face_box"], "n_faces": r["n_faces"]}
+            samples.append((key, {"masked.jpg": jpg.tobytes(), "mask.png": png.tobytes(),
+                                  "json": dumps_json(info)}))
+            row.update(status="masked", mask_type=r["mask_type"], colour=r["colour"],
+                       texture=r["texture"], n_faces=r["n_faces"])
+        rows.append(row)
+    if samples:
+        write_chunk(Path(out_dir) / Path(chunk_path).name, samples)
+    return rows
+
+
+def _load_meta(data: bytes) -> dict:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _expected_ids(in_dir: Path) -> list[str] | None:
+    """Accepted image ids from the ingest manifest (None when the input has no manifest)."""
+    manifest = in_dir / "manifest.parquet"
+    if not manifest.is_file():
+        return None
+    t = pq.read_table(manifest, columns=["image_id", "status"]).to_pylist()
+    return sorted(r["image_id"] for r in t if r["status"] == "accepted")
+
+
+def summarize(rows: list[dict]) -> dict:
+    masked = [r for r in rows if r["status"] == "masked"]
+    landmark_routes = sum(1 for r in masked if r["route"] != "canonical")
+    per_split = {}
+    for split in sorted({r["split"] for r in rows}):
+        rs = [r for r in rows if r["split"] == split]
+        per_split[split] = {"images": len(rs), "masked": sum(r["status"] == "masked" for r in rs)}
+    return {
+        "inputs": len(rows), "masked": len(masked), "rejected": len(rows) - len(masked),
+        "masked_share": round(len(masked) / max(len(rows), 1), 6),
+        "landmark_route_share": round(landmark_routes / max(len(rows), 1), 6),
+        "routes": {k: sum(1 for r in masked if r["route"] == k) for k in ROUTES},
+        "multi_face_images": sum(1 for r in masked if r["n_faces"] > 1),
+        "mask_types": dict(sorted(Counter(r["mask_type"] for r in masked).items())),
+        "colours": dict(sorted(Counter(f"{r['mask_type']}/{r['colour']}" for r in masked).items())),
+        "textures": dict(sorted(Counter(r["texture"] for r in masked).items())),
+        "rejection_reasons": dict(sorted(Counter(r["reason"].split(":")[0] for r in rows
+                                                 if r["status"] != "masked").items())),
+        "splits": per_split,
+    }
+
+
+def contact_sheet(rows: list[dict], in_dir: Path, out_dir: Path, params: MaskParams) -> np.ndarray:
+    """One row per mask type: originals beside their masked versions. The images shown are the
+    masked ones with the smallest hash of (seed, image_id): a fixed, spread-out pick."""
+    per = params.contact_sheet_per_type
+    picks: dict[str, list[dict]] = {t: [] for t in MASK_TYPES}
+    ranked = sorted((r for r in rows if r["status"] == "masked"),
+                    key=lambda r: hashlib.sha256(f"{params.seed}:{r['image_id']}".encode()).digest())
+    for r in ranked:
+        if len(picks[r["mask_type"]]) < per:
+            picks[r["mask_type"]].append(r)
+    wanted = {r["image_id"]: r for rs in picks.values() for r in rs}
+    chunk_of: dict[str, str] = {}
+    for r in rows:
+        if r["image_id"] in wanted:
+            chunk_of[r["image_id"]] = r["_chunk"]
+    thumbs: dict[tuple[str, str], np.ndarray] = {}
+    for chunk in sorted(set(chunk_of.values())):
+        for folder, ext_pick in ((in_dir / "chunks", ("jpg", "png")), (out_dir / "chunks", ("masked.jpg",))):
+            if not (folder / chunk).is_file():
+                continue
+            for key, members in read_chunk(folder / chunk):
+                if key in wanted:
+                    data = next((members[e] for e in ext_pick if e in members), None)
+                    if data is not None:
+                        thumbs[(key, ext_pick[0])] = _thumb(decode_rgb(data))
+    types = [t for t in MASK_TYPES if picks[t]]
+    sheet = np.full((max(len(types), 1) * (THUMB + 18) + 4, per * (2 * THUMB + 8) + 4, 3), 255, np.uint8)
+    for i, t in enumerate(types):
+        y = 4 + i * (THUMB + 18)
+        for j, r in enumerate(picks[t]):
+            x = 4 + j * (2 * THUMB + 8)
+            for k, ext in enumerate(("jpg", "masked.jpg")):
+                img = thumbs.get((r["image_id"], ext))
+                if img is not None:
+                    sheet[y + 14:y + 14 + THUMB, x + k * THUMB:x + (k + 1) * THUMB] = img
+            label = f"{t}: {r['colour']}, {r['texture']} ({r['route']})"
+            cv2.putText(sheet, label, (x, y + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
+    return sheet
+
+
+def _thumb(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    s = THUMB / max(h, w)
+    small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    tile = np.full((THUMB, THUMB, 3), 255, np.uint8)
+    oy, ox = (THUMB - small.shape[0]) // 2, (THUMB - small.shape[1]) // 2
+    tile[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
+    return tile
+
+
+def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path = "data/ingest",
+             out_dir: str | Path = "data/masked") -> dict:
+    """Mask every image of the ingest output; write chunks/, status.parquet, summary.json and
+    contact_sheet.png to out_dir. Asserts masked + rejected = ingested."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    predictor = check_predictor(params.landmarks_dat, params.landmarks_sha256)  # fail before any work
+    chunks = list_chunks(in_dir / "chunks")
+    if not chunks:
+        raise MaskStageError(f"no ingest chunks in {in_dir / 'chunks'} (run the ingest stage first)")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "chunks").mkdir(parents=True)
+    results = map_chunks(mask_chunk, [str(c) for c in chunks], compute, desc="mask", params=params,
+                         predictor_path=str(predictor), out_dir=str(out_dir / "chunks"))
+    rows = []
+    for chunk, chunk_rows in zip(chunks, results):
+        for r in chunk_rows:
+            r["_chunk"] = chunk.name
+            rows.append(r)
+    rows.sort(key=lambda r: r["image_id"])
+    ids = [r["image_id"] for r in rows]
+    expected = _expected_ids(in_dir)
+    if len(set(ids)) != len(ids) or (expected is not None and ids != expected):
+        raise MaskStageError(f"accounting broken: {len(expected or [])} ingested, {len(ids)} status rows")
+    n_masked = sum(r["status"] == "masked" for r in rows)
+    if n_masked + sum(r["status"] == "rejected" for r in rows) != len(rows):
+        raise MaskStageError("accounting broken: a status is neither masked nor rejected")
+    cols = [f.name for f in STATUS_SCHEMA]
+    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in cols} for r in rows], schema=STATUS_SCHEMA),
+                   out_dir / "status.parquet")
+    summary = summarize(rows)
+    write_json(out_dir / "summary.json", summary)
+    sheet = contact_sheet(rows, in_dir, out_dir, params)
+    cv2.imwrite(str(out_dir / "contact_sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    return summary
+
+
+def status_rows(out_dir: str | Path) -> list[dict]:
+    return pq.read_table(Path(out_dir) / "status.parquet").to_pylist()

@@ -1,0 +1,101 @@
+"""Landmarks with real dlib and OpenCV on real LFW images: routes, subject choice, documented failures."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.landmarks import (CANONICAL_112, MIN_DETECT_SIDE, LandmarkDetector, LandmarkModelError,
+                                check_predictor, default_predictor_path)
+from tests.conftest import lfw_root
+
+
+def lfw_rgb(image_id: str) -> np.ndarray:
+    bgr = cv2.imread(str(lfw_root() / "lfw-deepfunneled" / f"{image_id}.jpg"))
+    assert bgr is not None, image_id
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def detector() -> LandmarkDetector:
+    return LandmarkDetector(check_predictor(None))
+
+
+def test_default_predictor_passes_the_sha256_check():
+    assert check_predictor(None) == default_predictor_path()
+
+
+def test_missing_predictor_is_one_clear_error(tmp_path):
+    with pytest.raises(LandmarkModelError, match="shape predictor not found"):
+        check_predictor(tmp_path / "nope.dat")
+
+
+def test_corrupt_predictor_fails_the_sha256_check(tmp_path):
+    bad = tmp_path / "shape_predictor_68_face_landmarks.dat"
+    bad.write_bytes(default_predictor_path().read_bytes()[:1_000_000])
+    with pytest.raises(LandmarkModelError, match="sha256"):
+        check_predictor(bad)
+    with pytest.raises(LandmarkModelError, match="cannot load"):
+        LandmarkDetector(bad)
+
+
+def test_frontal_face_gets_hog_route_and_plausible_landmarks(detector):
+    r = detector.detect(lfw_rgb("Aaron_Eckhart/Aaron_Eckhart_0001"))
+    assert r.route == "hog" and r.reason == ""
+    L = r.landmarks
+    assert L.shape == (68, 2) and ((L > 0) & (L < 250)).all()
+    # anatomy: eyes above the nose tip above the mouth above the chin, left eye left of right eye
+    assert L[36:48, 1].mean() < L[30, 1] < L[48:68, 1].mean() < L[8, 1]
+    assert L[36:42, 0].mean() < L[42:48, 0].mean()
+    x0, y0, x1, y1 = r.face_box
+    assert x0 < L[30, 0] < x1 and y0 < L[30, 1] < y1
+
+
+def test_small_face_needs_upsampling(detector):
+    """Amelie Mauresmo 0021: HOG misses her at upsample 0 and finds her at upsample 1."""
+    rgb = lfw_rgb("Amelie_Mauresmo/Amelie_Mauresmo_0021")
+    assert LandmarkDetector(check_predictor(None), max_upsample=0, haar_fallback=False).detect(rgb).route == ""
+    assert detector.detect(rgb).route == "hog_upsample1"
+
+
+def test_haar_fallback_when_hog_finds_nothing(detector):
+    """Abdoulaye Wade 0003: dark, soft face that dlib's HOG misses; the Haar box + predictor work."""
+    rgb = lfw_rgb("Abdoulaye_Wade/Abdoulaye_Wade_0003")
+    r = detector.detect(rgb)
+    assert r.route == "haar"
+    assert 60 < r.landmarks[30, 0] < 190 and 60 < r.landmarks[30, 1] < 190
+    no_haar = LandmarkDetector(check_predictor(None), haar_fallback=False).detect(rgb)
+    assert no_haar.route == "" and "Haar" not in no_haar.reason
+
+
+def test_subject_not_bystander_in_multi_face_image(detector):
+    """Abdullah Gul 0016: Gul in the middle, Erdogan's face cut by the left border at x < 62."""
+    rgb = lfw_rgb("Abdullah_Gul/Abdullah_Gul_0016")
+    r = detector.detect(rgb)
+    assert r.n_faces == 2
+    assert r.face_box[0] > 30 and r.face_box[2] > 120
+    assert r.landmarks[:, 0].min() > 62, "no landmark on the bystander at the left edge"
+
+
+def test_no_face_tiny_and_grey_images_get_documented_reasons(detector):
+    torso = lfw_rgb("Aaron_Eckhart/Aaron_Eckhart_0001")[180:]  # clothes only, no face
+    r = detector.detect(np.ascontiguousarray(torso))
+    assert (r.route, r.landmarks) == ("", None) and r.reason.startswith("no face found: dlib HOG")
+    tiny = cv2.resize(lfw_rgb("Aaron_Eckhart/Aaron_Eckhart_0001"), (24, 24), interpolation=cv2.INTER_AREA)
+    r = detector.detect(tiny)
+    assert r.route == "" and r.reason.startswith("image too small for face detection: 24x24")
+    r = detector.detect(np.full((250, 250, 3), 128, np.uint8))
+    assert r.route == "" and r.reason.startswith("no face found: blank image")
+    with pytest.raises(ValueError, match="8-bit RGB"):
+        detector.detect(np.zeros((50, 50), np.uint8))
+
+
+def test_assume_aligned_uses_the_canonical_shape_as_last_route():
+    aligned = LandmarkDetector(check_predictor(None), assume_aligned=True)
+    r = aligned.detect(np.full((112, 112, 3), 128, np.uint8))
+    assert r.route == "canonical" and np.allclose(r.landmarks, CANONICAL_112)
+    r = aligned.detect(np.full((24, 24, 3), 128, np.uint8))  # small crops scale the shape
+    assert r.route == "canonical" and np.allclose(r.landmarks, CANONICAL_112 * 24 / 112)
+    assert MIN_DETECT_SIDE > 24
+    # a real face is still found by the detector first
+    assert aligned.detect(lfw_rgb("Aaron_Eckhart/Aaron_Eckhart_0001")).route == "hog"
