@@ -115,24 +115,32 @@ class AugmentParams(Section):
 
 
 class TrainParams(Section):
-    backbone: str = "resnet18"
+    """The train stage; defaults fit full LFW on 2 CPU cores (README gives the GPU values)."""
+
+    backbone: str = "resnet18"  # a name in pipeline.models.BACKBONES (resnet18, resnet18_hr, ...)
     pretrained: Literal["none", "imagenet"] = "none"
-    pretrained_path: Optional[str] = None
+    pretrained_path: Optional[str] = None  # local torchvision .pth; None = torch.hub cache / download
     embedding_dim: int = Field(512, ge=8, le=4096)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # in the embedding head
     arcface: ArcFaceParams = ArcFaceParams()
     distill: DistillParams = DistillParams()
     augment: AugmentParams = AugmentParams()
-    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    lr: float = Field(2e-4, gt=0.0, le=1.0)  # Adam
     weight_decay: float = Field(5e-4, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(5.0, ge=0.0)
-    batch_size: int = Field(64, ge=2)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)  # cosine ends at lr * this
+    grad_clip: float = Field(5.0, ge=0.0)  # max global grad norm; 0 = off
+    batch_size: int = Field(64, ge=2)  # pairs per step over all DDP ranks
     epochs: int = Field(3, ge=1)
     seed: int = Field(0, ge=0)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # share of TRAIN identities held out
+    val_max_pairs: int = Field(4000, ge=20)
+    val_every: int = Field(0, ge=0)  # steps between validations; 0 = end of each epoch only
+    log_every: int = Field(10, ge=1)  # steps per dvclive point
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    bf16: bool = True  # bf16 autocast on CUDA (CPU runs in fp32)
 
 
 class EvaluateParams(Section):

@@ -51,6 +51,26 @@ def lfw_small(tmp_path_factory) -> Path:
     return make_lfw_subset(tmp_path_factory.mktemp("lfw_small"), 6, 4)
 
 
+@pytest.fixture(scope="session")
+def tiny_shards(lfw_small, tmp_path_factory) -> Path:
+    """Real train/test shards of lfw_small through the real pipeline (ingest -> mask -> align ->
+    pack), cut into shards of 4 pairs so DDP ranks and loader workers each get some."""
+    from pipeline.aligning import run_align
+    from pipeline.config import AlignParams, ComputeParams, IngestParams, MaskParams, PackParams
+    from pipeline.ingest import run_ingest
+    from pipeline.masking import run_mask
+    from pipeline.pack import run_pack
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    compute = ComputeParams(n_jobs=1)
+    run_ingest(params=IngestParams(path=str(lfw_small)), compute=compute, out_dir=root / "ingest")
+    run_mask(params=MaskParams(), compute=compute, in_dir=root / "ingest", out_dir=root / "masked")
+    run_align(params=AlignParams(), compute=compute, ingest_dir=root / "ingest",
+              masked_dir=root / "masked", out_dir=root / "aligned")
+    run_pack(params=PackParams(shard_max_count=4), aligned_dir=root / "aligned", out_dir=root / "shards")
+    return root / "shards"
+
+
 def write_view1_pairs(lfw_dir: Path, people_file: str = "peopleDevTest.txt",
                       out_file: str = "pairsDevTest.txt") -> int:
     """Rewrite a subset's pairs file in LFW's View 1 format ('N', N same lines, N different lines)

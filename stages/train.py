@@ -1,0 +1,28 @@
+"""DVC stage `train`: data/shards/ -> models/model.pt (best by validation), models/last.pt, dvclive/.
+
+Under torchrun (`torchrun --nproc_per_node=N -m stages.train`) every rank runs this; rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_params
+from pipeline.training import train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--shards", default="data/shards")
+    ap.add_argument("--out", default="models")
+    ap.add_argument("--live", default="dvclive")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    summary = train(params=params.train, shards_dir=args.shards, out_dir=args.out, live_dir=args.live)
+    if summary["rank"] == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+    main()
