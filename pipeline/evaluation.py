@@ -249,8 +249,7 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
         if shared and not params.allow_identity_overlap:
             metrics["verification_view2"] = {
                 "skipped": 1, "identities_shared_with_train": len(shared),
-                "note": f"skipped: {len(shared)} of {len(view2.identities())} View 2 identities were "
-                        f"training identities (LFW View 1 train people appear in View 2)"}
+                "note": f"skipped: {len(shared)} of {len(view2.identities())} identities are training identities"}
         else:
             metrics["verification_view2"], _ = score_verification(emb, view2)
             metrics["verification_view2"]["identities_shared_with_train"] = len(shared)
