@@ -249,19 +249,37 @@ def _details(mask_type: str, variant: int, rgb: np.ndarray, alpha: np.ndarray, b
             cv2.circle(rgb, tuple(int(v) for v in c), int(7 * SCALE), (base * 0.6).tolist(), -1, cv2.LINE_AA)
             cv2.circle(rgb, tuple(int(v) for v in c), int(5 * SCALE), (base * 0.82).tolist(), -1, cv2.LINE_AA)
     elif mask_type == "gas":
-        grey = np.array([58, 60, 62], np.float32) if base.mean() > 50 else np.array([92, 94, 96], np.float32)
-        for j in (4, 12):  # filter cartridges on both lower cheeks
-            c = to_template(_lerp(L[j], L[57], 0.3))
-            r = 10.5 * SCALE
-            cv2.circle(rgb, tuple(int(v) for v in c), int(r), (grey * 0.75).tolist(), -1, cv2.LINE_AA)
-            cv2.circle(rgb, tuple(int(v) for v in c), int(r * 0.8), grey.tolist(), -1, cv2.LINE_AA)
+        # cartridge colour follows the body (P100 magenta on black, light grey on grey...)
+        grey = {36: (170, 60, 120), 74: (176, 178, 180), 78: (150, 140, 100)}.get(
+            int(base[0]), (150, 152, 156))
+        grey = np.array(grey, np.float32)
+        h, w = alpha.shape
+        yy, xx2 = np.mgrid[0:h, 0:w].astype(np.float32)
+        for j, tilt in ((4, 1.0), (12, -1.0)):  # filter cartridges on both lower cheeks, facing sideways
+            c = to_template(_lerp(L[j], L[57], 0.12) + [0, -2.0])
+            r = 12.5 * SCALE
+            axes = (int(r * 0.72), int(r))
+            disc = np.zeros((h, w), np.float32)
+            cv2.ellipse(disc, tuple(int(v) for v in c), axes, 0, 0, 360, 1.0, -1, cv2.LINE_AA)
+            # a lit cylinder: bright upper edge towards the nose, dark lower outer edge, a rim
+            u, v = (xx2 - c[0]) / axes[0], (yy - c[1]) / axes[1]
+            light = 1.0 + 0.35 * (tilt * u - v) / 2.0 - 0.35 * np.clip(np.hypot(u, v) - 0.8, 0, 1) * 4
+            can = grey[None, None, :] * light[..., None]
+            rgb[:] = rgb * (1 - disc[..., None]) + can * disc[..., None]
             for k in range(-3, 4):  # grille slots
                 y = int(c[1] + k * r * 0.2)
-                cv2.line(rgb, (int(c[0] - r * 0.55), y), (int(c[0] + r * 0.55), y),
-                         (grey * 0.6).tolist(), max(1, int(SCALE * 0.6)), cv2.LINE_AA)
-            cv2.circle(alpha, tuple(int(v) for v in c), int(r), 1.0, -1, cv2.LINE_AA)
-        c = to_template(_lerp(L[57], L[8], 0.45))
-        cv2.circle(rgb, tuple(int(v) for v in c), int(6 * SCALE), (grey * 0.7).tolist(), -1, cv2.LINE_AA)
+                half = axes[0] * 0.55 * np.sqrt(max(0.0, 1 - (k * 0.2) ** 2))
+                cv2.line(rgb, (int(c[0] - half), y), (int(c[0] + half), y),
+                         (grey * 0.55).tolist(), max(1, int(SCALE * 0.6)), cv2.LINE_AA)
+            alpha[:] = np.maximum(alpha, disc)
+        body = base * 1.6 + 25  # exhalation valve cover: lighter plastic with slits
+        c = to_template(_lerp(L[57], L[8], 0.35))
+        axes = (int(8 * SCALE), int(6 * SCALE))
+        cv2.ellipse(rgb, tuple(int(v) for v in c), axes, 0, 0, 360, body.tolist(), -1, cv2.LINE_AA)
+        for k in (-2, -1, 0, 1, 2):
+            x = int(c[0] + k * 2.6 * SCALE)
+            cv2.line(rgb, (x, int(c[1] - 3 * SCALE)), (x, int(c[1] + 3 * SCALE)), (body * 0.55).tolist(),
+                     max(1, int(SCALE * 0.7)), cv2.LINE_AA)
     rgb *= (shade * (1.0 - lines))[..., None]
 
 

@@ -30,7 +30,7 @@ STATUS_SCHEMA = pa.schema([
     ("status", pa.string()), ("route", pa.string()), ("mask_type", pa.string()),
     ("colour", pa.string()), ("texture", pa.string()), ("reason", pa.string()),
 ])
-THUMB = 128  # contact sheet tile side
+THUMB = 150  # contact sheet tile side
 
 
 class MaskStageError(RuntimeError):
