@@ -71,13 +71,8 @@ def tiny_shards(lfw_small, tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def write_view1_pairs(lfw_dir: Path, people_file: str = "peopleDevTest.txt",
-                      out_file: str = "pairsDevTest.txt") -> int:
-    """Rewrite a subset's pairs file in LFW's View 1 format ('N', N same lines, N different lines)
-    from the subset's own people, so a tiny evaluation has both kinds of pair (make_lfw_subset keeps
-    only the official lines whose people it copied: on a few people that leaves no different pairs).
-    Returns N."""
-    people = [p for p, _ in _people(lfw_dir / people_file)]
+def _balanced_pairs(lfw_dir: Path, people: list[str]) -> tuple[list[str], list[str]]:
+    """Same-person pairs (round robin over people) and different-person pairs, N of each."""
     images = {p: sorted(int(f.stem.rsplit("_", 1)[1]) for f in (lfw_dir / "lfw-deepfunneled" / p).glob("*.jpg"))
               for p in people}
     per_person = [[f"{p}\t{a}\t{b}" for i, a in enumerate(images[p]) for b in images[p][i + 1:]]
@@ -86,21 +81,21 @@ def write_view1_pairs(lfw_dir: Path, people_file: str = "peopleDevTest.txt",
     diff = [f"{p}\t{images[p][k % len(images[p])]}\t{q}\t{images[q][k % len(images[q])]}"
             for k in range(3) for i, p in enumerate(people) for q in people[i + 1:]]
     n = min(len(same), len(diff))
-    (lfw_dir / out_file).write_text(f"{n}\n" + "".join(x + "\n" for x in same[:n] + diff[:n]))
-    return n
+    return same[:n], diff[:n]
 
 
-@pytest.fixture(scope="session")
-def lfw_eval_small(tmp_path_factory) -> Path:
-    """3 train + 4 test identities with >= 2 images (8 + 27 real LFW images), View 1 test pairs
-    rebuilt among the test people (both kinds), View 2 pairs.txt among all of them."""
-    root = make_lfw_subset(tmp_path_factory.mktemp("lfw_eval_small"), 3, 4)
-    write_view1_pairs(root)
-    (root / "people_all.txt").write_text(
-        "".join(ln + "\n" for f in ("peopleDevTrain.txt", "peopleDevTest.txt")
-                for ln in (root / f).read_text().splitlines()[1:]))
-    n = write_view1_pairs(root, "people_all.txt", "pairs.txt")
-    text = (root / "pairs.txt").read_text().split("\n", 1)[1]
-    (root / "pairs.txt").write_text(f"1\t{n}\n{text}")
-    (root / "people_all.txt").unlink()
-    return root
+def write_eval_pairs(lfw_dir: Path, dest: Path | None = None) -> Path:
+    """Valid LFW pair lists for a tiny subset, built from its own people: pairsDevTest.txt in View 1
+    format ('N', N same, N different; test people) and pairs.txt as one View 2 set ('1 N'; train and
+    test people). make_lfw_subset keeps only the official lines whose people it copied, which on a
+    few people leaves no different pairs and a header that counts lines, so the evaluation refuses
+    them. Writes into ``dest`` (default: the subset itself, before ingest copies the protocol)."""
+    dest = dest or lfw_dir
+    dest.mkdir(parents=True, exist_ok=True)
+    test = [p for p, _ in _people(lfw_dir / "peopleDevTest.txt")]
+    train = [p for p, _ in _people(lfw_dir / "peopleDevTrain.txt")]
+    same, diff = _balanced_pairs(lfw_dir, test)
+    (dest / "pairsDevTest.txt").write_text(f"{len(same)}\n" + "".join(x + "\n" for x in same + diff))
+    same, diff = _balanced_pairs(lfw_dir, sorted(train + test))
+    (dest / "pairs.txt").write_text(f"1\t{len(same)}\n" + "".join(x + "\n" for x in same + diff))
+    return dest

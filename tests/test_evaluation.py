@@ -1,4 +1,4 @@
-"""The evaluate stage end to end on a tiny real pipeline output (ingest -> mask -> align -> pack)."""
+"""The evaluate stage end to end on the tiny real pipeline output (ingest -> mask -> align -> pack)."""
 from __future__ import annotations
 
 import json
@@ -8,40 +8,38 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import AlignParams, ComputeParams, EvaluateParams, IngestParams, MaskParams, PackParams
+from pipeline.config import ComputeParams, EvaluateParams
 from pipeline.evaluation import (CONDITIONS, EvaluationError, load_embeddings, portion_key,
                                  run_embed_reference, run_evaluate, score_embeddings)
-from pipeline.aligning import run_align
-from pipeline.ingest import run_ingest
-from pipeline.masking import run_mask
 from pipeline.models import EmbeddingNet
-from pipeline.pack import run_pack
 from pipeline.protocols import IdentityOverlapError
+from tests.conftest import write_eval_pairs
 
-COMPUTE = ComputeParams(n_jobs=1)
 VERIFICATION_KEYS = {"accuracy", "auc", "tar_at_far_1e-2", "tar_at_far_1e-3", "eer"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, lfw_eval_small):
-    d = tmp_path_factory.mktemp("eval_pipeline")
-    run_ingest(params=IngestParams(path=str(lfw_eval_small)), compute=COMPUTE, out_dir=d / "ingest")
-    run_mask(params=MaskParams(), compute=COMPUTE, in_dir=d / "ingest", out_dir=d / "masked")
-    run_align(params=AlignParams(), compute=COMPUTE, ingest_dir=d / "ingest", masked_dir=d / "masked",
-              out_dir=d / "aligned")
-    run_pack(params=PackParams(), aligned_dir=d / "aligned", out_dir=d / "shards")
+def tiny(tmp_path_factory, lfw_small, tiny_shards):
+    """The shared tiny real pipeline output (6 train + 4 test people), valid pair lists for its
+    people, an untrained model in the checkpoint format and the cached dlib reference."""
+    d = tmp_path_factory.mktemp("eval_inputs")
+    root = tiny_shards.parent
+    for name in ("aligned", "shards"):
+        (d / name).symlink_to(root / name, target_is_directory=True)
+    shutil.copytree(root / "ingest" / "protocol", d / "protocol")
+    write_eval_pairs(lfw_small, d / "protocol")
     torch.manual_seed(0)
     net = EmbeddingNet("resnet18", 32).eval()
     torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, d / "model.pt")
     params = EvaluateParams(device="cpu", batch_size=16)
-    run_embed_reference(params=params, compute=COMPUTE, aligned_dir=d / "aligned",
+    run_embed_reference(params=params, compute=ComputeParams(n_jobs=1), aligned_dir=d / "aligned",
                         out_path=d / "reference" / "dlib.parquet")
     return d
 
 
 def _evaluate(d, out, params=None, shards=None):
     return run_evaluate(params=params or PARAMS, aligned_dir=d / "aligned", shards_dir=shards or d / "shards",
-                        protocol_dir=d / "ingest" / "protocol", model_path=d / "model.pt",
+                        protocol_dir=d / "protocol", model_path=d / "model.pt",
                         out_dir=out, reference_path=d / "reference" / "dlib.parquet")
 
 
@@ -119,7 +117,7 @@ def test_identity_overlap_is_refused_unless_allowed(tiny, tmp_path):
     # not in the test set: those pairs are counted as missing)
     ref = load_embeddings(tiny / "reference" / "dlib.parquet")
     m, _ = score_embeddings(ref, params=EvaluateParams(allow_identity_overlap=True),
-                            protocol_dir=tiny / "ingest" / "protocol", train_identities=set(classes))
+                            protocol_dir=tiny / "protocol", train_identities=set(classes))
     assert m["identity_overlap_with_train"] == 1
     assert m["verification_view2"]["masked_masked"]["pairs_missing"] > 0
 
@@ -132,5 +130,5 @@ def test_reference_embeddings_must_match_the_settings(tiny, tmp_path):
         _evaluate(tiny, tmp_path / "eval", params=EvaluateParams(device="cpu", flip=True))
     with pytest.raises(EvaluationError, match="missing"):
         run_evaluate(params=EvaluateParams(device="cpu"), aligned_dir=tiny / "aligned",
-                     shards_dir=tiny / "shards", protocol_dir=tiny / "ingest" / "protocol",
+                     shards_dir=tiny / "shards", protocol_dir=tiny / "protocol",
                      model_path=tiny / "model.pt", out_dir=tmp_path / "e2", reference_path=tmp_path / "no.parquet")
