@@ -134,7 +134,9 @@ class TrainParams(Section):
     epochs: int = Field(3, ge=1)
     seed: int = Field(0, ge=0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # share of TRAIN identities held out
-    val_max_pairs: int = Field(4000, ge=20)
+    val_max_identities: int = Field(500, ge=2)  # caps the held-out identities on big data sets
+    val_images_per_identity: int = Field(20, ge=2)  # the first N (shuffled order) of each
+    val_max_pairs: int = Field(4000, ge=20)  # same + different verification pairs among them
     val_every: int = Field(0, ge=0)  # steps between validations; 0 = end of each epoch only
     log_every: int = Field(10, ge=1)  # steps per dvclive point
     num_workers: int = Field(2, ge=0)

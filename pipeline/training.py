@@ -98,12 +98,13 @@ def _image_dataset(shards_dir: Path) -> tuple[list[Path], dict[str, int], str]:
     return shards, classes, fingerprint
 
 
-def split_val_identities(classes: dict[str, int], fraction: float, seed: int) -> list[int]:
+def split_val_identities(classes: dict[str, int], fraction: float, seed: int,
+                         max_identities: int | None = None) -> list[int]:
     """Labels of the held-out validation identities: a seeded choice among sorted identity names."""
     if fraction <= 0:
         return []
     names = sorted(classes)
-    n_val = max(2, int(round(fraction * len(names))))
+    n_val = max(2, min(int(round(fraction * len(names))), max_identities or len(names)))
     if n_val >= len(names):
         raise ValueError(f"train.val_fraction={fraction} leaves no training identities ({len(names)} in all)")
     rng = np.random.default_rng([seed, 1])
@@ -133,14 +134,21 @@ class ValSet:
     n_train: int  # training pairs (all train-shard samples minus the validation identities)
 
 
-def collect_val(batches: Iterable, val_labels: list[int]) -> ValSet:
-    """One pass over the train shards (no augmentation): keep the validation identities' pairs and
-    count the rest. Runs before the process group starts, so every rank sees every shard."""
+def collect_val(batches: Iterable, val_labels: list[int], max_per_identity: int = 1 << 30) -> ValSet:
+    """One pass over the train shards (no augmentation): keep the validation identities' pairs (the
+    first ``max_per_identity`` of each, in the shards' shuffled order, so one big identity does not
+    fill the validation) and count the rest. Runs before the process group starts, so every rank
+    sees every shard."""
     val = torch.tensor(val_labels, dtype=torch.int64)
     raws, maskeds, labels, n_train = [], [], [], 0
+    seen: dict[int, int] = {}
     for raw, masked, label in tqdm(batches, desc="validation set", unit="batch"):
-        keep = torch.isin(label, val)
-        n_train += int((~keep).sum())
+        in_val = torch.isin(label, val)
+        n_train += int((~in_val).sum())
+        keep = in_val.clone()
+        for i in torch.nonzero(in_val).flatten().tolist():
+            c = seen[int(label[i])] = seen.get(int(label[i]), 0) + 1
+            keep[i] = c <= max_per_identity
         if keep.any():
             raws.append(to_uint8(raw[keep]))
             maskeds.append(to_uint8(masked[keep]))
@@ -317,10 +325,10 @@ def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, l
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_env))
 
     # The validation set is read before the process group exists, so every rank reads all shards.
-    val_labels = split_val_identities(classes, params.val_fraction, params.seed)
+    val_labels = split_val_identities(classes, params.val_fraction, params.seed, params.val_max_identities)
     valset = collect_val(make_loader(shards, batch_size=params.batch_size, augment=None,
                                      seed=params.seed, drop_last=False, num_workers=params.num_workers),
-                         val_labels)
+                         val_labels, params.val_images_per_identity)
     if params.val_fraction > 0 and len(np.unique(valset.labels)) < 2:
         raise ValueError("validation needs >= 2 held-out identities with images in the train shards")
     pairs = val_pairs(valset.labels, params.seed, params.val_max_pairs) if len(valset.labels) else None

@@ -19,7 +19,7 @@ from pipeline.config import DistillParams, TrainParams
 from pipeline.models import load_embedding_model
 from pipeline.pair_loader import make_pair_loader
 from pipeline.tar_chunks import list_chunks
-from pipeline.training import (build_pair_model, drop_identities, fingerprint, lr_at, split_val_identities,
+from pipeline.training import (build_pair_model, collect_val, drop_identities, from_uint8, fingerprint, lr_at, split_val_identities,
                                train, train_step, val_pairs)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +52,16 @@ def test_drop_identities_removes_validation_labels():
     batch = (torch.zeros(4, 3, 2, 2), torch.ones(4, 3, 2, 2), torch.tensor([0, 5, 2, 5]))
     raw, masked, labels = drop_identities(batch, torch.tensor([5]))
     assert labels.tolist() == [0, 2] and raw.shape[0] == masked.shape[0] == 2
+
+
+def test_collect_val_keeps_the_first_images_of_each_val_identity_and_counts_the_rest():
+    labels = torch.tensor([3, 1, 3, 3, 0, 3, 1, 2])
+    images = torch.linspace(-1, 1, 8)[:, None, None, None].expand(8, 3, 112, 112)
+    batches = [(images[i:i + 3], -images[i:i + 3], labels[i:i + 3]) for i in range(0, 8, 3)]
+    v = collect_val(batches, [1, 3], max_per_identity=2)
+    assert v.labels.tolist() == [3, 1, 3, 1] and v.n_train == 2  # labels 0 and 2 train
+    assert torch.allclose(from_uint8(v.raw[:, 0, 0, 0]), images[[0, 1, 2, 6], 0, 0, 0], atol=1 / 127.5)
+    assert torch.allclose(from_uint8(v.masked), -from_uint8(v.raw), atol=2 / 127.5)
 
 
 def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
