@@ -1,0 +1,25 @@
+"""DVC stage `pack`: data/aligned -> data/shards/ (WebDataset train/test shards, classes, index)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_params
+from pipeline.pack import run_pack
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--aligned", default="data/aligned")
+    ap.add_argument("--out", default="data/shards")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    index = run_pack(params=params.pack, aligned_dir=args.aligned, out_dir=args.out)
+    print(json.dumps({"classes": index["classes"], "train": index["train"]["samples"],
+                      "train_shards": len(index["train"]["shards"]), "test": index["test"]["samples"],
+                      "test_shards": len(index["test"]["shards"])}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Alignment geometry and detectors on real images (LFW, real masked photos from RMFD)."""
+from __future__ import annotations
+
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline import alignment as al
+from tests.conftest import PROJECT_ROOT, lfw_root
+
+RMFD = PROJECT_ROOT.parent / "shared" / "data" / "rmfd" / "RWMFD_part_1"
+
+
+def _read_rgb(path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def lfw_images(tmp_path_factory):
+    """Six real LFW photos copied into a temporary folder."""
+    dest = tmp_path_factory.mktemp("lfw_align")
+    names = ["Aaron_Peirsol/Aaron_Peirsol_0001", "Abdullah_Gul/Abdullah_Gul_0005",
+             "Adel_Al-Jubeir/Adel_Al-Jubeir_0001", "Colin_Powell/Colin_Powell_0001",
+             "George_W_Bush/George_W_Bush_0010", "Serena_Williams/Serena_Williams_0001"]
+    out = []
+    for n in names:
+        src = lfw_root() / "lfw-deepfunneled" / f"{n}.jpg"
+        shutil.copy(src, dest / src.name)
+        out.append(_read_rgb(dest / src.name))
+    return out
+
+
+def test_similarity_puts_eyes_on_template_and_levels_them():
+    left, right = (100.0, 120.0), (150.0, 100.0)  # tilted eye line
+    m = al.similarity_from_eyes(left, right)
+    mapped = al.apply_matrix(m, np.array([left, right]))
+    assert np.allclose(mapped, al.TEMPLATE_EYES, atol=1e-9)
+    # a similarity: equal scale on both axes, no shear
+    a, b = m[0, 0], m[1, 0]
+    assert np.allclose(m[:, :2], [[a, -b], [b, a]])
+    with pytest.raises(al.AlignmentError):
+        al.similarity_from_eyes(left, left)
+
+
+def test_umeyama_recovers_a_known_similarity():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 200, size=(5, 2))
+    theta, s, t = 0.3, 0.7, np.array([5.0, -12.0])
+    rot = s * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    dst = src @ rot.T + t
+    m = al.umeyama_similarity(src, dst)
+    assert np.allclose(m[:, :2], rot, atol=1e-9) and np.allclose(m[:, 2], t, atol=1e-9)
+
+
+def test_cascade_finds_face_and_eyes_on_real_lfw(lfw_images):
+    found = [al.cascade_detect(im) for im in lfw_images]
+    assert all(r.face is not None for r in found)
+    with_eyes = [r for r in found if r.eyes is not None]
+    assert len(with_eyes) >= 5
+    for r in with_eyes:
+        (lx, ly), (rx, ry) = r.eyes
+        x, y, w, h = r.face
+        assert lx < rx and x <= lx <= x + w and x <= rx <= x + w
+        assert y <= min(ly, ry) and max(ly, ry) <= y + 0.7 * h  # eyes in the upper face
+
+
+def test_pair_transform_routes_and_landmarks_method(lfw_images):
+    im = lfw_images[0]
+    res = al.estimate_pair_transform(im)
+    assert res.route in al.ROUTES_CASCADE and res.matrix.shape == (2, 3)
+    # no face at all (a flat grey image): the landmarks are the fallback, else a reasoned rejection
+    flat = np.full((250, 250, 3), 128, np.uint8)
+    lm = np.zeros((68, 2))
+    lm[36:42], lm[42:48] = (90.0, 110.0), (160.0, 110.0)
+    lm[30], lm[48], lm[54] = (125.0, 150.0), (100.0, 180.0), (150.0, 180.0)
+    fb = al.estimate_pair_transform(flat, lm)
+    assert fb.route == "landmarks_eyes"
+    assert np.allclose(al.apply_matrix(fb.matrix, [[90, 110], [160, 110]]), al.TEMPLATE_EYES)
+    none = al.estimate_pair_transform(flat)
+    assert none.matrix is None and none.route == "none" and "no cascade face" in none.reason
+    five = al.estimate_pair_transform(flat, lm, method="landmarks")
+    assert five.route == "landmarks5"
+    # the 5-point fit lands every point near its template position
+    assert np.abs(al.apply_matrix(five.matrix, al.five_points_from_landmarks(lm)) - al.TEMPLATE_5).max() < 8
+    with pytest.raises(al.AlignmentError):
+        al.estimate_pair_transform(im, method="sift")
+
+
+def test_standalone_aligns_real_masked_photos():
+    """Real masked photos (RMFD): most single portraits give a 112x112 crop through one of the
+    eye-based routes; failures say why."""
+    paths = sorted(RMFD.glob("000[0-2]/*.jpg"))[:8]
+    assert len(paths) >= 6, f"RMFD sample not found under {RMFD}"
+    results = [al.align_standalone(_read_rgb(p)) for p in paths]
+    ok = [r for r in results if r.crop is not None]
+    assert len(ok) >= len(results) // 2
+    for r in ok:
+        assert r.crop.shape == (112, 112, 3) and r.crop.dtype == np.uint8
+        assert r.route in ("haar_eyes", "dlib_hog") and r.reason == ""
+    for r in results:
+        if r.crop is None:
+            assert r.route == "none" and "no face" in r.reason
+
+
+def test_standalone_rejects_bad_input_and_reports_no_face():
+    with pytest.raises(al.AlignmentError):
+        al.align_standalone(np.zeros((10, 10), np.float32))
+    res = al.align_standalone(np.full((120, 120, 3), 200, np.uint8))
+    assert res.crop is None and res.route == "none" and res.reason
