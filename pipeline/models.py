@@ -124,7 +124,9 @@ def load_imagenet_weights(net: EmbeddingNet, path: str | Path | None = None) -> 
     if not file.is_file():
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(file), progress=True)
+            digest = torch.hub.HASH_REGEX.search(file.name)  # torchvision names carry a sha256 prefix
+            torch.hub.download_url_to_file(url, str(file), hash_prefix=digest.group(1) if digest else None,
+                                           progress=True)
         except Exception as err:  # URLError, socket errors, HTTP errors: all mean "no download"
             raise PretrainedWeightsError(
                 f"train.pretrained=imagenet: no weights file at {file} and the download of {url} "

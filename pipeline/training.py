@@ -223,10 +223,11 @@ class PairModel(nn.Module):
         self.net, self.head, self.p = net, head, params.distill
 
     def forward(self, raw: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor) -> PairLoss:
-        emb = self.net(torch.cat([raw, masked])).float()
-        e_raw, e_masked = emb.chunk(2)
-        return pair_loss(self.head, e_raw, e_masked, labels, kind=self.p.kind, beta=self.p.beta,
-                         margin=self.p.margin, dynamic=self.p.dynamic, stop_grad=self.p.stop_grad)
+        emb = self.net(torch.cat([raw, masked]))
+        e_raw, e_masked = emb.float().chunk(2)
+        with torch.autocast(emb.device.type, enabled=False):  # margins and cosines in fp32
+            return pair_loss(self.head, e_raw, e_masked, labels, kind=self.p.kind, beta=self.p.beta,
+                             margin=self.p.margin, dynamic=self.p.dynamic, stop_grad=self.p.stop_grad)
 
 
 def build_pair_model(params: TrainParams, num_classes: int,
