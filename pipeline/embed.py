@@ -86,7 +86,8 @@ def embed_paths(root: Path, rel_paths: list[str], *, embedder: Embedder, flip: b
             crop_rows.append(len(rows) - 1)
             crops.append(crop)
     if crops:
-        emb = embedder.embed(np.stack(crops), flip=flip, batch_size=batch_size)
+        emb = embedder.embed(np.stack(crops), flip=flip, batch_size=batch_size,
+                             progress="embed" if len(crops) > batch_size else None)
         for i, e in zip(crop_rows, emb):
             rows[i]["embedding"] = e.tolist()
     return pa.Table.from_pylist(rows, schema=SCHEMA)

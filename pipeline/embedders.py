@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.metrics import l2_normalize
 
@@ -35,14 +36,16 @@ class Embedder(ABC):
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """B x 112 x 112 x 3 uint8 RGB -> B x D float32 (any scale)."""
 
-    def embed(self, crops: np.ndarray, *, flip: bool = False, batch_size: int = 128) -> np.ndarray:
-        """B x 112 x 112 x 3 uint8 RGB crops -> B x D float32 unit vectors."""
+    def embed(self, crops: np.ndarray, *, flip: bool = False, batch_size: int = 128,
+              progress: str | None = None) -> np.ndarray:
+        """B x 112 x 112 x 3 uint8 RGB crops -> B x D float32 unit vectors (``progress``: bar title)."""
         crops = np.asarray(crops)
         if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.dtype != np.uint8:
             raise ValueError(f"{self.name}: expected N x {CROP_SIZE} x {CROP_SIZE} x 3 uint8 RGB crops, "
                              f"got {crops.shape} {crops.dtype}")
         out = np.empty((len(crops), self.dim), dtype=np.float32)
-        for i in range(0, len(crops), batch_size):
+        for i in tqdm(range(0, len(crops), batch_size), desc=f"{self.name} {progress}", unit="batch",
+                      disable=progress is None):
             b = crops[i:i + batch_size]
             e = l2_normalize(self._forward(b))
             if flip:

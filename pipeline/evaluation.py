@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import simplejpeg
-from tqdm import tqdm
 
 from pipeline.config import ComputeParams, EvaluateParams
 from pipeline.embedders import Embedder, make_embedder
@@ -87,17 +86,21 @@ def read_aligned_chunk(path: str | Path, split: str = "test"):
             np.stack([masked[i] for i in order]) if ids else np.zeros((0, 112, 112, 3), np.uint8))
 
 
-def _embed_chunk(path, *, embedder: Embedder | str, flip: bool, batch_size: int, device: str = "cpu"):
+def _embed_chunk(path, *, embedder: Embedder | str, flip: bool, batch_size: int, device: str = "cpu",
+                 progress: bool = False):
     if isinstance(embedder, str):  # in a worker process: build it there (dlib objects do not pickle)
         embedder = make_embedder(embedder, device=device)
     ids, idents, raw, masked = read_aligned_chunk(path)
     if not ids:
         return ids, idents, np.zeros((0, embedder.dim), np.float32), np.zeros((0, embedder.dim), np.float32)
-    return (ids, idents, embedder.embed(raw, flip=flip, batch_size=batch_size),
-            embedder.embed(masked, flip=flip, batch_size=batch_size))
+    name = Path(path).name
+    return (ids, idents,
+            embedder.embed(raw, flip=flip, batch_size=batch_size, progress=f"{name} raw" if progress else None),
+            embedder.embed(masked, flip=flip, batch_size=batch_size,
+                           progress=f"{name} masked" if progress else None))
 
 
-def test_chunks(aligned_dir: str | Path) -> list[Path]:
+def aligned_test_chunks(aligned_dir: str | Path) -> list[Path]:
     chunks = list_chunks(Path(aligned_dir) / "chunks", prefix="test-")
     if not chunks:
         raise EvaluationError(f"no test chunks in {Path(aligned_dir) / 'chunks'}: run the align stage")
@@ -106,7 +109,8 @@ def test_chunks(aligned_dir: str | Path) -> list[Path]:
 
 def read_test_identities(aligned_dir: str | Path) -> set[str]:
     """Identities in the aligned test chunks (json members only: no decoding)."""
-    return {json.loads(m["json"])["identity"] for c in test_chunks(aligned_dir) for _, m in read_chunk(c)}
+    return {json.loads(m["json"])["identity"] for c in aligned_test_chunks(aligned_dir)
+            for _, m in read_chunk(c)}
 
 
 def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bool, batch_size: int,
@@ -116,7 +120,7 @@ def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bo
     With ``compute`` (and ``embedder`` given as a spec string like "dlib"), chunks are spread over
     workers; otherwise they run here (torch uses all cores by itself).
     """
-    chunks = test_chunks(aligned_dir)
+    chunks = aligned_test_chunks(aligned_dir)
     if compute is not None and isinstance(embedder, str):
         parts = map_chunks(_embed_chunk, chunks, compute, desc=f"embed {embedder}", embedder=embedder,
                            flip=flip, batch_size=batch_size, device=device)
@@ -124,8 +128,8 @@ def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bo
     else:
         if isinstance(embedder, str):
             embedder = make_embedder(embedder, device=device)
-        parts = [_embed_chunk(c, embedder=embedder, flip=flip, batch_size=batch_size)
-                 for c in tqdm(chunks, desc=f"embed {embedder.name}", unit="chunk")]
+        parts = [_embed_chunk(c, embedder=embedder, flip=flip, batch_size=batch_size, progress=True)
+                 for c in chunks]
         info = embedder.describe()
     ids = [i for p in parts for i in p[0]]
     if len(set(ids)) != len(ids):
