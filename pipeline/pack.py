@@ -10,6 +10,10 @@ seed could not scale past LFW because of that I/O; DVC also slows to hours past 
   disjoint from the classes; evaluation uses the identity in the json).
 - ``classes.json`` (identity -> label) and ``index.json`` (counts, classes, sha256 per shard).
 
+Memory stays bounded: a first pass reads metadata and sizes only and plans every shard; shards
+are then filled in groups of at most ``PACK_MEMORY_BYTES``, one sequential pass over the aligned
+chunks per group.
+
 Members per sample: ``{key}.raw.jpg``, ``{key}.masked.jpg``, ``{key}.cls`` (ascii int),
 ``{key}.json``. Written through ``webdataset.TarWriter`` with a fixed mtime, empty user/group and
 mode 0644, so two runs give byte-identical shards.
@@ -32,16 +36,19 @@ from pipeline.config import PackParams
 from pipeline.tar_chunks import FIXED_MTIME, dumps_json, file_sha256, list_chunks, read_chunk, write_json
 
 TAR_BLOCK = 512
+# Most sample bytes held in memory at once while writing shards (one pass over the aligned
+# chunks per this much data).
+PACK_MEMORY_BYTES = 1 << 30
 
 
 class PackError(RuntimeError):
     pass
 
 
-def _sample_tar_bytes(members: dict[str, bytes]) -> int:
-    """Bytes a sample takes in a tar: a 512-byte header per member plus data padded to 512
-    (member names up to 100 characters; longer ones add a header that the shard cut ignores)."""
-    return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in members.values())
+def _tar_bytes(sizes: Iterable[int]) -> int:
+    """Bytes members of these sizes take in a tar: a 512-byte header each plus data padded to
+    512 (member names up to 100 characters; longer ones add a header the shard cut ignores)."""
+    return sum(TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK for n in sizes)
 
 
 def _final_size(content: int) -> int:
@@ -54,55 +61,69 @@ def _iter_aligned(aligned_dir: Path, split: str) -> Iterator[tuple[str, dict[str
         yield from read_chunk(chunk)
 
 
-def _pack_members(key: str, members: dict[str, bytes], label: int, meta: dict) -> dict:
-    missing = {"raw.jpg", "masked.jpg"} - set(members)
-    if missing:
-        raise PackError(f"aligned sample {key!r} lacks {sorted(missing)}")
-    return {
-        "__key__": key,
-        "raw.jpg": members["raw.jpg"],
-        "masked.jpg": members["masked.jpg"],
-        "cls": str(label).encode("ascii"),
-        "json": dumps_json({"image_id": meta["image_id"], "identity": meta["identity"],
-                            "split": meta["split"], "label": label}),
-    }
+def _small_members(meta: dict, label: int) -> dict[str, bytes]:
+    return {"cls": str(label).encode("ascii"),
+            "json": dumps_json({"image_id": meta["image_id"], "identity": meta["identity"],
+                                "split": meta["split"], "label": label})}
 
 
-def _write_shards(samples: Iterable[dict], out_dir: Path, prefix: str, params: PackParams,
-                  total: int) -> list[dict]:
-    """Cut samples into shards of <= shard_max_count samples and <= shard_max_bytes (a sample
-    bigger than the limit gets a shard of its own). Each shard appears atomically."""
+def plan_shards(sizes: list[int], params: PackParams) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive samples: <= shard_max_count samples and a final file of
+    <= shard_max_bytes (a single sample bigger than that gets a shard of its own)."""
+    ranges, start, content = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= params.shard_max_count
+                          or _final_size(content + size) > params.shard_max_bytes):
+            ranges.append((start, i))
+            start, content = i, 0
+        content += size
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def write_shard(path: Path, samples: Iterable[dict]) -> dict:
+    """One shard through webdataset's TarWriter with fixed metadata; appears atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = 0
+    with open(tmp, "wb") as fh:
+        writer = wds.TarWriter(fh, user="", group="", mode=0o644, mtime=FIXED_MTIME, encoder=False)
+        for sample in samples:
+            writer.write(sample)
+            n += 1
+        writer.close()
+    os.replace(tmp, path)
+    return {"name": path.name, "samples": n, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _write_split(keys: list[str], meta: dict[str, dict], labels: dict[str, int], aligned_dir: Path,
+                 split: str, out_dir: Path, params: PackParams) -> list[dict]:
+    """Write ``keys`` (in this order) as shards. Shards are filled in groups of at most
+    PACK_MEMORY_BYTES of samples, one sequential pass over the aligned chunks per group, so memory
+    stays bounded whatever the data set size."""
+    sizes = [meta[k]["_bytes"] for k in keys]
+    ranges = plan_shards(sizes, params)
+    groups, current, held = [], [], 0
+    for r in ranges:
+        shard_bytes = sum(sizes[r[0]:r[1]])
+        if current and held + shard_bytes > PACK_MEMORY_BYTES:
+            groups.append(current)
+            current, held = [], 0
+        current.append(r)
+        held += shard_bytes
+    if current:
+        groups.append(current)
     shards: list[dict] = []
-    # "bytes" counts the tar content written so far (the writer streams through a buffer, so
-    # the file position lags behind).
-    state = {"fh": None, "writer": None, "tmp": None, "count": 0, "bytes": 0}
-
-    def close() -> None:
-        if state["writer"] is None:
-            return
-        state["writer"].close()
-        state["fh"].close()
-        name = f"{prefix}-{len(shards):06d}.tar"
-        final = out_dir / name
-        os.replace(state["tmp"], final)
-        shards.append({"name": name, "samples": state["count"], "bytes": final.stat().st_size,
-                       "sha256": file_sha256(final)})
-        state.update(fh=None, writer=None, tmp=None, count=0, bytes=0)
-
-    for sample in tqdm(samples, total=total, desc=f"pack {prefix}", unit="pair"):
-        size = _sample_tar_bytes({k: v for k, v in sample.items() if k != "__key__"})
-        if state["writer"] is not None and (state["count"] >= params.shard_max_count
-                                            or _final_size(state["bytes"] + size) > params.shard_max_bytes):
-            close()
-        if state["writer"] is None:
-            state["tmp"] = out_dir / f".{prefix}-{len(shards):06d}.tar.tmp"
-            state["fh"] = open(state["tmp"], "wb")
-            state["writer"] = wds.TarWriter(state["fh"], user="", group="", mode=0o644,
-                                            mtime=FIXED_MTIME, encoder=False)
-        state["writer"].write(sample)
-        state["count"] += 1
-        state["bytes"] += size
-    close()
+    bar = tqdm(total=len(keys), desc=f"pack {split}", unit="pair")
+    for group in groups:
+        wanted = {k for a, b in group for k in keys[a:b]}
+        blobs = {k: (m["raw.jpg"], m["masked.jpg"]) for k, m in _iter_aligned(aligned_dir, split) if k in wanted}
+        for a, b in group:
+            samples = ({"__key__": k, "raw.jpg": blobs[k][0], "masked.jpg": blobs[k][1],
+                        **_small_members(meta[k], labels[k])} for k in keys[a:b])
+            shards.append(write_shard(out_dir / f"{split}-{len(shards):06d}.tar", samples))
+            bar.update(b - a)
+    bar.close()
     return shards
 
 
@@ -115,13 +136,17 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
 
-    # Pass 1: keys, identities and metadata only (small), to filter, label and shuffle.
+    # Pass 1: metadata and member sizes only, to filter, label, shuffle and plan the shards.
     meta: dict[str, dict] = {}
     for split in ("train", "test"):
         for key, members in _iter_aligned(aligned_dir, split):
+            missing = {"raw.jpg", "masked.jpg", "json"} - set(members)
+            if missing:
+                raise PackError(f"aligned sample {key!r} lacks {sorted(missing)}")
             info = json.loads(members["json"])
             if info.get("split") != split:
                 raise PackError(f"{key}: json says split {info.get('split')!r}, chunk says {split!r}")
+            info["_images"] = (len(members["raw.jpg"]), len(members["masked.jpg"]))
             meta[key] = info
     train_keys = sorted(k for k, m in meta.items() if m["split"] == "train")
     test_keys = sorted(k for k, m in meta.items() if m["split"] == "test")
@@ -131,21 +156,15 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     if not classes:
         raise PackError(f"no train identity has >= {params.min_images_per_identity} aligned images")
     kept = [k for k in train_keys if meta[k]["identity"] in classes]
-    order = np.random.default_rng(params.seed).permutation(len(kept))
-    shuffled = [kept[i] for i in order]
+    shuffled = [kept[i] for i in np.random.default_rng(params.seed).permutation(len(kept))]
+    labels = {k: classes[meta[k]["identity"]] for k in kept} | {k: -1 for k in test_keys}
+    for k, label in labels.items():
+        small = _small_members(meta[k], label)
+        meta[k]["_bytes"] = _tar_bytes([*meta[k]["_images"], *map(len, small.values())])
 
-    # Pass 2: train pairs in the global shuffled order. The aligned pairs are small (two 112x112
-    # JPEGs, ~8 KB), so holding the kept train pairs in memory is fine up to a few million.
-    blobs: dict[str, dict[str, bytes]] = {}
-    for key, members in _iter_aligned(aligned_dir, "train"):
-        if meta[key]["identity"] in classes:
-            blobs[key] = {"raw.jpg": members["raw.jpg"], "masked.jpg": members["masked.jpg"]}
-    train_shards = _write_shards(
-        (_pack_members(k, blobs.pop(k), classes[meta[k]["identity"]], meta[k]) for k in shuffled),
-        out_dir, "train", params, len(shuffled))
-    test_shards = _write_shards(
-        (_pack_members(k, m, -1, meta[k]) for k, m in _iter_aligned(aligned_dir, "test")),
-        out_dir, "test", params, len(test_keys))
+    # Pass 2: train shards in the global shuffled order; test shards in key order.
+    train_shards = _write_split(shuffled, meta, labels, aligned_dir, "train", out_dir, params)
+    test_shards = _write_split(test_keys, meta, labels, aligned_dir, "test", out_dir, params)
 
     n_train_written = sum(s["samples"] for s in train_shards)
     n_test_written = sum(s["samples"] for s in test_shards)

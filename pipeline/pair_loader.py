@@ -74,25 +74,32 @@ class PairAugment:
             m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
         return m
 
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        """The same geometric and colour change for whichever twin it is given (uint8 RGB)."""
+    def apply(self, image: np.ndarray, pivot: float | None = None) -> np.ndarray:
+        """The geometric and colour change for one image (uint8 RGB). ``pivot`` is the grey level
+        contrast turns about; :meth:`apply_pair` passes the raw twin's to both twins."""
         h, w = image.shape[:2]
-        geometric = self.dx or self.dy or self.scale != 1.0
-        if geometric:
+        if self.dx or self.dy or self.scale != 1.0:
             out = cv2.warpAffine(image, self.matrix(w), (w, h), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REFLECT_101)
         elif self.flip:
-            out = image[:, ::-1]
+            out = np.ascontiguousarray(image[:, ::-1])
         else:
             out = image
         if self.brightness == self.contrast == self.saturation == 1.0:
-            return np.ascontiguousarray(out)
-        x = out.astype(np.float32) * self.brightness
-        grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        x = (x - grey.mean()) * self.contrast + grey.mean()
-        grey = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
-        x = (x - grey) * self.saturation + grey
-        return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+            return out
+        if pivot is None:
+            pivot = float(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY).mean())
+        # brightness b, contrast c about the pivot, saturation s about each pixel's grey, as one
+        # saturating uint8 blend: s*b*c*x + (1-s)*b*c*grey(x) + (1-c)*b*pivot
+        a = self.brightness * self.contrast
+        grey = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        return cv2.addWeighted(out, self.saturation * a, grey, (1.0 - self.saturation) * a,
+                               (1.0 - self.contrast) * self.brightness * pivot)
+
+    def apply_pair(self, raw: np.ndarray, masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both twins with identical parameters, including the contrast pivot (from the raw)."""
+        pivot = float(cv2.cvtColor(raw, cv2.COLOR_RGB2GRAY).mean())
+        return self.apply(raw, pivot), self.apply(masked, pivot)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -111,7 +118,7 @@ def make_pair(key: str, raw_jpg: bytes, masked_jpg: bytes, label: int,
         raise ValueError(f"{key}: raw {raw.shape} and masked {masked.shape} twins differ in size")
     if augment is not None:
         aug = PairAugment.draw(augment, np.random.default_rng(seed_for(seed, epoch, key)))
-        raw, masked = aug.apply(raw), aug.apply(masked)
+        raw, masked = aug.apply_pair(raw, masked)
     return to_tensor(raw), to_tensor(masked), torch.tensor(label, dtype=torch.int64)
 
 
