@@ -15,7 +15,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -25,8 +25,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import AugmentParams
+from pipeline.tar_chunks import UnsafeArchiveError, check_member_name
 
 SIZE = 112
+TAR_BLOCK = 512
+ZERO_BLOCK = bytes(TAR_BLOCK)
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -122,6 +125,44 @@ def make_pair(key: str, raw_jpg: bytes, masked_jpg: bytes, label: int,
     return to_tensor(raw), to_tensor(masked), torch.tensor(label, dtype=torch.int64)
 
 
+def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
+    """WebDataset pipeline stage: shard urls -> samples {"__key__", ext: bytes}, a lean drop-in
+    for ``wds.tarfile_to_samples`` (whose tarfile-based parsing costs ~0.6 ms per sample here,
+    more than decoding). Reads each shard sequentially in 1 MiB blocks, parses ustar/GNU headers
+    directly, refuses unsafe names and non-file members."""
+    for item in src:
+        url = item["url"]
+        with open(url, "rb", buffering=1 << 20) as fh:
+            key, sample, long_name = None, {}, None
+            while True:
+                header = fh.read(TAR_BLOCK)
+                if len(header) < TAR_BLOCK or header == ZERO_BLOCK:
+                    break
+                size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+                data = fh.read(size)
+                fh.seek(-size % TAR_BLOCK, 1)
+                kind = header[156:157]
+                if kind == b"L":  # GNU long name: the next member's name
+                    long_name = data.rstrip(b"\0").decode("utf-8")
+                    continue
+                if kind not in (b"0", b"\0"):
+                    raise UnsafeArchiveError(f"{url}: member of type {kind!r} is not a regular file")
+                name = long_name or header[:100].rstrip(b"\0").decode("utf-8")
+                prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
+                name, long_name = (f"{prefix}/{name}" if prefix else name), None
+                check_member_name(name)
+                folder, _, base = name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                k = f"{folder}/{stem}" if folder else stem
+                if k != key:
+                    if key is not None:
+                        yield sample
+                    key, sample = k, {"__key__": k, "__url__": url}
+                sample[ext] = data
+            if key is not None:
+                yield sample
+
+
 def _split_by_node(urls):
     """Shards for this DDP rank (all of them when torch.distributed is not initialised)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -156,7 +197,7 @@ class PairShards(IterableDataset):
         urls = urls[wid::nw]
         if not urls:
             return iter(())
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+        stages = [wds.SimpleShardList(urls), tar_samples]
         if train and self.shuffle_buffer > 1:
             rng = random.Random(seed_for(self.seed, self.epoch, f"buffer-{wid}"))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng))

@@ -78,3 +78,28 @@ def test_workers_epochs_and_shuffle(tiny_shards):
         make_pair_loader([tiny_shards / "nope.tar"], batch_size=2, augment=None, seed=0)
     with pytest.raises(ValueError):
         make_pair_loader([], batch_size=2, augment=None, seed=0)
+
+
+def test_tar_samples_matches_webdataset_and_refuses_unsafe_members(tiny_shards, tmp_path):
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from pipeline.pair_loader import tar_samples
+    from pipeline.tar_chunks import UnsafeArchiveError
+
+    urls = [str(p) for p in _shards(tiny_shards) + _shards(tiny_shards, "test")]
+    ours = list(wds.DataPipeline(wds.SimpleShardList(urls), tar_samples))
+    theirs = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    assert len(ours) == len(theirs) > 0
+    assert all(a.keys() == b.keys() and all(a[k] == b[k] for k in a) for a, b in zip(ours, theirs))
+    for name, kind in (("../evil.raw.jpg", tarfile.REGTYPE), ("a/link.raw.jpg", tarfile.SYMTYPE)):
+        bad = tmp_path / "bad.tar"
+        with tarfile.open(bad, "w", format=tarfile.GNU_FORMAT) as tar:
+            ti = tarfile.TarInfo(name)
+            ti.type = kind
+            ti.size = 3 if kind == tarfile.REGTYPE else 0
+            tar.addfile(ti, io.BytesIO(b"abc") if kind == tarfile.REGTYPE else None)
+        with pytest.raises(UnsafeArchiveError):
+            list(tar_samples([{"url": str(bad)}]))
