@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round and kind")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=None, help="default: train.num_workers")
     args = ap.parse_args()
     params = load_params(args.params).train
     device = select_device(args.device)
@@ -63,9 +63,10 @@ def main() -> None:
         epoch = 0
         while True:
             yield from make_pair_loader(shards, batch_size=args.batch, augment=params.augment, seed=params.seed,
-                                        epoch=epoch, num_workers=args.num_workers, drop_last=True)
+                                        epoch=epoch, num_workers=workers, drop_last=True)
             epoch += 1
 
+    workers = params.num_workers if args.num_workers is None else args.num_workers
     it = batches()
 
     def full_step() -> None:
@@ -97,7 +98,7 @@ def main() -> None:
                "backbone": params.backbone, "embedding_dim": params.embedding_dim,
                "full_pairs_per_s": round(args.batch / full, 2), "bare_pairs_per_s": round(args.batch / bare_t, 2),
                "full_images_per_s": round(2 * args.batch / full, 1), "bare_images_per_s": round(2 * args.batch / bare_t, 1),
-               "overhead": round(full / bare_t - 1.0, 4), "steps_timed": len(times["full"]),
+               "overhead": round(full / bare_t - 1.0, 4), "loader_workers": workers, "steps_timed": len(times["full"]),
                "peak_rss_mib": rss.peak_mib}
     if cuda:
         figures["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
