@@ -346,7 +346,7 @@ def draw_figures(out_dir: Path, results: dict[str, tuple[dict, dict]]) -> None:
         ax.set_ylabel("identification rate")
         ax.set_ylim(0, 1.01)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "cmc.png", dpi=90)
     plt.close(fig)
