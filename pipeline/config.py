@@ -129,17 +129,17 @@ class TrainParams(Section):
     augment: AugmentParams = AugmentParams()
     lr: float = Field(2e-4, gt=0.0, le=1.0)  # Adam
     weight_decay: float = Field(5e-4, ge=0.0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)  # cosine ends at lr * this
     grad_clip: float = Field(5.0, ge=0.0)  # max global grad norm; 0 = off
-    batch_size: int = Field(32, ge=2)  # pairs per step over all DDP ranks (GPU: 512)
-    epochs: int = Field(3, ge=1)  # ~14 min on full LFW with 2 CPU cores
+    batch_size: int = Field(64, ge=2)  # pairs per step over all DDP ranks (GPU: 512)
+    epochs: int = Field(3, ge=1)  # ~12-13 min on full LFW with 2 idle CPU cores
     seed: int = Field(0, ge=0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # share of TRAIN identities held out
     val_max_identities: int = Field(500, ge=2)  # caps the held-out identities on big data sets
     val_images_per_identity: int = Field(20, ge=2)  # the first N (shuffled order) of each
     val_max_pairs: int = Field(4000, ge=20)  # same + different verification pairs among them
-    val_every: int = Field(100, ge=0)  # steps between validations (and at each epoch end); 0 = epoch ends only
+    val_every: int = Field(50, ge=0)  # steps between validations (and at each epoch end); 0 = epoch ends only
     log_every: int = Field(10, ge=1)  # steps per dvclive point
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
