@@ -122,6 +122,32 @@ def test_changing_beta_reruns_only_train_and_evaluate(tiny_project):
 
 
 @pytest.mark.slow
+def test_changing_shard_size_reruns_pack_and_below_not_mask_or_align(tiny_project):
+    """Issue 4: a new pack.shard_max_bytes re-cuts the shards (pack) and retrains on them; the
+    expensive image stages upstream (mask, align) and the dlib reference stay cached."""
+    import json
+
+    params = tiny_project / "params.yaml"
+    before = params.read_text()
+    before_index = json.loads((tiny_project / "data" / "shards" / "index.json").read_text())
+    one_pair = max(s["bytes"] / s["samples"] for s in before_index["train"]["shards"])
+    smaller = int(one_pair * 2.5)  # about two pairs per shard instead of four
+    params.write_text(before.replace("shard_max_bytes: 16000000", f"shard_max_bytes: {smaller}", 1))
+    assert before != params.read_text()
+    out = dvc("repro", cwd=tiny_project).stdout
+    ran = _ran(out)
+    assert "pack" in ran and not ran & {"ingest", "mask", "align", "embed_reference"}, out
+    assert ran == {"pack", "train", "evaluate"}, out
+    index = json.loads((tiny_project / "data" / "shards" / "index.json").read_text())
+    assert len(index["train"]["shards"]) > len(before_index["train"]["shards"])
+    assert all(s["bytes"] <= smaller for s in index["train"]["shards"] if s["samples"] > 1)
+    assert index["train"]["samples"] == before_index["train"]["samples"]  # same pairs, cut finer
+    params.write_text(before)
+    dvc("repro", cwd=tiny_project)
+    _commit(tiny_project, "back to the default shard size")
+
+
+@pytest.mark.slow
 def test_queued_experiments_and_table(tiny_project):
     import json
     import subprocess
