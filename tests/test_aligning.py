@@ -18,9 +18,10 @@ from pipeline.masking import run_mask
 from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk
 from tests.conftest import make_lfw_subset
 
-# Issue 4 asks for >= 95% of images with both dlib eyes within 4 px of the template eyes; Haar eye
-# boxes measure 90% on full LFW (the lead's note has the figures), so this guards that level.
-EYE_WITHIN_4PX = 0.88
+# Issue 4 asks for >= 95% of images with both dlib eyes within 4 px of the template eyes. Haar eye
+# pairs with the pose calibration reach 93.4% on these 349 test-people images (95.5% of the
+# cascade_eyes route; the lead's note has the full-LFW figures), so this guards that level.
+EYE_WITHIN_4PX = 0.92
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,8 @@ def test_alignment_quality_on_300_real_lfw_images(tmp_path):
     """Issue 4 acceptance: on >= 300 real LFW images, the dlib eye centres (mask stage landmarks
     36-41 / 42-47, mapped through the same transform) land within 4 px of the template eyes, and
     the masked twin's mask lies in the lower half of the crop."""
-    lfw = make_lfw_subset(tmp_path / "lfw", 70, 0)  # 320 images
+    # test people: the eye calibration (scripts/calibrate_eyes.py) was fitted on the train people
+    lfw = make_lfw_subset(tmp_path / "lfw", 0, 70)
     compute = ComputeParams(n_jobs=2)
     run_ingest(params=IngestParams(path=str(lfw)), compute=compute, out_dir=tmp_path / "ingest")
     run_mask(params=MaskParams(), compute=compute, in_dir=tmp_path / "ingest", out_dir=tmp_path / "masked")

@@ -54,6 +54,22 @@ def test_umeyama_recovers_a_known_similarity():
     assert np.allclose(m[:, :2], rot, atol=1e-9) and np.allclose(m[:, 2], t, atol=1e-9)
 
 
+def test_eye_pose_calibration_corrects_the_known_biases():
+    face = (50.0, 50.0, 100.0, 100.0)
+    typical = ((82.0, 90.0), (118.0, 90.0))  # level, centred, usual eye distance for the box
+    (lx, ly), (rx, ry) = al.calibrate_eyes(face, typical)
+    assert max(abs(lx - 82), abs(ly - 90), abs(rx - 118), abs(ry - 90)) < 2.0  # under 2% of the box
+    turned = ((92.0, 90.0), (128.0, 90.0))  # the pair sits right of the box centre: a turned head
+    (tlx, _), (trx, _) = al.calibrate_eyes(face, turned)
+    assert tlx < 92 - 1 and trx < 128 - 1  # both eyes pulled back against the turn
+    wide = ((70.0, 90.0), (130.0, 90.0))
+    (wlx, _), (wrx, _) = al.calibrate_eyes(face, wide)
+    assert wrx - wlx < 60 - 3  # an implausibly wide pair is narrowed
+    tilted = ((82.0, 85.0), (118.0, 95.0))
+    (_, a), (_, b) = al.calibrate_eyes(face, tilted)
+    assert 0 < b - a < 10  # rolled back a little, not flipped
+
+
 def test_cascade_finds_face_and_eyes_on_real_lfw(lfw_images):
     found = [al.cascade_detect(im) for im in lfw_images]
     assert all(r.face is not None for r in found)
