@@ -26,7 +26,8 @@ from benchmarks.measure import PeakRSS, emit  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.pair_loader import make_pair_loader  # noqa: E402
 from pipeline.tar_chunks import list_chunks  # noqa: E402
-from pipeline.training import autocast_for, build_pair_model, select_device, train_step  # noqa: E402
+from pipeline.training import (autocast_for, build_pair_model, channels_last, select_device,  # noqa: E402
+                               train_step)
 
 
 def _sync(device: torch.device) -> None:
@@ -47,6 +48,7 @@ def main() -> None:
     params = load_params(args.params).train
     device = select_device(args.device)
     cuda = device.type == "cuda"
+    nhwc = channels_last(device)  # the bare model gets the memory format the training step uses
     autocast = autocast_for(device, params.bf16)
     shards = list_chunks(args.shards, "train-")
     num_classes = len(json.loads((Path(args.shards) / "classes.json").read_text()))
@@ -54,7 +56,7 @@ def main() -> None:
     model, optimizer = build_pair_model(params, num_classes, device)
     model.train()
     bare = resnet18().to(device)
-    if cuda:
+    if nhwc:
         bare = bare.to(memory_format=torch.channels_last)
     bare.train()
     x_bare = torch.rand(2 * args.batch, 3, 112, 112, device=device) * 2 - 1
@@ -75,7 +77,7 @@ def main() -> None:
                    autocast=autocast)
 
     def bare_step() -> None:
-        x = x_bare.contiguous(memory_format=torch.channels_last) if cuda else x_bare
+        x = x_bare.contiguous(memory_format=torch.channels_last) if nhwc else x_bare
         with autocast():
             out = bare(x)
         bare.zero_grad(set_to_none=True)
@@ -99,6 +101,7 @@ def main() -> None:
                "full_pairs_per_s": round(args.batch / full, 2), "bare_pairs_per_s": round(args.batch / bare_t, 2),
                "full_images_per_s": round(2 * args.batch / full, 1), "bare_images_per_s": round(2 * args.batch / bare_t, 1),
                "overhead": round(full / bare_t - 1.0, 4), "loader_workers": workers, "steps_timed": len(times["full"]),
+               "channels_last": nhwc,
                "peak_rss_mib": rss.peak_mib}
     if cuda:
         figures["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -35,6 +35,15 @@ def _dask_backend(compute: ComputeParams) -> Iterator[None]:
             cluster.close()
 
 
+def _one_thread_each(fn: Callable[..., Any], item: Any, **kwargs: Any) -> Any:
+    """Runs in a worker: the workers already fill the cores, so OpenCV's own thread pool on top
+    would oversubscribe them (align on 2 cores: 24.4 -> 25.8 images/s)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return fn(item, **kwargs)
+
+
 def map_chunks(fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams,
                desc: str = "chunks", **kwargs: Any) -> list[Any]:
     """``[fn(item, **kwargs) for item in items]``, in parallel, with a progress bar."""
@@ -46,5 +55,6 @@ def map_chunks(fn: Callable[..., Any], items: Sequence[Any], compute: ComputePar
     ctx = _dask_backend(compute) if compute.backend == "dask" else contextlib.nullcontext()
     with ctx:
         n_jobs = -1 if compute.backend == "dask" else compute.n_jobs
-        gen = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(fn)(item, **kwargs) for item in items)
+        gen = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_one_thread_each)(fn, item, **kwargs)
+                                                             for item in items)
         return list(tqdm(gen, total=len(items), desc=desc, unit="chunk"))

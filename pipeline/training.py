@@ -11,7 +11,7 @@ One readable loop in the spirit of nanoGPT's train.py. What it guarantees:
   A checkpoint from other params or other shards is ignored (fresh start).
 - DDP under torchrun (nccl on CUDA, gloo on CPU): shards are split across ranks by the pair loader,
   ranks stop together at the shortest rank's end, only rank 0 logs and writes.
-- bf16 autocast + channels_last on CUDA; device auto-select cuda > mps > cpu.
+- bf16 autocast on CUDA, channels_last on CUDA and CPU; device auto-select cuda > mps > cpu.
 """
 from __future__ import annotations
 
@@ -64,6 +64,12 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("train.device=mps but MPS is not available")
     return torch.device(name)
+
+
+def channels_last(device: torch.device) -> bool:
+    """NHWC activations: faster convolutions with cuDNN, and with oneDNN on CPU (ResNet18 step +9%
+    on 2 cores)."""
+    return device.type in ("cuda", "cpu")
 
 
 def autocast_for(device: torch.device, bf16: bool) -> Callable[[], Any]:
@@ -186,7 +192,7 @@ def embed(net: nn.Module, images: torch.Tensor, device: torch.device, batch_size
     out = []
     for i in range(0, len(images), batch_size):
         x = from_uint8(images[i:i + batch_size]).to(device)
-        if device.type == "cuda":
+        if channels_last(device):
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             e = net(x).float()
@@ -232,13 +238,13 @@ class PairModel(nn.Module):
 
 def build_pair_model(params: TrainParams, num_classes: int,
                      device: torch.device) -> tuple[PairModel, torch.optim.Optimizer]:
-    """Seeded embedding net + ArcFace head on ``device`` (channels_last on CUDA) and its Adam."""
+    """Seeded embedding net + ArcFace head on ``device`` (channels_last where it helps) and its Adam."""
     torch.manual_seed(params.seed)
     net = build_embedding_net(params.backbone, params.embedding_dim, params.dropout,
                               params.pretrained, params.pretrained_path)
     head = ArcFace(params.embedding_dim, num_classes, params.arcface.s, params.arcface.m)
     model = PairModel(net, head, params).to(device)
-    if device.type == "cuda":
+    if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     # fused Adam: one kernel over all tensors; the per-tensor loop costs ~7% of a CPU step
     fused = device.type in ("cpu", "cuda")
@@ -251,7 +257,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, *, lr:
                device: torch.device, autocast: Any = nullcontext) -> PairLoss:
     """One optimiser step on a batch of twins (the loop and benchmarks/train_step.py share it)."""
     raw, masked, labels = (t.to(device, non_blocking=True) for t in batch)
-    if device.type == "cuda":
+    if channels_last(device):
         raw = raw.contiguous(memory_format=torch.channels_last)
         masked = masked.contiguous(memory_format=torch.channels_last)
     for group in optimizer.param_groups:
