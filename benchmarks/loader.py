@@ -82,7 +82,7 @@ def drop_all_caches() -> bool:
         return False
 
 
-def ratio_bound(items: list[tuple[str, int]], loose_dir: Path, shards: list[Path], n: int = 1000) -> dict:
+def ratio_bound(items: list[tuple[str, int]], loose_dir: Path, n: int = 1000) -> dict:
     """What caps the shard/loose ratio on this machine: decoding a pair's two JPEGs (both loaders
     do it) against reading its two loose files from a cold cache (only the loose loader does).
     Even a free shard reader is at most (decode + 2 reads) / decode faster."""
@@ -145,7 +145,7 @@ def main() -> None:
             figures[f"loose_peak_rss_mib_{tag}"] = rss.peak_mib
             figures[f"speedup_{tag}"] = round(figures[f"shard_pairs_per_s_{tag}"]
                                               / figures[f"loose_pairs_per_s_{tag}"], 2)
-    figures.update(ratio_bound(items, Path(args.loose_dir), shards))
+    figures.update(ratio_bound(items, Path(args.loose_dir)))
     for k in list(figures):
         if "pairs_per_s" in k:
             figures[k] = round(figures[k], 1)
