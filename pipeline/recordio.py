@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
 _IR_HEADER = struct.Struct("<IfQQ")
 
 
@@ -43,7 +44,12 @@ def read_index(idx_path: str | Path) -> list[tuple[int, int]]:
 
 
 def read_record(fh: BinaryIO, offset: int) -> bytes:
-    """The payload of the record starting at ``offset`` (joining continuation parts)."""
+    """The payload of the record starting at ``offset``, joining continuation parts.
+
+    dmlc's writer splits a payload at each 4-byte-aligned occurrence of the magic and drops those
+    4 bytes, so (as dmlc's ``RecordIOReader::NextRecord`` does) the magic goes back between parts.
+    Each part is read padded to 4 bytes and cut to its length, also as dmlc does.
+    """
     fh.seek(offset)
     parts = []
     while True:
@@ -54,13 +60,13 @@ def read_record(fh: BinaryIO, offset: int) -> bytes:
         if magic != MAGIC:
             raise RecordIOError(f"bad magic {magic:#x} at offset {offset}")
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
-        data = fh.read(length)
-        if len(data) < length:
+        upper = (length + 3) & ~3
+        data = fh.read(upper)
+        if len(data) < upper:
             raise RecordIOError(f"truncated record payload at offset {offset}")
-        fh.read((4 - length % 4) % 4)
-        parts.append(data)
+        parts.append(data[:length])
         if cflag in (0, 3):
-            return b"".join(parts)
+            return _MAGIC_BYTES.join(parts)
 
 
 def unpack_image(payload: bytes) -> ImageRecord:
