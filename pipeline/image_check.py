@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,36 +48,38 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str]:
     return im.convert("RGB"), f"{mode}->RGB"
 
 
-def _open_header_only(raw: bytes) -> Image.Image:
-    """Image.open without PIL's own size guard, so the size is read from the header and judged by
-    our max_pixels (PIL would raise before telling the size). Pixels are decoded only later."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        return Image.open(io.BytesIO(raw))
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+def _pixel_limit(max_pixels: int) -> tuple[int, str]:
+    """Our limit and its name: max_pixels, or PIL's own MAX_IMAGE_PIXELS where that is lower.
+
+    PIL's global is only read, never set: setting it around Image.open is not thread-safe (Dask runs
+    threads), and anything above it could not be decoded without changing it for the whole process.
+    """
+    pil = Image.MAX_IMAGE_PIXELS
+    if pil is not None and pil < max_pixels:
+        return pil, f"PIL's own limit Image.MAX_IMAGE_PIXELS={pil} (ingest.max_pixels={max_pixels} is higher)"
+    return max_pixels, f"max_pixels={max_pixels}"
 
 
 def check_image(raw: bytes, *, min_side: int = 16, max_pixels: int = 40_000_000) -> CheckedImage:
     sha = hashlib.sha256(raw).hexdigest()
     if len(raw) == 0:
         return CheckedImage("rejected", "empty file (0 bytes)", sha)
+    limit, limit_name = _pixel_limit(max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = _open_header_only(raw)
-            fmt = im.format or ""
-            w, h = im.size
-            if w * h > max_pixels:
-                return CheckedImage("rejected", f"decompression bomb: {w}x{h} exceeds max_pixels={max_pixels}",
-                                    sha, w, h, fmt)
-            if fmt not in ACCEPTED_FORMATS:
-                return CheckedImage("rejected", f"unsupported image format {fmt or 'unknown'}", sha, w, h, fmt)
-            im.load()
-            n_frames = getattr(im, "n_frames", 1)
+        # Image.open reads the header only; PIL warns above its limit and raises above twice it.
+        im = Image.open(io.BytesIO(raw))
+        fmt = im.format or ""
+        w, h = im.size
+        if w * h > limit:
+            return CheckedImage("rejected", f"decompression bomb: {w}x{h} exceeds {limit_name}",
+                                sha, w, h, fmt)
+        if fmt not in ACCEPTED_FORMATS:
+            return CheckedImage("rejected", f"unsupported image format {fmt or 'unknown'}", sha, w, h, fmt)
+        im.load()
+        n_frames = getattr(im, "n_frames", 1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return CheckedImage("rejected", f"decompression bomb: {err}", sha)
+        # Over twice PIL's limit Image.open raises (the warning is one only under -W error).
+        return CheckedImage("rejected", f"decompression bomb: above PIL's own limit: {err}", sha)
     except UnidentifiedImageError:
         return CheckedImage("rejected", "not an image (unidentified format)", sha)
     except (OSError, SyntaxError, ValueError, EOFError) as err:

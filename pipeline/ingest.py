@@ -22,6 +22,7 @@ from pipeline import recordio
 from pipeline.config import ComputeParams, IngestParams
 from pipeline.image_check import check_image
 from pipeline.parallel import map_chunks
+from pipeline.protocols import ProtocolError, read_people
 from pipeline.tar_chunks import dumps_json, write_chunk, write_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -72,23 +73,104 @@ def make_image_id(rel_path: str, taken: set[str]) -> str:
     return key
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def walk_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files under root (relative, sorted, any depth) and the links not taken, each with a reason.
+
+    Links are followed with care, so that every real file is listed once, under the identity of its
+    real place: a folder link into the source (a sibling identity, or a parent: a cycle) is not
+    followed, as it would list those files again under the wrong identity; a folder link out of
+    the source (subsets built from links to identity folders elsewhere) is followed, once per real
+    folder. The targets of top-level links count as source, so a link deeper down cannot take
+    another identity's folder. A file link into the source is not listed (its target is), nor a
+    second path to a file already listed. ``root`` itself may be a link.
+    """
+    top = os.path.realpath(root)
+    source: list[tuple[str, str]] = [(top, "")]  # real folders walked -> their path under root
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    seen_files: dict[str, str] = {}
+
+    def where(target: str) -> str | None:
+        for real, rel in source:
+            if _inside(target, real):
+                return "/".join(x for x in (rel, os.path.relpath(target, real)) if x not in ("", "."))
+        return None
+
+    def take_folder(rel: str, path: str) -> bool:
+        target = os.path.realpath(path)
+        inside = where(target)
+        if inside is not None:
+            skipped.append((rel, f"folder link not followed: points inside the source (to {inside or '.'})"))
+            return False
+        holds = next((r for real, r in source if _inside(real, target)), None)
+        if holds is not None:
+            skipped.append((rel, f"folder link not followed: points to {target}, which holds the "
+                                 f"source folder {holds or '.'} (a cycle)"))
+            return False
+        source.append((target, rel))
+        return True
+
+    def add_file(rel: str, path: str, link: bool) -> None:
+        # Only file links (targets outside the source) are remembered; a real file is looked up only
+        # once some are, in case a link listed it before its (linked) folder was walked.
+        target = os.path.realpath(path) if (link or seen_files) else ""
+        inside = where(target) if link else None
+        if link and not os.path.exists(target):
+            skipped.append((rel, f"broken link: cannot reach {target} (missing, or a link loop)"))
+        elif inside is not None:
+            skipped.append((rel, f"file link not listed: points inside the source (to {inside})"))
+        elif target in seen_files:
+            skipped.append((rel, f"not listed: same file as {seen_files[target]}"))
+        else:
+            if link:
+                seen_files[target] = rel
+            files.append(rel)
+
+    def walk(folder: str, rel: str, decided: dict[str, bool]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            skipped.append((rel or ".", f"unreadable folder: {err}"))
+            return
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            try:
+                is_dir = e.is_dir()
+            except OSError:  # e.g. a link loop pointing at itself
+                is_dir = False
+            if not e.is_symlink() and is_dir:
+                walk(e.path, r, decided)
+            elif not e.is_symlink():
+                add_file(r, e.path, link=False)
+            elif is_dir:
+                if decided[r] if r in decided else take_folder(r, e.path):
+                    walk(e.path, r, decided)
+            else:
+                add_file(r, e.path, link=True)
+
+    # Top-level folder links first: their targets belong to their identities, whatever sorts first.
+    top_links = sorted(e.name for e in os.scandir(top) if e.is_symlink() and e.is_dir())
+    walk(top, "", {n: take_folder(n, os.path.join(top, n)) for n in top_links})
+    return sorted(files), sorted(skipped)
+
+
 def _walk_files(root: Path) -> list[str]:
-    """Every file under root (relative, sorted), following the whole tree, not one level."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in filenames:
-            out.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return sorted(out)
+    """Every file under root (relative, sorted): :func:`walk_source` without the links not taken."""
+    return walk_source(root)[0]
 
 
 def list_imagefolder(root: Path, split_of=None) -> list[SourceItem]:
     """Files of ``root/<identity>/...``; files outside an identity folder or with other extensions
-    are listed as rejected so they show up in the manifest."""
+    are listed as rejected so they show up in the manifest, as are links not taken (one row each)."""
     if not root.is_dir():
         raise IngestError(f"image folder not found: {root}")
     items, taken = [], set()
-    for rel in _walk_files(root):
+    files, skipped = walk_source(root)
+    for rel in files:
         parts = rel.replace(os.sep, "/").split("/")
         identity = parts[0] if len(parts) > 1 else ""
         ext = os.path.splitext(rel)[1].lower()
@@ -101,13 +183,11 @@ def list_imagefolder(root: Path, split_of=None) -> list[SourceItem]:
         if not reason and split_of is not None and not split:
             reason = "identity not in the split's protocol lists"
         items.append(SourceItem(make_image_id(rel, taken), identity, split, rel, reason=reason))
+    for rel, reason in skipped:  # ids after the files', so a link never renames an image
+        parts = rel.split("/")
+        identity = parts[0] if len(parts) > 1 else ""
+        items.append(SourceItem(make_image_id(rel, taken), identity, "", rel, reason=reason))
     return items
-
-
-def read_people_list(path: Path) -> list[str]:
-    """Names from an LFW people file (first line: count; then 'name<TAB>n')."""
-    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
-    return [p[0] for p in lines[1:] if len(p) == 2]
 
 
 def find_lfw_images(root: Path) -> Path:
@@ -121,8 +201,11 @@ def list_lfw(root: Path) -> list[SourceItem]:
     for name in ("peopleDevTrain.txt", "peopleDevTest.txt"):
         if not (root / name).is_file():
             raise IngestError(f"{root}: missing LFW protocol file {name} (View 1 gives the split)")
-    train = set(read_people_list(root / "peopleDevTrain.txt"))
-    test = set(read_people_list(root / "peopleDevTest.txt"))
+    try:
+        train = read_people(root / "peopleDevTrain.txt")
+        test = read_people(root / "peopleDevTest.txt")
+    except ProtocolError as err:
+        raise IngestError(str(err)) from err
     if train & test:
         raise IngestError(f"View 1 train and test people overlap: {sorted(train & test)[:5]}")
     split = {**{p: "train" for p in train}, **{p: "test" for p in test}}
@@ -295,4 +378,14 @@ def run_ingest(*, params: IngestParams, compute: ComputeParams, out_dir: str | P
 
 def manifest_rows(out_dir: str | Path) -> list[dict]:
     return pq.read_table(Path(out_dir) / "manifest.parquet").to_pylist()
+
+
+def accepted_image_ids(ingest_dir: str | Path) -> list[str] | None:
+    """Sorted accepted image ids of an ingest output: what every later stage must account for.
+    None when there is no manifest (a folder not made by this stage)."""
+    manifest = Path(ingest_dir) / "manifest.parquet"
+    if not manifest.is_file():
+        return None
+    rows = pq.read_table(manifest, columns=["image_id", "status"]).to_pylist()
+    return sorted(r["image_id"] for r in rows if r["status"] == "accepted")
 

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
+import threading
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -93,17 +98,68 @@ def test_rejections(face_jpeg):
         assert c.data == b""
 
 
-def test_decompression_bomb_rejected_before_decoding():
-    # A valid PNG header claiming 30000 x 30000 pixels, with no pixel data: rejected from the header.
-    import zlib
-
+def _png_header(width: int, height: int) -> bytes:
+    """A valid PNG whose header claims width x height RGB pixels, with (almost) no pixel data."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
-    c = check_image(png, max_pixels=40_000_000)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return png + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_rejected_before_decoding():
+    # A header claiming 30000 x 2000 pixels (under PIL's own limit), no pixel data: rejected from
+    # the header, with its size. (Over twice PIL's limit PIL refuses to tell the size: see below.)
+    c = check_image(_png_header(30000, 2000), max_pixels=40_000_000)
     assert c.status == "rejected" and "decompression bomb" in c.reason and c.width == 30000
+
+
+def test_pil_global_limit_is_never_changed_under_threads():
+    # Dask runs check_image in threads: PIL's process-wide MAX_IMAGE_PIXELS must never be touched
+    # (an old save/None/restore could even leave it None for good when two threads interleave).
+    before = Image.MAX_IMAGE_PIXELS
+    png = _png_header(30000, 2000)  # over max_pixels, under PIL's own limit
+    seen, stop = set(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add(Image.MAX_IMAGE_PIXELS)
+
+    def work(_):
+        return {check_image(png).status for _ in range(300)}
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often so the watcher gets to look
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = set().union(*pool.map(work, range(4)))
+    finally:
+        stop.set()
+        watcher.join()
+        sys.setswitchinterval(old_interval)
+        changed, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, before  # do not leak into other tests
+    assert statuses == {"rejected"}
+    assert seen == {before} and changed == before
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_images_above_pils_own_limit_are_rejected_not_decoded():
+    # ingest.max_pixels set above PIL's limit: PIL's limit still holds (we do not lift it), as a
+    # rejection with a reason, both where PIL only warns (limit..2x) and where it raises (> 2x).
+    pil = Image.MAX_IMAGE_PIXELS
+    warn_band = _png_header(10_000, pil // 10_000 + 1)
+    error_band = _png_header(20_000, pil // 10_000 + 1)
+    for png in (warn_band, error_band):
+        c = check_image(png, max_pixels=10 * pil)
+        assert c.status == "rejected" and "decompression bomb" in c.reason, c.reason
+        assert "PIL's own limit" in c.reason, c.reason
+    with warnings.catch_warnings():  # under -W error the warning is an exception: same rejection
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        c = check_image(warn_band, max_pixels=10 * pil)
+    assert c.status == "rejected" and "PIL's own limit" in c.reason
+    assert Image.MAX_IMAGE_PIXELS == pil
 
 
 def test_min_side_param(face_jpeg):

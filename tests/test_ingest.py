@@ -155,3 +155,100 @@ def test_full_lfw_counts(tmp_path):
     assert s["splits"]["train"]["images"] == 9525 and s["splits"]["train"]["identities"] == 4038
     assert s["splits"]["test"]["images"] == 3708 and s["splits"]["test"]["identities"] == 1711
     assert s["identity_overlap_train_test"] == 0
+
+
+def _linked_tree(root: Path, lfw_small: Path, names=("Alice", "Bob")) -> dict[str, list[str]]:
+    """Identity folders of two real LFW faces each; returns identity -> its files (relative)."""
+    src = sorted((lfw_small / "lfw-deepfunneled").iterdir())
+    out = {}
+    for name, person in zip(names, src):
+        (root / name).mkdir(parents=True)
+        for f in sorted(person.iterdir())[:2]:
+            shutil.copyfile(f, root / name / f.name)
+        out[name] = [f"{name}/{f.name}" for f in sorted((root / name).iterdir())]
+    return out
+
+
+def _ingest_folder(root: Path, out: Path) -> tuple[dict, dict[str, dict]]:
+    s = run_ingest(params=IngestParams(source="imagefolder", path=str(root), test_fraction=0),
+                   compute=SERIAL, out_dir=out)
+    rows = {r["source_path"]: r for r in manifest_rows(out)}
+    assert s["inputs"] == len(rows) == s["accepted"] + s["rejected"]
+    return s, rows
+
+
+def _accepted(rows: dict[str, dict]) -> dict[str, str]:
+    return {p: r["identity"] for p, r in rows.items() if r["status"] == "accepted"}
+
+
+def test_link_loop_ends_and_each_file_is_ingested_once(tmp_path, lfw_small):
+    root = tmp_path / "src"
+    files = _linked_tree(root, lfw_small)
+    (root / "Alice" / "up").symlink_to("..", target_is_directory=True)  # a cycle back to the root
+    s, rows = _ingest_folder(root, tmp_path / "out")
+    assert _accepted(rows) == {p: p.split("/")[0] for fs in files.values() for p in fs}
+    link = rows["Alice/up"]
+    assert link["status"] == "rejected" and s["rejected"] == 1
+    assert link["reason"] == "folder link not followed: points inside the source (to .)"
+
+
+def test_link_to_a_sibling_identity_does_not_ingest_it_twice(tmp_path, lfw_small):
+    root = tmp_path / "src"
+    files = _linked_tree(root, lfw_small)
+    (root / "Alice" / "more").symlink_to(root / "Bob", target_is_directory=True)
+    bob_file = files["Bob"][0]
+    (root / "Alice" / "bob.jpg").symlink_to(root / bob_file)
+    s, rows = _ingest_folder(root, tmp_path / "out")
+    assert _accepted(rows) == {p: p.split("/")[0] for fs in files.values() for p in fs}
+    assert rows["Alice/more"]["reason"] == "folder link not followed: points inside the source (to Bob)"
+    assert rows["Alice/bob.jpg"]["reason"] == (
+        f"file link not listed: points inside the source (to {bob_file})")
+    assert s["rejected"] == 2 and s["exact_duplicates"] == 0
+
+
+def test_identity_links_out_of_the_source_are_followed_once(tmp_path, lfw_small):
+    # A subset built from links to identity folders elsewhere, under a root that is itself a link.
+    elsewhere = tmp_path / "elsewhere"
+    files = _linked_tree(elsewhere, lfw_small, names=("Carol", "Dave"))
+    (elsewhere / "Carol" / "again").symlink_to(elsewhere / "Carol", target_is_directory=True)
+    real_root = tmp_path / "subset"
+    real_root.mkdir()
+    (real_root / "Carol").symlink_to(elsewhere / "Carol", target_is_directory=True)
+    (real_root / "Caroline").symlink_to(elsewhere / "Carol", target_is_directory=True)  # same folder
+    (real_root / "Dave").symlink_to(elsewhere / "Dave", target_is_directory=True)
+    root = tmp_path / "source_link"
+    root.symlink_to(real_root, target_is_directory=True)
+    s, rows = _ingest_folder(root, tmp_path / "out")
+    assert _accepted(rows) == {p: p.split("/")[0] for fs in files.values() for p in fs}
+    assert s["identities"] == 2 and s["accepted"] == 4
+    assert rows["Carol/again"]["reason"] == "folder link not followed: points inside the source (to Carol)"
+    assert rows["Caroline"]["reason"] == "folder link not followed: points inside the source (to Carol)"
+    assert s["rejected"] == 2
+
+
+def test_lfw_people_file_is_read_by_the_protocol_parser(tmp_path, lfw_small):
+    from pipeline import ingest, protocols
+
+    assert ingest.read_people is protocols.read_people and not hasattr(ingest, "read_people_list")
+    root = tmp_path / "lfw"
+    (root / "lfw-deepfunneled").mkdir(parents=True)
+    shutil.copyfile(lfw_small / "peopleDevTest.txt", root / "peopleDevTest.txt")
+    lines = (lfw_small / "peopleDevTrain.txt").read_text().splitlines()
+    (root / "peopleDevTrain.txt").write_text("\n".join(lines[:-1]) + "\n")  # one name short
+    with pytest.raises(IngestError, match="promises 6 names, found 5"):
+        run_ingest(params=IngestParams(path=str(root)), compute=SERIAL, out_dir=tmp_path / "o")
+
+
+def test_accepted_image_ids(tmp_path, lfw_small):
+    from pipeline.ingest import accepted_image_ids
+
+    assert accepted_image_ids(tmp_path) is None
+    root = tmp_path / "src"
+    _linked_tree(root, lfw_small)
+    (root / "Alice" / "notes.jpg").write_bytes(b"not an image")
+    run_ingest(params=IngestParams(source="imagefolder", path=str(root), test_fraction=0),
+               compute=SERIAL, out_dir=tmp_path / "out")
+    ids = accepted_image_ids(tmp_path / "out")
+    rows = manifest_rows(tmp_path / "out")
+    assert ids == sorted(r["image_id"] for r in rows if r["status"] == "accepted") and len(ids) == 4
+    assert "Alice/notes" not in ids and len(rows) == 5
