@@ -6,8 +6,10 @@ tested on hand-computed values:
 - :class:`ArcFace`: additive angular margin logits ``s * cos(theta_y + m)`` for the true class,
   ``s * cos(theta_j)`` otherwise; also returns the margin-free cosines (for accuracy and for the
   dynamic balancing mask, which must not depend on the margin).
-- :func:`distill_per_pair`: ``mse`` = ||e_r - e_m||^2, ``cosine`` = 1 - cos(e_r, e_m),
-  ``margin_cosine`` = 1 - cos(arccos(cos(e_r, e_m)) + m_d), on the embeddings (not logits).
+- :func:`distill_per_pair`: ``mse`` = ||e_r/|e_r| - e_m/|e_m|||^2, ``cosine`` = 1 - cos(e_r, e_m),
+  ``margin_cosine`` = 1 - cos(arccos(cos(e_r, e_m)) + m_d), on the embeddings (not logits). All
+  are scale-invariant, as ArcFace is: on raw embeddings ``mse`` could be lowered by shrinking the
+  embedding scale (e.g. the last BatchNorm's weight) without bringing the twins' directions closer.
 - :func:`balancing_mask`: the report's dynamic balancing: a pair counts only when the raw AND the
   masked branch are classified correctly.
 - :func:`pair_loss`: CE(raw) + CE(masked) + beta * distill, with the parts for logging.
@@ -38,25 +40,31 @@ class ArcFace(nn.Module):
         cos = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
         cos = cos.clamp(-1.0, 1.0)
         target = cos.gather(1, labels[:, None])
-        # cos(theta + m), kept monotonic in theta past pi - m (insightface's "th / mm" fallback)
+        # cos(theta + m) rises again past theta = pi - m; there the logit falls back to
+        # cos(theta) - (1 - cos m), which equals -1 at pi - m, so it stays decreasing AND continuous
+        # (insightface's "cos - m sin m" fallback jumps down by about m^2 / 2 there).
         sin = torch.sqrt((1.0 - target * target).clamp_min(_EPS))
         with_margin = target * math.cos(self.m) - sin * math.sin(self.m)
-        th, mm = math.cos(math.pi - self.m), math.sin(math.pi - self.m) * self.m
-        with_margin = torch.where(target > th, with_margin, target - mm)
+        th = math.cos(math.pi - self.m)
+        with_margin = torch.where(target > th, with_margin, target - (1.0 - math.cos(self.m)))
         logits = cos.scatter(1, labels[:, None], with_margin) * self.s
         return logits, cos
 
 
 def distill_per_pair(e_raw: torch.Tensor, e_masked: torch.Tensor, kind: str,
                      margin: float = 0.0) -> torch.Tensor:
-    """Distance between each pair of embeddings (B,), by ``kind``; zeros for ``none``."""
+    """Distance between each pair of embeddings (B,), by ``kind``; zeros for ``none``.
+
+    ``mse`` is taken on L2-normalised embeddings (so it is 2 - 2 cos, twice ``cosine``): on raw
+    ones its minimum is degenerate, reached by shrinking both embeddings, which ArcFace ignores.
+    """
     if kind not in DISTILL_KINDS:
         raise ValueError(f"unknown distill kind {kind!r}; known: {list(DISTILL_KINDS)}")
     e_raw, e_masked = e_raw.float(), e_masked.float()
     if kind == "none":
         return e_raw.new_zeros(e_raw.shape[0])
     if kind == "mse":
-        return (e_raw - e_masked).pow(2).sum(dim=1)
+        return (F.normalize(e_raw, dim=1) - F.normalize(e_masked, dim=1)).pow(2).sum(dim=1)
     cos = F.cosine_similarity(e_raw, e_masked, dim=1, eps=1e-8)
     if kind == "cosine":
         return 1.0 - cos
