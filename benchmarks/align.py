@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.mask import make_input  # noqa: E402
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
-from pipeline.aligning import run_align  # noqa: E402
-from pipeline.alignment import align_standalone  # noqa: E402
+from pipeline.align.stage import run_align  # noqa: E402
+from pipeline.align.detection import align_standalone  # noqa: E402
 from pipeline.config import AlignParams, ComputeParams  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk  # noqa: E402
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.alignment import align_standalone  # noqa: E402
+from pipeline.align.detection import align_standalone  # noqa: E402
 from pipeline.embedders import DlibEmbedder, TorchEmbedder  # noqa: E402
 from pipeline.metrics import cmc, identification_ranks, l2_normalize, verification_metrics  # noqa: E402
 from pipeline.models import EmbeddingNet  # noqa: E402

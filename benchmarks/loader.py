@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import PeakRSS, emit  # noqa: E402
 from pipeline.config import AugmentParams  # noqa: E402
-from pipeline.pair_loader import decode_jpeg, make_pair, make_pair_loader  # noqa: E402
+from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.pair_loader import make_pair, make_pair_loader  # noqa: E402
 from pipeline.tar_chunks import read_chunk  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def ratio_bound(items: list[tuple[str, int]], loose_dir: Path, n: int = 1000) ->
     read_us = (time.perf_counter() - t0) / len(files) * 1e6
     t0 = time.perf_counter()
     for b in blobs:
-        decode_jpeg(b)
+        decode_rgb(b)
     decode_us = (time.perf_counter() - t0) / len(keys) * 1e6
     return {"cold_read_us_per_file": round(read_us, 1), "cold_by": "drop_caches" if dropped else "fadvise",
             "decode_us_per_pair": round(decode_us, 1),

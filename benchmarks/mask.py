@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.config import ComputeParams, MaskParams  # noqa: E402
-from pipeline.masking import run_mask  # noqa: E402
+from pipeline.mask.stage import run_mask  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk  # noqa: E402
 
 

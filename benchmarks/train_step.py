@@ -26,7 +26,8 @@ from benchmarks.measure import PeakRSS, emit  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.pair_loader import make_pair_loader  # noqa: E402
 from pipeline.tar_chunks import list_chunks  # noqa: E402
-from pipeline.training import (autocast_for, build_pair_model, channels_last, select_device,  # noqa: E402
+from pipeline.devices import select_device  # noqa: E402
+from pipeline.training import (autocast_for, build_pair_model, channels_last,  # noqa: E402
                                train_step)
 
 

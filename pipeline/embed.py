@@ -56,7 +56,7 @@ def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
 
 def align_file(path: Path, *, use_cnn: bool = False) -> tuple[np.ndarray | None, str, str]:
     """(112x112 crop or None, route, reason)."""
-    from pipeline.alignment import align_standalone
+    from pipeline.align.detection import align_standalone
 
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return None, "none", f"unsupported extension {path.suffix or '(none)'}; allowed: {sorted(IMAGE_EXTENSIONS)}"
@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output .parquet")
     add_model_args(ap)
     args = ap.parse_args(argv)
-    from pipeline.evaluation import resolve_device
+    from pipeline.devices import select_device
 
     try:
         table = embed_folder(args.folder, model=args.model, flip=args.flip, batch_size=args.batch_size,
-                             use_cnn=args.cnn, device=resolve_device(args.device))
+                             use_cnn=args.cnn, device=str(select_device(args.device)))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

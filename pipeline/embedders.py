@@ -87,7 +87,7 @@ class TorchEmbedder(Embedder):
 
 
 def _arcface_to_dlib_chip() -> np.ndarray:
-    from pipeline.alignment import TEMPLATE_EYES, similarity_from_eyes
+    from pipeline.align.geometry import TEMPLATE_EYES, similarity_from_eyes
 
     # similarity_from_eyes maps two points onto a template; here: ArcFace eyes -> dlib chip eyes
     return similarity_from_eyes(TEMPLATE_EYES[0], TEMPLATE_EYES[1], np.array(DLIB_CHIP_EYES))
@@ -122,7 +122,7 @@ class DlibEmbedder(Embedder):
 
     def __init__(self, model_path: str | Path | None = None):
         if model_path is None:
-            from pipeline.alignment import dlib_models_dir
+            from pipeline.dlib_models import dlib_models_dir
 
             model_path = dlib_models_dir() / DLIB_MODEL
         self.path = Path(model_path)

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import simplejpeg
 
 from pipeline.config import ComputeParams, EvaluateParams
+from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
+from pipeline.images import decode_rgb
 from pipeline.metrics import (cmc, identification_ranks, roc_curve, thin_roc, verification_metrics)
 from pipeline.parallel import map_chunks
 from pipeline.protocols import (Gallery, Pairs, build_gallery, build_paper_protocol,
@@ -60,10 +61,6 @@ def portion_key(p: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # Embedding the aligned test set
 # ----------------------------------------------------------------------------------------------
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    return simplejpeg.decode_jpeg(data, colorspace="RGB")
-
 
 def read_aligned_chunk(path: str | Path, split: str = "test"):
     """(ids, identities, raw crops, masked crops) of one aligned chunk, sorted by id."""
@@ -270,7 +267,7 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
 # ----------------------------------------------------------------------------------------------
 
 def read_train_identities(shards_dir: str | Path) -> set[str]:
-    """Identities the model was trained on: the keys of the pack stage's classes.json."""
+    """Identities the model was trained or selected on: classes.json plus index.json's val ones."""
     path = Path(shards_dir) / "classes.json"
     if not path.is_file():
         raise EvaluationError(f"{path} not found: evaluation needs the training identities to refuse "
@@ -279,10 +276,16 @@ def read_train_identities(shards_dir: str | Path) -> set[str]:
     if isinstance(data, dict) and isinstance(data.get("classes"), (dict, list)):
         data = data["classes"]
     if isinstance(data, dict):
-        return set(data)
-    if isinstance(data, list) and all(isinstance(x, str) for x in data):
-        return set(data)
-    raise EvaluationError(f"{path}: expected {{identity: label}} or a list of identities")
+        names = set(data)
+    elif isinstance(data, list) and all(isinstance(x, str) for x in data):
+        names = set(data)
+    else:
+        raise EvaluationError(f"{path}: expected {{identity: label}} or a list of identities")
+    # the held-out validation identities are training people too (model selection saw them)
+    index = Path(shards_dir) / "index.json"
+    if index.is_file():
+        names |= set(json.loads(index.read_text()).get("val", {}).get("identities", []))
+    return names
 
 
 def _round(obj, digits: int = 6):
@@ -352,14 +355,6 @@ def draw_figures(out_dir: Path, results: dict[str, tuple[dict, dict]]) -> None:
     plt.close(fig)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_embed_reference(*, params: EvaluateParams, compute: ComputeParams, aligned_dir: str | Path,
                         out_path: str | Path) -> dict:
     """dlib reference embeddings of the test set (or an empty table when reference_dlib is off)."""
@@ -392,7 +387,7 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
             raise EvaluationError(f"{reference_path} was made with other settings ({ref.embedder}); "
                                   f"rerun the embed_reference stage")
     emb = embed_aligned(str(model_path), aligned_dir, flip=params.flip, batch_size=params.batch_size,
-                        device=resolve_device(params.device))
+                        device=str(select_device(params.device)))
     results = {"model": score_embeddings(emb, params=params, protocol_dir=protocol_dir,
                                          train_identities=train_ids)}
     metrics = dict(results["model"][0])

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_model_args(ap)
     args = ap.parse_args(argv)
-    from pipeline.evaluation import resolve_device
+    from pipeline.devices import select_device
 
     missing = [p for p in args.probe if not Path(p).is_file()]
     if missing:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = identify(args.probe, gallery=args.gallery, model=args.model, top_k=args.top_k,
-                           flip=args.flip, device=resolve_device(args.device), use_cnn=args.cnn)
+                           flip=args.flip, device=str(select_device(args.device)), use_cnn=args.cnn)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

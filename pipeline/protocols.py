@@ -6,12 +6,13 @@ split does not depend on file order, and train/test identity overlap is refused 
 """
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.seeding import item_rng
 
 # The report's protocol: every test identity (also those with one image) enrols its first image and
 # every image, the enrolled ones included, is a probe, so each enrolled image finds itself.
@@ -24,12 +25,6 @@ class ProtocolError(ValueError):
 
 class IdentityOverlapError(ProtocolError):
     """Train and test share identities: the test would measure memory, not recognition."""
-
-
-def item_rng(seed: int, *parts: str) -> np.random.Generator:
-    """A generator that depends only on the seed and the item's names (not on order or workers)."""
-    digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def lfw_image_id(name: str, number: int) -> str:
@@ -187,10 +182,35 @@ def build_paper_protocol(image_ids, identities, *, seed: int) -> Gallery:
 
 
 def read_people(path: str | Path) -> set[str]:
-    """Names in an LFW people file (View 1 'N' header or View 2 per-fold counts)."""
-    names = set()
-    for ln in Path(path).read_text().splitlines():
-        f = ln.split()
-        if len(f) == 2 and not f[0].isdigit():
+    """Names in an LFW people file; the one parser of them (ingest's View 1 split uses it too).
+
+    View 1 (``peopleDevTrain.txt``, ``peopleDevTest.txt``): a count line, then that many
+    ``name<TAB>n`` lines. View 2 (``people.txt``): a line with the number of sets, then per set its
+    own count line and names. The counts are checked, so a truncated or hand-edited file is
+    refused rather than read short (a short list would silently move people out of a split).
+    """
+    path = Path(path)
+    lines = [(n, ln.split()) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+
+    def count(i: int) -> int:
+        if i >= len(lines) or len(lines[i][1]) != 1 or not lines[i][1][0].isdigit():
+            where = f"line {lines[i][0]}" if i < len(lines) else "end of file"
+            raise ProtocolError(f"{path}: expected a count line at {where}")
+        return int(lines[i][1][0])
+
+    view2 = len(lines) > 1 and len(lines[1][1]) == 1
+    n_sets = count(0) if view2 else 1
+    names: set[str] = set()
+    i = 1 if view2 else 0
+    for _ in range(n_sets):
+        n, i = count(i), i + 1
+        for lineno, f in lines[i:i + n]:
+            if len(f) != 2 or not f[1].isdigit():
+                raise ProtocolError(f"{path}:{lineno}: expected 'name<TAB>n', got {' '.join(f)!r}")
             names.add(f[0])
+        if i + n > len(lines):
+            raise ProtocolError(f"{path}: a count line promises {n} names, found {len(lines) - i}")
+        i += n
+    if i != len(lines):
+        raise ProtocolError(f"{path}:{lines[i][0]}: more lines than the count lines promise")
     return names

@@ -1,4 +1,4 @@
-"""Fit pipeline.alignment.EYE_POSE_CORRECTION: the pose bias of Haar eye pairs, against dlib's eye
+"""Fit pipeline.align.detection.EYE_POSE_CORRECTION: the pose bias of Haar eye pairs, against dlib's eye
 centres (mask stage landmarks). Fits on the train split, reports the test split (other people).
 
 Run after `make repro` (needs data/ingest and data/masked); prints ONE JSON line with the matrix
@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import alignment as al  # noqa: E402
-from pipeline.masking import decode_rgb  # noqa: E402
+from pipeline.align import detection as al  # noqa: E402
+from pipeline.align import geometry as geo  # noqa: E402
+from pipeline.images import decode_rgb  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 # Pairs off by more than this (face-box widths) are wrong detections, not bias: left out of the fit.
@@ -35,7 +36,7 @@ def detect_chunk(job: tuple[str, str]) -> list[tuple]:
     for key, m in read_chunk(masked_chunk):
         lm = json.loads(m["json"]).get("landmarks") or []
         if len(lm) == 68:
-            landmarks[key] = np.stack(al.eye_centres_from_landmarks(np.asarray(lm, float)))
+            landmarks[key] = np.stack(geo.eye_centres_from_landmarks(np.asarray(lm, float)))
     out = []
     for key, m in read_chunk(ingest_chunk):
         if key not in landmarks:
@@ -48,7 +49,7 @@ def detect_chunk(job: tuple[str, str]) -> list[tuple]:
 
 
 def within_4px(eyes: np.ndarray, dlib: np.ndarray) -> float:
-    errs = [np.linalg.norm(al.apply_matrix(al.similarity_from_eyes(*e), d) - al.TEMPLATE_EYES, axis=1).max()
+    errs = [np.linalg.norm(geo.apply_matrix(geo.similarity_from_eyes(*e), d) - geo.TEMPLATE_EYES, axis=1).max()
             for e, d in zip(eyes, dlib)]
     return round(float(np.mean(np.asarray(errs) <= 4)), 4)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.aligning import run_align
+from pipeline.align.stage import run_align
 from pipeline.config import load_params
 
 

@@ -12,7 +12,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--aligned", default="data/aligned")
-    ap.add_argument("--shards", default="data/shards", help="for classes.json (training identities)")
+    ap.add_argument("--shards", default="data/shards", help="classes.json + index.json (training and validation identities)")
     ap.add_argument("--protocol", default="data/ingest/protocol")
     ap.add_argument("--model", default="models/model.pt")
     ap.add_argument("--reference", default="data/reference/dlib_test.parquet")

@@ -6,7 +6,7 @@ import json
 import time
 
 from pipeline.config import load_params
-from pipeline.masking import run_mask
+from pipeline.mask.stage import run_mask
 
 
 def main() -> None:

@@ -55,10 +55,10 @@ def lfw_small(tmp_path_factory) -> Path:
 def tiny_shards(lfw_small, tmp_path_factory) -> Path:
     """Real train/test shards of lfw_small through the real pipeline (ingest -> mask -> align ->
     pack), cut into shards of 4 pairs so DDP ranks and loader workers each get some."""
-    from pipeline.aligning import run_align
+    from pipeline.align.stage import run_align
     from pipeline.config import AlignParams, ComputeParams, IngestParams, MaskParams, PackParams
     from pipeline.ingest import run_ingest
-    from pipeline.masking import run_mask
+    from pipeline.mask.stage import run_mask
     from pipeline.pack import run_pack
 
     root = tmp_path_factory.mktemp("tiny_pipeline")

@@ -87,9 +87,9 @@ def test_identify_unmasked_and_masked_probes_with_dlib(gallery, tmp_path):
     probes must all be right; masked ones at least keep the person among the top two."""
     import cv2
 
-    from pipeline.alignment import dlib_models_dir
+    from pipeline.dlib_models import dlib_models_dir
     from pipeline.config import MaskParams
-    from pipeline.masking import get_detector, mask_image
+    from pipeline.mask.stage import get_detector, mask_image
 
     params = MaskParams()
     detector = get_detector(str(dlib_models_dir() / "shape_predictor_68_face_landmarks.dat"), params)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.alignment import align_standalone, dlib_models_dir
+from pipeline.align.detection import align_standalone
+from pipeline.dlib_models import dlib_models_dir
 from pipeline.embedders import DlibEmbedder, TorchEmbedder, make_embedder
 from pipeline.models import EmbeddingNet
 from tests.conftest import lfw_root

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import ComputeParams, EvaluateParams
-from pipeline.evaluation import (CONDITIONS, EvaluationError, load_embeddings, portion_key,
-                                 run_embed_reference, run_evaluate, score_embeddings)
+from pipeline.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned,
+                                 load_embeddings, portion_key, read_train_identities,
+                                 run_embed_reference, run_evaluate, score_embeddings, score_gallery,
+                                 score_verification)
+from pipeline.metrics import identification_ranks, l2_normalize
 from pipeline.models import EmbeddingNet
-from pipeline.protocols import IdentityOverlapError
+from pipeline.protocols import (Gallery, IdentityOverlapError, Pairs, build_gallery,
+                                build_paper_protocol)
 from tests.conftest import write_eval_pairs
 
 VERIFICATION_KEYS = {"accuracy", "auc", "tar_at_far_1e-2", "tar_at_far_1e-3", "eer"}
@@ -51,23 +56,53 @@ def evaluated(tiny):
     return _evaluate(tiny, tiny / "eval")
 
 
-def _check_block(m: dict) -> None:
-    for p in (0.0, 0.5, 1.0):
-        for r in ("rank1", "rank5"):
-            assert 0.0 <= m["gallery"][r][portion_key(p)] <= 1.0
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _assert_same_metrics(written: dict, computed: dict) -> None:
+    """The written block is the scoring functions' output, up to the 6-digit rounding of metrics.json."""
+    w, c = _flat(written), _flat(computed)
+    assert set(w) == set(c)
+    for k, v in c.items():
+        if isinstance(v, float):
+            assert w[k] == pytest.approx(v, abs=1e-6), k
+        else:
+            assert w[k] == v, k
+
+
+def _check_keys(m: dict) -> None:
+    """Shape of one embedder's block; the maths is pinned on hand-made embeddings further down."""
+    assert set(m["gallery"]["rank1"]) == set(m["gallery"]["rank5"]) == {"mask_0", "mask_0.5", "mask_1.0"}
     assert m["gallery"]["probes_masked"]["mask_0"] == 0
     assert m["gallery"]["probes_masked"]["mask_1.0"] == m["gallery"]["probes"]
     for cond in CONDITIONS:
         assert VERIFICATION_KEYS <= set(m["verification"][cond])
-        assert all(0.0 <= m["verification"][cond][k] <= 1.0 for k in VERIFICATION_KEYS)
 
 
 def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
     metrics, out = evaluated, tiny / "eval"
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert set(metrics["gallery"]["rank1"]) == {"mask_0", "mask_0.5", "mask_1.0"}
-    _check_block(metrics)
-    _check_block(metrics["reference"]["dlib"])
+    _check_keys(metrics)
+    _check_keys(metrics["reference"]["dlib"])
+    # each block is exactly what the scoring functions give on that embedder's embeddings
+    train = read_train_identities(tiny / "shards")
+    ref = load_embeddings(tiny / "reference" / "dlib.parquet")
+    emb = embed_aligned(str(tiny / "model.pt"), tiny / "aligned", flip=False, batch_size=16)
+    for name, e, written in (("model", emb, metrics), ("dlib", ref, metrics["reference"]["dlib"])):
+        computed, curves = score_embeddings(e, params=PARAMS, protocol_dir=tiny / "protocol",
+                                            train_identities=train)
+        _assert_same_metrics({k: v for k, v in written.items() if k not in ("embedder", "reference")},
+                             computed)
+        rows = (out / "plots" / "cmc" / name / "mask_0.5.csv").read_text().splitlines()[1:]
+        assert [float(r.split(",")[1]) for r in rows] == pytest.approx(curves["cmc"]["mask_0.5"], abs=1e-5)
     # LFW's View 2 lists View 1 training people: skipped, and the metrics say why
     assert metrics["verification_view2"]["skipped"] == 1
     assert "training identities" in metrics["verification_view2"]["note"]
@@ -85,14 +120,56 @@ def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_paper_protocol_is_labelled_and_leaks(evaluated):
+def test_paper_protocol_is_labelled_and_leaks(tiny, evaluated):
+    """The real gallery never lets an image probe itself; the paper protocol does, for every enrolled
+    image, and on real (dlib) embeddings each of those probes finds itself at cosine 1, rank 1."""
     for m in (evaluated, evaluated["reference"]["dlib"]):
         paper = m["paper_protocol"]
         assert paper["not_comparable"] == 1 and "NOT COMPARABLE" in paper["note"]
         assert set(paper["rank1"]) == {"mask_0", "mask_0.5", "mask_1.0"}
-    # dlib on unmasked probes: every enrolled image finds itself, so the leaky number is higher
-    ref = evaluated["reference"]["dlib"]
-    assert ref["paper_protocol"]["rank1"]["mask_0"] > ref["gallery"]["rank1"]["mask_0"] - 1e-9
+    ref = load_embeddings(tiny / "reference" / "dlib.parquet")
+    idx = ref.index()
+    vec = l2_normalize(ref.raw)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for i, ident in zip(ref.image_ids, ref.identities):
+        groups[ident].append(i)
+    multi = {k: v for k, v in groups.items() if len(v) >= 2}
+    assert len(multi) == 4
+
+    # leak-free gallery: per identity with >= 2 images one enrolled image, every other image of it a
+    # probe exactly once, the enrolled one never
+    g = build_gallery(ref.image_ids, ref.identities, seed=PARAMS.seed)
+    assert sorted(g.enrolled_identity) == sorted(multi) and len(g.enrolled) == len(multi)
+    assert not set(g.enrolled) & set(g.probes)
+    for e, ident in zip(g.enrolled, g.enrolled_identity):
+        assert e in multi[ident]
+        mine = [p for p, i in zip(g.probes, g.probe_identity) if i == ident]
+        assert Counter(mine) == Counter(x for x in multi[ident] if x != e)
+    assert Counter(g.probes) == Counter(x for v in multi.values() for x in v if x not in g.enrolled)
+    assert all(p.split("/")[0] == i for p, i in zip(g.probes, g.probe_identity))
+    # in embedding space: no probe meets itself in the gallery. dlib's cosines are all high (0.83 to
+    # 0.991 here between distinct photos) but only an image with itself reaches 1
+    sim = vec[[idx[p] for p in g.probes]] @ vec[[idx[e] for e in g.enrolled]].T
+    assert sim.max() < 0.999
+
+    # the paper protocol: every image is a probe exactly once, the enrolled ones included ...
+    paper = build_paper_protocol(ref.image_ids, ref.identities, seed=PARAMS.seed)
+    assert Counter(paper.probes) == Counter(ref.image_ids)
+    assert set(paper.enrolled) <= set(paper.probes) and len(paper.enrolled) == len(groups)
+    # ... so each enrolled image, as a probe, has cosine 1 with its own gallery entry and ranks first
+    pidx = [idx[p] for p in paper.probes]
+    sim = vec[pidx] @ vec[[idx[e] for e in paper.enrolled]].T
+    self_rows = [paper.probes.index(e) for e in paper.enrolled]
+    assert sim[self_rows, range(len(paper.enrolled))] == pytest.approx(1.0, abs=1e-5)
+    assert (sim[self_rows].argmax(axis=1) == np.arange(len(paper.enrolled))).all()
+    ranks = identification_ranks(ref.raw[[idx[e] for e in paper.enrolled]], paper.enrolled_identity,
+                                 ref.raw[pidx], paper.probe_identity)
+    assert (ranks[self_rows] == 1).all()
+    # the leaky rank-1 gets those for free: at least their share, and at least the leak-free one
+    leaky = evaluated["reference"]["dlib"]["paper_protocol"]["rank1"]["mask_0"]
+    assert leaky == pytest.approx(float((ranks == 1).mean()), abs=1e-6)
+    assert leaky >= len(paper.enrolled) / len(paper.probes)
+    assert leaky >= evaluated["reference"]["dlib"]["gallery"]["rank1"]["mask_0"]
 
 
 def test_same_inputs_give_identical_outputs(tiny, evaluated, tmp_path):
@@ -132,3 +209,159 @@ def test_reference_embeddings_must_match_the_settings(tiny, tmp_path):
         run_evaluate(params=EvaluateParams(device="cpu"), aligned_dir=tiny / "aligned",
                      shards_dir=tiny / "shards", protocol_dir=tiny / "protocol",
                      model_path=tiny / "model.pt", out_dir=tmp_path / "e2", reference_path=tmp_path / "no.parquet")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-made embeddings whose right answers are known: the scoring maths, pinned exactly
+# ----------------------------------------------------------------------------------------------
+# Identity k of NAMES lives on axis k. A raw crop of k embeds as e_k; its masked twin as
+# e_{k+1} + 0.5 e_k (normalised): a masked face looks most like the next person and second most
+# like itself, so a masked probe ranks its identity exactly 2nd while a raw one ranks it 1st.
+
+NAMES = ["Anna", "Bert", "Cleo", "Dirk"]
+DIM = 8
+
+
+def _unit(*terms: tuple[int, float]) -> np.ndarray:
+    v = np.zeros(DIM, np.float32)
+    for axis, w in terms:
+        v[axis] += w
+    return v / np.linalg.norm(v)
+
+
+def _raw(k: int) -> np.ndarray:
+    return _unit((k, 1.0))
+
+
+def _masked(k: int) -> np.ndarray:
+    return _unit(((k + 1) % len(NAMES), 1.0), (k, 0.5))
+
+
+def _img(name: str, n: int) -> str:
+    return f"{name}/{name}_{n:04d}"
+
+
+def _hand_made(raw_override: dict | None = None, single: bool = False) -> EmbeddedSet:
+    """3 images of each of NAMES (+ one image of 'Emil' on axis 4 when ``single``)."""
+    ids, idents, raw, masked = [], [], [], []
+    for k, name in enumerate(NAMES):
+        for n in (1, 2, 3):
+            ids.append(_img(name, n))
+            idents.append(name)
+            raw.append((raw_override or {}).get(ids[-1], _raw(k)))
+            masked.append(_masked(k))
+    if single:
+        ids.append(_img("Emil", 1))
+        idents.append("Emil")
+        raw.append(_unit((4, 1.0)))
+        masked.append(_unit((0, 1.0), (4, 0.5)))  # masked Emil looks like Anna first: rank 2 too
+    return EmbeddedSet(ids, idents, np.stack(raw), np.stack(masked), {"name": "hand-made"})
+
+
+def test_hand_made_gallery_gives_exact_ranks_cmc_and_mask_portions():
+    emb = _hand_made({
+        _img("Anna", 3): _unit((1, 1.0), (0, 0.5)),  # closer to Bert than to Anna: rank 2
+        _img("Bert", 3): _unit((2, 1.0), (3, 0.6), (1, 0.3)),  # Cleo, Dirk, then Bert: rank 3
+        _img("Cleo", 3): _unit((2, 1.0), (3, 1.0)),  # a tie Cleo/Dirk counts against the probe: rank 2
+    })
+    probes = [_img(n, i) for n in NAMES for i in (2, 3)]
+    # hand-set draws: masked at p are the probes with draw < p
+    draws = np.array([0.05, 0.95, 0.25, 0.75, 0.45, 0.55, 0.65, 0.15])
+    gallery = Gallery([_img(n, 1) for n in NAMES], list(NAMES), probes, [p.split("/")[0] for p in probes],
+                      draws)
+    out, curves = score_gallery(emb, gallery, [0.0, 0.3, 0.5, 1.0], max_rank=20)
+    # true ranks per probe (Anna_2, Anna_3, Bert_2, Bert_3, Cleo_2, Cleo_3, Dirk_2, Dirk_3):
+    #   p=0   all raw:                    1 2 1 3 1 2 1 1
+    #   p=0.3 Anna_2, Bert_2, Dirk_3 masked: 2 2 2 3 1 2 1 2
+    #   p=0.5 + Cleo_2 masked:            2 2 2 3 2 2 1 2
+    #   p=1   all masked:                 2 2 2 2 2 2 2 2
+    # CMC stops at rank 4: only 4 identities are enrolled
+    expected = {"mask_0": [5 / 8, 7 / 8, 1, 1], "mask_0.3": [2 / 8, 7 / 8, 1, 1],
+                "mask_0.5": [1 / 8, 7 / 8, 1, 1], "mask_1.0": [0, 1, 1, 1]}
+    assert set(curves) == set(expected)
+    for key, want in expected.items():
+        assert curves[key].tolist() == pytest.approx(want, abs=1e-12), key
+        assert (np.diff(curves[key]) >= 0).all() and curves[key][-1] == 1.0
+        assert out["rank1"][key] == pytest.approx(want[0], abs=1e-12)
+        assert out["rank5"][key] == 1.0  # rank 5 > 4 identities: everyone is found
+    assert out["probes_masked"] == {"mask_0": 0, "mask_0.3": 3, "mask_0.5": 4, "mask_1.0": 8}
+    assert (out["identities_enrolled"], out["probes"]) == (4, 8)
+
+
+def _hand_made_pairs() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """4 same pairs, then 4 different pairs alternating 'b is the previous identity' (a raw A
+    against a masked B scores 0.894: a masked face looks like the next person) and 'b two identities
+    on' (scores 0 in every condition)."""
+    same = [(_img(n, 1), _img(n, 2)) for n in NAMES]
+    diff = [(_img("Bert", 1), _img("Anna", 2)), (_img("Anna", 1), _img("Cleo", 2)),
+            (_img("Dirk", 1), _img("Cleo", 2)), (_img("Cleo", 1), _img("Anna", 2))]
+    return same, diff
+
+
+# scores per condition: same pairs / 'previous' different pairs / 'two on' different pairs
+#   unmasked_unmasked  1      / 0     / 0  -> separable
+#   masked_unmasked    0.447  / 0.894 / 0  -> the threshold learnt on the other fold (2 same, 1 of
+#                      each different kind) lies between 0 and 0.447: accepts the same pairs and
+#                      the 'previous' ones, rejects the 'two on' ones: 3 of 4 right per fold
+#   masked_masked      1      / 0.4   / 0  -> separable
+EXPECTED_VERIFICATION = {
+    "unmasked_unmasked": {"accuracy": 1.0, "accuracy_std": 0.0, "auc": 1.0, "eer": 0.0,
+                          "tar_at_far_1e-2": 1.0, "tar_at_far_1e-3": 1.0},
+    "masked_unmasked": {"accuracy": 0.75, "accuracy_std": 0.0, "auc": 0.5, "eer": 0.5,
+                        "tar_at_far_1e-2": 0.0, "tar_at_far_1e-3": 0.0},
+    "masked_masked": {"accuracy": 1.0, "accuracy_std": 0.0, "auc": 1.0, "eer": 0.0,
+                      "tar_at_far_1e-2": 1.0, "tar_at_far_1e-3": 1.0},
+}
+
+
+def _assert_verification(metrics: dict, missing: int) -> None:
+    assert set(metrics) == set(CONDITIONS)
+    for cond, want in EXPECTED_VERIFICATION.items():
+        got = metrics[cond]
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, abs=1e-9), (cond, k)
+        assert (got["pairs_same"], got["pairs_different"], got["pairs_missing"]) == (4, 4, missing)
+
+
+def test_hand_made_pairs_give_exact_verification_per_condition():
+    emb = _hand_made()
+    same, diff = _hand_made_pairs()
+    # a fifth same pair names an image that was not evaluated: dropped and counted, not scored
+    pairs = same + [(_img("Anna", 1), _img("Anna", 9))] + diff
+    pairs_obj = Pairs([a for a, _ in pairs], [b for _, b in pairs],
+                      np.array([True] * 5 + [False] * 4), np.array([0, 0, 1, 1, 1, 0, 0, 1, 1]), "hand-made")
+    metrics, curves = score_verification(emb, pairs_obj)
+    _assert_verification(metrics, missing=1)
+    fpr, tpr = curves["masked_unmasked"]
+    assert fpr.tolist() == [0.0, 0.5, 0.5, 1.0] and tpr.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_hand_made_set_through_score_embeddings(tmp_path):
+    """The real protocol builders and a View 1 pairs file on the hand-made set: exact numbers."""
+    emb = _hand_made(single=True)
+    same, diff = _hand_made_pairs()
+
+    def n(i):
+        return int(i.rsplit("_", 1)[1])
+
+    lines = [f"{a.split('/')[0]}\t{n(a)}\t{n(b)}" for a, b in same]
+    lines += [f"{a.split('/')[0]}\t{n(a)}\t{b.split('/')[0]}\t{n(b)}" for a, b in diff]
+    (tmp_path / "pairsDevTest.txt").write_text(f"{len(same)}\n" + "".join(x + "\n" for x in lines))
+    params = EvaluateParams(n_folds=2, paper_protocol=True, mask_portions=[0.0, 0.5, 1.0])
+    m, curves = score_embeddings(emb, params=params, protocol_dir=tmp_path, train_identities={"Zed"})
+    assert (m["images"], m["identities"], m["identity_overlap_with_train"]) == (13, 5, 0)
+    _assert_verification(m["verification"], missing=0)
+    assert "verification_view2" not in m  # no pairs.txt
+    gal = m["gallery"]
+    # Emil's single image takes no part; every other identity enrols 1 of 3 and probes with 2
+    assert (gal["identities_enrolled"], gal["probes"], gal["identities_single_image_skipped"]) == (4, 8, 1)
+    # a raw probe always ranks 1st, a masked one always 2nd: rank-1 is the share of raw probes
+    masked_half = gal["probes_masked"]["mask_0.5"]
+    assert 0 < masked_half < 8  # the seeded draws mask some probes at 0.5, not all
+    assert gal["probes_masked"] == {"mask_0": 0, "mask_0.5": masked_half, "mask_1.0": 8}
+    assert gal["rank1"] == {"mask_0": 1.0, "mask_0.5": (8 - masked_half) / 8, "mask_1.0": 0.0}
+    assert curves["cmc"]["mask_1.0"].tolist() == [0.0, 1.0, 1.0, 1.0]
+    # the paper protocol enrols all 5 (Emil too) and probes all 13 images: same picture
+    paper = m["paper_protocol"]
+    assert paper["not_comparable"] == 1
+    assert paper["rank1"]["mask_0"] == 1.0 and paper["rank1"]["mask_1.0"] == 0.0

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import MaskParams
-from pipeline.landmarks import LandmarkDetector, check_predictor
-from pipeline.mask_overlay import overlay_mask
-from pipeline.mask_templates import get_template
-from pipeline.masking import mask_image
+from pipeline.mask.landmarks import LandmarkDetector, check_predictor
+from pipeline.mask.overlay import overlay_mask
+from pipeline.mask.templates import get_template
+from pipeline.mask.stage import mask_image
 from tests.conftest import lfw_root
-from tests.test_landmarks import lfw_rgb
+from tests.test_mask_landmarks import lfw_rgb
 
 FACE = "Aaron_Eckhart/Aaron_Eckhart_0001"
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import MASK_TEXTURES, MASK_TYPES
-from pipeline.landmarks import CANONICAL_112
-from pipeline.mask_templates import (PALETTES, _draw_template, anchor_points, canonical_anchors,
+from pipeline.mask.landmarks import CANONICAL_112
+from pipeline.mask.templates import (PALETTES, _draw_template, anchor_points, canonical_anchors,
                                      get_template, outline_points, triangles)
 
 

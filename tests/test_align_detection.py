@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import alignment as al
+from pipeline.align import detection as al
+from pipeline.align import geometry as geo
 from tests.conftest import PROJECT_ROOT, lfw_root
 
 RMFD = PROJECT_ROOT.parent / "shared" / "data" / "rmfd" / "RWMFD_part_1"
@@ -34,14 +35,14 @@ def lfw_images(tmp_path_factory):
 
 def test_similarity_puts_eyes_on_template_and_levels_them():
     left, right = (100.0, 120.0), (150.0, 100.0)  # tilted eye line
-    m = al.similarity_from_eyes(left, right)
-    mapped = al.apply_matrix(m, np.array([left, right]))
-    assert np.allclose(mapped, al.TEMPLATE_EYES, atol=1e-9)
+    m = geo.similarity_from_eyes(left, right)
+    mapped = geo.apply_matrix(m, np.array([left, right]))
+    assert np.allclose(mapped, geo.TEMPLATE_EYES, atol=1e-9)
     # a similarity: equal scale on both axes, no shear
     a, b = m[0, 0], m[1, 0]
     assert np.allclose(m[:, :2], [[a, -b], [b, a]])
-    with pytest.raises(al.AlignmentError):
-        al.similarity_from_eyes(left, left)
+    with pytest.raises(geo.AlignmentError):
+        geo.similarity_from_eyes(left, left)
 
 
 def test_umeyama_recovers_a_known_similarity():
@@ -50,7 +51,7 @@ def test_umeyama_recovers_a_known_similarity():
     theta, s, t = 0.3, 0.7, np.array([5.0, -12.0])
     rot = s * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     dst = src @ rot.T + t
-    m = al.umeyama_similarity(src, dst)
+    m = geo.umeyama_similarity(src, dst)
     assert np.allclose(m[:, :2], rot, atol=1e-9) and np.allclose(m[:, 2], t, atol=1e-9)
 
 
@@ -93,14 +94,14 @@ def test_pair_transform_routes_and_landmarks_method(lfw_images):
     lm[30], lm[48], lm[54] = (125.0, 150.0), (100.0, 180.0), (150.0, 180.0)
     fb = al.estimate_pair_transform(flat, lm)
     assert fb.route == "landmarks_eyes"
-    assert np.allclose(al.apply_matrix(fb.matrix, [[90, 110], [160, 110]]), al.TEMPLATE_EYES)
+    assert np.allclose(geo.apply_matrix(fb.matrix, [[90, 110], [160, 110]]), geo.TEMPLATE_EYES)
     none = al.estimate_pair_transform(flat)
     assert none.matrix is None and none.route == "none" and "no cascade face" in none.reason
     five = al.estimate_pair_transform(flat, lm, method="landmarks")
     assert five.route == "landmarks5"
     # the 5-point fit lands every point near its template position
-    assert np.abs(al.apply_matrix(five.matrix, al.five_points_from_landmarks(lm)) - al.TEMPLATE_5).max() < 8
-    with pytest.raises(al.AlignmentError):
+    assert np.abs(geo.apply_matrix(five.matrix, geo.five_points_from_landmarks(lm)) - geo.TEMPLATE_5).max() < 8
+    with pytest.raises(geo.AlignmentError):
         al.estimate_pair_transform(im, method="sift")
 
 
@@ -121,7 +122,7 @@ def test_standalone_aligns_real_masked_photos():
 
 
 def test_standalone_rejects_bad_input_and_reports_no_face():
-    with pytest.raises(al.AlignmentError):
+    with pytest.raises(geo.AlignmentError):
         al.align_standalone(np.zeros((10, 10), np.float32))
     res = al.align_standalone(np.full((120, 120, 3), 200, np.uint8))
     assert res.crop is None and res.route == "none" and res.reason

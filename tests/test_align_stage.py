@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import alignment as al
-from pipeline.aligning import AlignStageError, run_align
+from pipeline.align import geometry as geo
+from pipeline.align.stage import AlignStageError, run_align
 from pipeline.config import AlignParams, ComputeParams, IngestParams, MaskParams
 from pipeline.ingest import run_ingest
-from pipeline.masking import run_mask
+from pipeline.mask.stage import run_mask
 from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk
 from tests.conftest import make_lfw_subset
 
@@ -57,7 +57,7 @@ def test_every_image_accounted_and_pairs_aligned(tiny):
             assert raw.shape == masked.shape == (112, 112, 3)
             # pixel-aligned twins: the mask stage's mask, warped with the recorded matrix, covers
             # exactly where the two crops differ, and it lies in the lower half of the crop
-            mask = al.warp(_decode(twins[key]["mask.png"], cv2.IMREAD_GRAYSCALE), np.array(info["matrix"]),
+            mask = geo.warp(_decode(twins[key]["mask.png"], cv2.IMREAD_GRAYSCALE), np.array(info["matrix"]),
                            interpolation=cv2.INTER_NEAREST) > 127
             diff = np.abs(raw.astype(int) - masked.astype(int)).max(axis=2)
             outside = ~cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
@@ -66,6 +66,34 @@ def test_every_image_accounted_and_pairs_aligned(tiny):
             n += 1
     assert n == summary["aligned"]
     assert (tiny / "aligned" / "contact_sheet.png").stat().st_size > 10_000
+
+
+def test_twins_are_encoded_once_and_identical_outside_the_mask(tiny):
+    """No compression cue: the raw and masked crops come from the same decoded pixels and are
+    JPEG-encoded once each at the same quality, so every 16x16 JPEG block (4:2:0 MCU) that the
+    mask does not touch decodes to the same pixels in both twins."""
+    twins = {k: m for c in list_chunks(tiny / "masked" / "chunks") for k, m in read_chunk(c)}
+    n_blocks = 0
+    for chunk in list_chunks(tiny / "aligned" / "chunks"):
+        for key, m in read_chunk(chunk):
+            raw, masked = _decode(m["raw.jpg"]), _decode(m["masked.jpg"])
+            info = json.loads(m["json"])
+            # where the overlay changed pixels (its box, feathered edge included), warped to the crop
+            x0, y0, x1, y1 = json.loads(twins[key]["json"])["overlay_box"]
+            shape = _decode(twins[key]["mask.png"], cv2.IMREAD_GRAYSCALE).shape
+            changed = np.zeros(shape, np.uint8)
+            changed[y0:y1, x0:x1] = 255
+            changed = geo.warp(changed, np.array(info["matrix"]), interpolation=cv2.INTER_LINEAR) > 0
+            # JPEG blocks (16 px MCUs) the overlay touches differ; the decoder's chroma upsampling
+            # reaches 2 px into their neighbours; every other block must be identical
+            changed = cv2.dilate(changed.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            touched = changed.reshape(7, 16, 7, 16).any(axis=(1, 3))
+            near = cv2.dilate(touched.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            for by, bx in zip(*np.nonzero(~near)):
+                ys, xs = slice(16 * by, 16 * by + 16), slice(16 * bx, 16 * bx + 16)
+                assert np.array_equal(raw[ys, xs], masked[ys, xs]), f"{key}: block {bx, by} differs outside the mask"
+                n_blocks += 1
+    assert n_blocks > 50
 
 
 def test_byte_identical_across_runs_and_worker_counts(tiny, tmp_path):

@@ -1,13 +1,12 @@
 """The mask stage: every ingested image -> masked twin + binary mask + landmarks, or a recorded rejection.
 
 Per ingest chunk (parallel with :func:`pipeline.parallel.map_chunks`), each image gets landmarks
-(:mod:`pipeline.landmarks`), a mask type / colour / texture drawn from an RNG seeded by
-(mask.seed, image_id) and an overlay (:mod:`pipeline.mask_overlay`). Outputs depend on the data and
+(:mod:`pipeline.mask.landmarks`), a mask type / colour / texture drawn from an RNG seeded by
+(mask.seed, image_id) and an overlay (:mod:`pipeline.mask.overlay`). Outputs depend on the data and
 ``mask`` params only, never on the compute backend, worker count or chunk order.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -19,10 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import MASK_TEXTURES, MASK_TYPES, ComputeParams, MaskParams
-from pipeline.landmarks import ROUTES, LandmarkDetector, check_predictor
-from pipeline.mask_overlay import overlay_mask
-from pipeline.mask_templates import N_VARIANTS, PALETTES, get_template
+from pipeline.ingest import accepted_image_ids
+from pipeline.mask.landmarks import ROUTES, LandmarkDetector, check_predictor
+from pipeline.mask.overlay import apply_overlay, overlay_mask, overlay_patch
+from pipeline.mask.templates import N_VARIANTS, PALETTES, get_template
+from pipeline.images import decode_rgb, encode_png
 from pipeline.parallel import map_chunks
+from pipeline.seeding import item_rng, rank_key
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -39,8 +41,7 @@ class MaskStageError(RuntimeError):
 
 def image_rng(seed: int, image_id: str) -> np.random.Generator:
     """The per-image RNG: a function of (seed, image_id) only, so no chunking/worker dependence."""
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return item_rng(seed, image_id)
 
 
 def _weighted(rng: np.random.Generator, weights: dict[str, float], order: tuple[str, ...]) -> str:
@@ -70,11 +71,6 @@ def get_detector(predictor_path: str, params: MaskParams) -> LandmarkDetector:
                                            haar_fallback=params.haar_fallback,
                                            assume_aligned=params.assume_aligned)
     return _DETECTORS[key]
-
-
-def decode_rgb(data: bytes) -> np.ndarray | None:
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def mask_image(rgb: np.ndarray, image_id: str, detector: LandmarkDetector, params: MaskParams) -> dict:
@@ -113,17 +109,13 @@ def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_
         r = mask_image(rgb, image_id, detector, params)
         row.update(route=r["route"], reason=r["reason"])
         if "masked" in r:
-            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(r["masked"], cv2.COLOR_RGB2BGR),
-                                   [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality])
-            ok2, png = cv2.imencode(".png", r["mask"], [cv2.IMWRITE_PNG_COMPRESSION, 3])
-            if not (ok and ok2):
-                raise MaskStageError(f"{image_id}: image encoding failed")
+            box, patch = overlay_patch(rgb, r["masked"])
             info = {"image_id": image_id, "identity": row["identity"], "split": row["split"],
                     "route": r["route"], "landmarks": [[round(float(x), 2), round(float(y), 2)]
                                                        for x, y in r["landmarks"]],
                     "mask_type": r["mask_type"], "colour": r["colour"], "texture": r["texture"],
-                    "face_box": r["face_box"], "n_faces": r["n_faces"]}
-            samples.append((key, {"masked.jpg": jpg.tobytes(), "mask.png": png.tobytes(),
+                    "face_box": r["face_box"], "n_faces": r["n_faces"], "overlay_box": box}
+            samples.append((key, {"overlay.png": encode_png(patch), "mask.png": encode_png(r["mask"]),
                                   "json": dumps_json(info)}))
             row.update(status="masked", mask_type=r["mask_type"], colour=r["colour"],
                        texture=r["texture"], n_faces=r["n_faces"])
@@ -139,15 +131,6 @@ def _load_meta(data: bytes) -> dict:
     except (UnicodeDecodeError, ValueError):
         return {}
     return obj if isinstance(obj, dict) else {}
-
-
-def _expected_ids(in_dir: Path) -> list[str] | None:
-    """Accepted image ids from the ingest manifest (None when the input has no manifest)."""
-    manifest = in_dir / "manifest.parquet"
-    if not manifest.is_file():
-        return None
-    t = pq.read_table(manifest, columns=["image_id", "status"]).to_pylist()
-    return sorted(r["image_id"] for r in t if r["status"] == "accepted")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -178,7 +161,7 @@ def contact_sheet(rows: list[dict], in_dir: Path, out_dir: Path, params: MaskPar
     per = params.contact_sheet_per_type
     picks: dict[str, list[dict]] = {t: [] for t in MASK_TYPES}
     ranked = sorted((r for r in rows if r["status"] == "masked"),
-                    key=lambda r: hashlib.sha256(f"{params.seed}:{r['image_id']}".encode()).digest())
+                    key=lambda r: rank_key(params.seed, r["image_id"]))
     for r in ranked:
         if len(picks[r["mask_type"]]) < per:
             picks[r["mask_type"]].append(r)
@@ -189,14 +172,13 @@ def contact_sheet(rows: list[dict], in_dir: Path, out_dir: Path, params: MaskPar
             chunk_of[r["image_id"]] = r["_chunk"]
     thumbs: dict[tuple[str, str], np.ndarray] = {}
     for chunk in sorted(set(chunk_of.values())):
-        for folder, ext_pick in ((in_dir / "chunks", ("jpg", "png")), (out_dir / "chunks", ("masked.jpg",))):
-            if not (folder / chunk).is_file():
-                continue
-            for key, members in read_chunk(folder / chunk):
-                if key in wanted:
-                    data = next((members[e] for e in ext_pick if e in members), None)
-                    if data is not None:
-                        thumbs[(key, ext_pick[0])] = _thumb(decode_rgb(data))
+        raws = {k: m for k, m in read_chunk(in_dir / "chunks" / chunk) if k in wanted}
+        for key, members in read_chunk(out_dir / "chunks" / chunk):
+            if key in wanted and key in raws:
+                raw = decode_rgb(raws[key].get("jpg", raws[key].get("png")))
+                box = json.loads(members["json"])["overlay_box"]
+                thumbs[(key, "jpg")] = _thumb(raw)
+                thumbs[(key, "masked.jpg")] = _thumb(apply_overlay(raw, box, decode_rgb(members["overlay.png"])))
     types = [t for t in MASK_TYPES if picks[t]]
     sheet = np.full((max(len(types), 1) * (THUMB + 18) + 4, per * (2 * THUMB + 8) + 4, 3), 255, np.uint8)
     for i, t in enumerate(types):
@@ -243,7 +225,7 @@ def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path =
             rows.append(r)
     rows.sort(key=lambda r: r["image_id"])
     ids = [r["image_id"] for r in rows]
-    expected = _expected_ids(in_dir)
+    expected = accepted_image_ids(in_dir)
     if len(set(ids)) != len(ids) or (expected is not None and ids != expected):
         raise MaskStageError(f"accounting broken: {len(expected or [])} ingested, {len(ids)} status rows")
     n_masked = sum(r["status"] == "masked" for r in rows)

@@ -3,7 +3,7 @@
 Every template is drawn in one reference frame: the mean 68-point face (``CANONICAL_112``) scaled by
 ``SCALE``. The anchor points are functions of the 68 landmarks (:func:`anchor_points`), so the same
 function gives the template's anchors (on the canonical face) and the target anchors (on a real
-face), and :mod:`pipeline.mask_overlay` warps one onto the other piecewise over triangles. Types
+face), and :mod:`pipeline.mask.overlay` warps one onto the other piecewise over triangles. Types
 differ in outline and details; colours come from per-type palettes (blue is one colour among many,
 never a default tint); textures are plain, pleats, fabric grain or a print.
 """
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import MASK_TEXTURES, MASK_TYPES
-from pipeline.landmarks import CANONICAL_112
+from pipeline.mask.landmarks import CANONICAL_112
 
 SCALE = 3.0  # template pixels per canonical-112 unit
 ORIGIN = np.array([4.0, 40.0])  # canonical point drawn at template pixel (0, 0)

