@@ -11,7 +11,6 @@ number of workers or ranks.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,28 +18,16 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
-import simplejpeg
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import AugmentParams
-from pipeline.tar_chunks import UnsafeArchiveError, check_member_name
+from pipeline.images import decode_rgb
+from pipeline.seeding import seed_for
+from pipeline.tar_chunks import read_chunk
 
 SIZE = 112
-TAR_BLOCK = 512
-ZERO_BLOCK = bytes(TAR_BLOCK)
-
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """HxWx3 uint8 RGB (simplejpeg: about 2x faster than PIL on 112x112)."""
-    return simplejpeg.decode_jpeg(data, colorspace="RGB")
-
-
-def seed_for(seed: int, epoch: int, key: str) -> int:
-    """A per-sample seed from (seed, epoch, key): stable across processes (hash() is salted)."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 @dataclass(frozen=True)
@@ -116,7 +103,7 @@ def make_pair(key: str, raw_jpg: bytes, masked_jpg: bytes, label: int,
     """Decode both twins, apply one augmentation draw to both, return tensors and the label.
 
     Shared by the shard loader and the loose-file benchmark loader, so they differ only in I/O."""
-    raw, masked = decode_jpeg(raw_jpg), decode_jpeg(masked_jpg)
+    raw, masked = decode_rgb(raw_jpg), decode_rgb(masked_jpg)
     if raw.shape != masked.shape:
         raise ValueError(f"{key}: raw {raw.shape} and masked {masked.shape} twins differ in size")
     if augment is not None:
@@ -126,56 +113,32 @@ def make_pair(key: str, raw_jpg: bytes, masked_jpg: bytes, label: int,
 
 
 def tar_samples(src: Iterable[dict]) -> Iterator[dict]:
-    """WebDataset pipeline stage: shard urls -> samples {"__key__", ext: bytes}, a lean drop-in
-    for ``wds.tarfile_to_samples`` (whose tarfile-based parsing costs ~0.6 ms per sample here,
-    more than decoding). Reads each shard sequentially in 1 MiB blocks, parses ustar/GNU headers
-    directly, refuses unsafe names and non-file members."""
+    """WebDataset pipeline stage: shard urls -> samples {"__key__", "__url__", ext: bytes}, through
+    the project's one tar reader (:func:`pipeline.tar_chunks.read_chunk`), a lean drop-in for
+    ``wds.tarfile_to_samples`` (whose tarfile parsing costs more than decoding)."""
     for item in src:
         url = item["url"]
-        with open(url, "rb", buffering=1 << 20) as fh:
-            key, sample, long_name = None, {}, None
-            while True:
-                header = fh.read(TAR_BLOCK)
-                if len(header) < TAR_BLOCK or header == ZERO_BLOCK:
-                    break
-                size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-                data = fh.read(size)
-                fh.seek(-size % TAR_BLOCK, 1)
-                kind = header[156:157]
-                if kind == b"L":  # GNU long name: the next member's name
-                    long_name = data.rstrip(b"\0").decode("utf-8")
-                    continue
-                if kind not in (b"0", b"\0"):
-                    raise UnsafeArchiveError(f"{url}: member of type {kind!r} is not a regular file")
-                name = long_name or header[:100].rstrip(b"\0").decode("utf-8")
-                prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
-                name, long_name = (f"{prefix}/{name}" if prefix else name), None
-                check_member_name(name)
-                folder, _, base = name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key:
-                    if key is not None:
-                        yield sample
-                    key, sample = k, {"__key__": k, "__url__": url}
-                sample[ext] = data
-            if key is not None:
-                yield sample
+        for key, members in read_chunk(url):
+            yield {"__key__": key, "__url__": url, **members}
 
 
-def _split_by_node(urls):
-    """Shards for this DDP rank (all of them when torch.distributed is not initialised)."""
+def current_rank() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return urls[rank::world]
-    return urls
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class PairShards(IterableDataset):
-    """WebDataset pipeline: shard list -> rank split -> (shuffled) worker split -> samples."""
+    """WebDataset pipeline: shard list -> rank split -> (shuffled) worker split -> samples.
+
+    The rank split is fixed when the dataset is built (in the training process), not looked up
+    inside DataLoader workers: a spawned or forkserver worker (macOS; Python 3.14's default on
+    Linux) has no process group, and every rank would read every shard."""
 
     def __init__(self, shards: Sequence[str | Path], *, augment: Optional[AugmentParams], seed: int,
-                 epoch: int, shuffle_buffer: int) -> None:
+                 epoch: int, shuffle_buffer: int, rank: int | None = None, world: int | None = None,
+                 return_keys: bool = False) -> None:
         super().__init__()
         self.urls = [str(s) for s in shards]
         if not self.urls:
@@ -185,13 +148,19 @@ class PairShards(IterableDataset):
             raise FileNotFoundError(f"shard(s) not found: {missing[:3]}")
         self.augment, self.seed, self.epoch = augment, seed, epoch
         self.shuffle_buffer = shuffle_buffer
+        found_rank, found_world = current_rank()
+        self.rank = found_rank if rank is None else rank
+        self.world = found_world if world is None else world
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} outside world size {self.world}")
+        self.return_keys = return_keys
 
     def __iter__(self) -> Iterator:
         urls = list(self.urls)
         train = self.augment is not None
         if train:  # a new shard order every epoch, the same on every rank
             random.Random(seed_for(self.seed, self.epoch, "shards")).shuffle(urls)
-        urls = _split_by_node(urls)
+        urls = urls[self.rank::self.world]
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         urls = urls[wid::nw]
@@ -202,22 +171,39 @@ class PairShards(IterableDataset):
             rng = random.Random(seed_for(self.seed, self.epoch, f"buffer-{wid}"))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng))
         pipe = wds.DataPipeline(*stages)
-        return (make_pair(s["__key__"], s["raw.jpg"], s["masked.jpg"], int(s["cls"]), self.augment,
-                          self.seed, self.epoch) for s in pipe)
+        for s in pipe:
+            pair = make_pair(s["__key__"], s["raw.jpg"], s["masked.jpg"], int(s["cls"]), self.augment,
+                             self.seed, self.epoch)
+            yield (*pair, s["__key__"]) if self.return_keys else pair
 
 
 def make_pair_loader(shards: list[str | Path], *, batch_size: int, augment: AugmentParams | None,
                      seed: int, epoch: int = 0, shuffle_buffer: int = 1000, num_workers: int = 0,
-                     drop_last: bool = True) -> DataLoader:
-    """Batches (raw, masked, label): float32 B x 3 x 112 x 112 RGB in [-1, 1], int64 B.
+                     drop_last: bool = True, rank: int | None = None, world: int | None = None,
+                     return_keys: bool = False, multiprocessing_context: str | None = None) -> DataLoader:
+    """Batches (raw, masked, label[, keys]): float32 B x 3 x 112 x 112 RGB in [-1, 1], int64 B.
 
     ``augment`` None = evaluation: no augmentation, no shuffling, shards in the given order.
-    Shards are split across DDP ranks, then across DataLoader workers (a worker with no shard
-    yields nothing, so use at least ranks x workers shards). With ``drop_last`` each worker drops
-    its own last partial batch.
+    Shards are split across DDP ranks (``rank``/``world``; default: the process group at build
+    time), then across DataLoader workers (a worker with no shard yields nothing: see
+    :func:`check_shard_count`). With ``drop_last`` each worker drops its own last partial batch.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    ds = PairShards(shards, augment=augment, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer)
+    ds = PairShards(shards, augment=augment, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
+                    rank=rank, world=world, return_keys=return_keys)
     return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                      persistent_workers=False, pin_memory=False)
+                      persistent_workers=False, pin_memory=False,
+                      multiprocessing_context=multiprocessing_context if num_workers > 0 else None)
+
+
+def check_shard_count(n_shards: int, world: int, num_workers: int) -> None:
+    """Every DataLoader worker of every rank needs a shard of its own: a rank with none would end
+    its epoch at once and (ranks stop together) stop every rank with zero steps."""
+    readers = world * max(1, num_workers)
+    if n_shards < readers:
+        raise ValueError(
+            f"{n_shards} train shard(s) for {world} rank(s) x {max(1, num_workers)} loader worker(s) "
+            f"= {readers} readers: every reader needs at least one shard. Cut the data into more "
+            f"shards (lower pack.shard_max_count or pack.shard_max_bytes) or use fewer ranks or "
+            f"train.num_workers.")

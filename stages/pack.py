@@ -1,4 +1,4 @@
-"""DVC stage `pack`: data/aligned -> data/shards/ (WebDataset train/test shards, classes, index)."""
+"""DVC stage `pack`: data/aligned -> data/shards/ (WebDataset train/val shards, classes, index)."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +17,8 @@ def main() -> None:
     params = load_params(args.params)
     index = run_pack(params=params.pack, aligned_dir=args.aligned, out_dir=args.out)
     print(json.dumps({"classes": index["classes"], "train": index["train"]["samples"],
-                      "train_shards": len(index["train"]["shards"]), "test": index["test"]["samples"],
-                      "test_shards": len(index["test"]["shards"])}))
+                      "train_shards": len(index["train"]["shards"]), "val": index["val"]["samples"],
+                      "val_identities": len(index["val"]["identities"])}))
 
 
 if __name__ == "__main__":

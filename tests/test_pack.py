@@ -31,22 +31,56 @@ def test_shards_layout_labels_and_index(tiny_shards):
     assert sorted(classes.values()) == list(range(len(classes))) == list(range(index["classes"]))
     assert list(classes) == sorted(classes)  # labels follow the sorted identity names
     train = [s for sh in index["train"]["shards"] for s in _samples(tiny_shards / sh["name"])]
-    test = [s for sh in index["test"]["shards"] for s in _samples(tiny_shards / sh["name"])]
-    for sh in index["train"]["shards"] + index["test"]["shards"]:
+    val = [s for sh in index["val"]["shards"] for s in _samples(tiny_shards / sh["name"])]
+    assert not list(tiny_shards.glob("test-*.tar"))  # evaluation reads the aligned test chunks
+    for sh in index["train"]["shards"] + index["val"]["shards"]:
         assert file_sha256(tiny_shards / sh["name"]) == sh["sha256"]
-        assert sh["samples"] <= 8  # the fixture's shard_max_count
+        assert 1 <= sh["samples"] <= 4  # the fixture's shard_max_count
         with tarfile.open(tiny_shards / sh["name"]) as tar:  # fixed metadata: reproducible bytes
             assert {(m.mtime, m.uname, m.gname, m.mode) for m in tar} == {(FIXED_MTIME, "", "", 0o644)}
-    # every aligned train pair of a kept identity, once; every aligned test pair, in key order
-    assert sorted(s["__key__"] for s in train) == _aligned_keys(aligned, "train")
-    assert [s["__key__"] for s in test] == _aligned_keys(aligned, "test")
+    # every aligned train pair: once, in the train shards (shuffled) or the val shards (key order)
+    val_ids = index["val"]["identities"]
+    assert sorted(s["__key__"] for s in train + val) == _aligned_keys(aligned, "train")
+    assert [s["__key__"] for s in val] == sorted(s["__key__"] for s in val)
     assert [s["__key__"] for s in train] != sorted(s["__key__"] for s in train)  # globally shuffled
     for s in train:
         assert set(s) >= {"raw.jpg", "masked.jpg", "cls", "json"}
         meta = json.loads(s["json"])
         assert int(s["cls"]) == meta["label"] == classes[meta["identity"]] and meta["split"] == "train"
-    assert all(int(s["cls"]) == -1 for s in test)
-    assert index["train"]["samples"] == len(train) and index["test"]["samples"] == len(test)
+    for s in val:
+        meta = json.loads(s["json"])
+        assert meta["split"] == "val" and int(s["cls"]) == val_ids.index(meta["identity"])
+    assert index["train"]["samples"] == len(train) and index["val"]["samples"] == len(val)
+
+
+def test_long_keys_pack_and_load_end_to_end(tiny_shards, tmp_path):
+    """Keys of 200 characters (deep ImageFolder paths): GNU long names, read back by the loader."""
+    import shutil
+
+    from pipeline.pair_loader import make_pair_loader
+    from pipeline.tar_chunks import write_chunk
+
+    aligned = tmp_path / "aligned"
+    (aligned / "chunks").mkdir(parents=True)
+    for chunk in list_chunks(tiny_shards.parent / "aligned" / "chunks", prefix="train-"):
+        samples = []
+        for key, members in read_chunk(chunk):
+            ident, _, rest = key.partition("/")
+            long_key = f"{ident}/{'d' * (198 - len(ident) - len(rest))}/{rest}"
+            meta = json.loads(members["json"]) | {"image_id": long_key}
+            samples.append((long_key, {**members, "json": json.dumps(meta).encode()}))
+        write_chunk(aligned / "chunks" / chunk.name, samples)
+    shutil.copy(tiny_shards.parent / "aligned" / "status.parquet", aligned / "status.parquet")
+    index = run_pack(params=PackParams(shard_max_count=4), aligned_dir=aligned, out_dir=tmp_path / "shards")
+    shards = list_chunks(tmp_path / "shards", "train-")
+    with tarfile.open(shards[0]) as tar:
+        assert max(len(m.name) for m in tar) > 200 and tar.pax_headers == {}
+    loader = make_pair_loader(shards, batch_size=2, augment=None, seed=0, drop_last=False, return_keys=True)
+    keys = [k for *_, ks in loader for k in ks]
+    assert len(keys) == index["train"]["samples"] and all(len(k) == 200 for k in keys)
+    # and the shard cut counts the long-name records: no shard over its byte budget
+    small = run_pack(params=PackParams(shard_max_bytes=40_000), aligned_dir=aligned, out_dir=tmp_path / "s2")
+    assert all(s["bytes"] <= 40_000 or s["samples"] == 1 for s in small["train"]["shards"])
 
 
 def test_byte_identical_and_shard_cut_by_bytes(tiny_shards, tmp_path, monkeypatch):
@@ -76,9 +110,9 @@ def test_min_images_filter_and_errors(tiny_shards, tmp_path):
     cut = sorted(counts.values())[len(counts) // 2]
     idx = run_pack(params=PackParams(min_images_per_identity=cut), aligned_dir=aligned, out_dir=tmp_path / "f")
     kept = {i for i, c in counts.items() if c >= cut}
-    assert idx["classes"] == len(kept)
-    assert idx["train"]["samples"] == sum(counts[i] for i in kept)
-    assert idx["train"]["filtered_images"] == sum(counts.values()) - idx["train"]["samples"]
+    assert idx["classes"] + len(idx["val"]["identities"]) == len(kept)
+    assert idx["train"]["samples"] + idx["val"]["samples"] + idx["val"]["images_not_packed"] == sum(counts[i] for i in kept)
+    assert idx["filtered"]["images"] == sum(counts.values()) - sum(counts[i] for i in kept)
     with pytest.raises(PackError, match="no train identity"):
         run_pack(params=PackParams(min_images_per_identity=10_000), aligned_dir=aligned, out_dir=tmp_path / "g")
     with pytest.raises(PackError, match="run the align stage"):
