@@ -29,12 +29,12 @@ for B in 128 256; do  # per-GPU pairs per step (x2 images)
     --num-workers 4 --params "$OUTDIR/params.yaml"
 done
 
-rm -rf "$OUTDIR/models" "$OUTDIR/dvclive"
+rm -rf "$OUTDIR/models" "$OUTDIR/dvclive" "$OUTDIR/resume"
 T0=$(date +%s)
 if [ "$NGPU" -gt 1 ]; then
   "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m stages.train \
-    --params "$OUTDIR/params.yaml" --out "$OUTDIR/models" --live "$OUTDIR/dvclive" | tail -1
+    --params "$OUTDIR/params.yaml" --out "$OUTDIR/models" --live "$OUTDIR/dvclive" --resume-dir "$OUTDIR/resume" | tail -1
 else
-  "$PY" -m stages.train --params "$OUTDIR/params.yaml" --out "$OUTDIR/models" --live "$OUTDIR/dvclive" | tail -1
+  "$PY" -m stages.train --params "$OUTDIR/params.yaml" --out "$OUTDIR/models" --live "$OUTDIR/dvclive" --resume-dir "$OUTDIR/resume" | tail -1
 fi
 echo "{\"stage\": \"gpu_train_epoch\", \"gpus\": $NGPU, \"wall_s\": $(( $(date +%s) - T0 ))}"

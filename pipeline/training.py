@@ -2,27 +2,32 @@
 
 One readable loop in the spirit of nanoGPT's train.py. What it guarantees:
 
-- Model selection never sees the test set: a seeded share of the TRAIN identities is held out (never
-  in a training step); verification pairs among them, probe side masked, give ``val/accuracy``; the
-  best epoch by it is ``models/model.pt``.
-- Resume: ``models/last.pt`` is written atomically after every epoch with everything the next epoch
-  needs (weights, optimiser, step, best so far). The data order and dropout are seeded by
-  (seed, epoch), so a killed and resumed run ends with the same weights as an uninterrupted one.
-  A checkpoint from other params or other shards is ignored (fresh start).
-- DDP under torchrun (nccl on CUDA, gloo on CPU): shards are split across ranks by the pair loader,
-  ranks stop together at the shortest rank's end, only rank 0 logs and writes.
+- Model selection never sees the test set: pack holds out a seeded share of the TRAIN identities
+  (``val-*.tar``, never in a training step); verification pairs among them, probe side masked, give
+  ``val/accuracy``; the best point by it becomes ``models/model.pt``.
+- Resume without stale results: the resume state (``last.pt``, ``best.pt``) lives in its own folder
+  OUTSIDE the DVC output, written atomically after every epoch. It is resumed only when its
+  fingerprint matches: params, shard hashes, world size AND the code (every .py of pipeline/ and
+  stages/), so a code change always trains from scratch. A finished run deletes it, so a finished
+  run is never "resumed". Data order and dropout are seeded by (seed, epoch): a killed and resumed
+  run writes a model.pt byte-identical to an uninterrupted one, and ``models/`` holds only that file.
+- DDP under torchrun (nccl on CUDA, gloo on CPU): shards are split across ranks by the pair loader
+  (every rank x worker needs a shard: checked before training), ranks stop together at the
+  shortest rank's end and together on a non-finite loss; only rank 0 logs and writes.
 - bf16 autocast on CUDA, channels_last on CUDA and CPU; device auto-select cuda > mps > cpu.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -31,12 +36,16 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import TrainParams
+from pipeline.devices import select_device
 from pipeline.losses import ArcFace, PairLoss, pair_loss
 from pipeline.metrics import auc, kfold_accuracy, roc_curve
 from pipeline.models import build_embedding_net
+from pipeline.pair_loader import check_shard_count, make_pair_loader
 from pipeline.tar_chunks import dumps_json, file_sha256, list_chunks
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+CODE_DIRS = ("pipeline", "stages")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Params that change how fast, not what is learned: a checkpoint stays resumable across them.
 _NOT_FINGERPRINTED = ("num_workers", "device")
 
@@ -51,19 +60,6 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` = cuda, else mps, else cpu. Asking for an absent device is an error, not a fallback."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("train.device=mps but MPS is not available")
-    return torch.device(name)
 
 
 def channels_last(device: torch.device) -> bool:
@@ -93,76 +89,37 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 # ----------------------------------------------------------------------------- data
-def _image_dataset(shards_dir: Path) -> tuple[list[Path], dict[str, int], str]:
-    shards = list_chunks(shards_dir, "train-")
-    classes_file = shards_dir / "classes.json"
-    if not shards or not classes_file.is_file():
-        raise FileNotFoundError(f"{shards_dir}: no train-*.tar shards or classes.json (run the pack stage)")
-    classes = json.loads(classes_file.read_text())
-    index = shards_dir / "index.json"
-    fingerprint = file_sha256(index) if index.is_file() else dumps_json([file_sha256(s) for s in shards]).decode()
-    return shards, classes, fingerprint
+@dataclass(frozen=True)
+class ShardSet:
+    """What pack wrote: train/val shards, the training classes and a fingerprint of it all."""
+
+    train: list[Path]
+    val: list[Path]
+    classes: dict[str, int]
+    train_samples: int
+    val_identities: list[str]
+    fingerprint: str
 
 
-def split_val_identities(classes: dict[str, int], fraction: float, seed: int,
-                         max_identities: int | None = None) -> list[int]:
-    """Labels of the held-out validation identities: a seeded choice among sorted identity names."""
-    if fraction <= 0:
-        return []
-    names = sorted(classes)
-    n_val = max(2, min(int(round(fraction * len(names))), max_identities or len(names)))
-    if n_val >= len(names):
-        raise ValueError(f"train.val_fraction={fraction} leaves no training identities ({len(names)} in all)")
-    rng = np.random.default_rng([seed, 1])
-    return sorted(classes[names[i]] for i in rng.permutation(len(names))[:n_val])
+def read_shard_set(shards_dir: Path) -> ShardSet:
+    train, val = list_chunks(shards_dir, "train-"), list_chunks(shards_dir, "val-")
+    classes_file, index_file = shards_dir / "classes.json", shards_dir / "index.json"
+    if not train or not classes_file.is_file() or not index_file.is_file():
+        raise FileNotFoundError(f"{shards_dir}: no train-*.tar shards, classes.json or index.json "
+                                f"(run the pack stage)")
+    index = json.loads(index_file.read_text())
+    return ShardSet(train, val, json.loads(classes_file.read_text()), int(index["train"]["samples"]),
+                    list(index.get("val", {}).get("identities", [])), file_sha256(index_file))
 
 
-def drop_identities(batch: tuple[torch.Tensor, ...], labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The batch without the pairs whose label is in ``labels`` (the held-out identities)."""
-    keep = ~torch.isin(batch[2], labels)
-    return tuple(t[keep] for t in batch)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of the loader's (x/255 - 0.5)/0.5, exact for 8-bit images (halves the val memory)."""
-    return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def from_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1.0
-
-
-@dataclass
-class ValSet:
-    raw: torch.Tensor  # N x 3 x 112 x 112 uint8
-    masked: torch.Tensor
-    labels: np.ndarray
-    n_train: int  # training pairs (all train-shard samples minus the validation identities)
-
-
-def collect_val(batches: Iterable, val_labels: list[int], max_per_identity: int = 1 << 30) -> ValSet:
-    """One pass over the train shards (no augmentation): keep the validation identities' pairs (the
-    first ``max_per_identity`` of each, in the shards' shuffled order, so one big identity does not
-    fill the validation) and count the rest. Runs before the process group starts, so every rank
-    sees every shard."""
-    val = torch.tensor(val_labels, dtype=torch.int64)
-    raws, maskeds, labels, n_train = [], [], [], 0
-    seen: dict[int, int] = {}
-    for raw, masked, label in tqdm(batches, desc="validation set", unit="batch"):
-        in_val = torch.isin(label, val)
-        n_train += int((~in_val).sum())
-        keep = in_val.clone()
-        for i in torch.nonzero(in_val).flatten().tolist():
-            c = seen[int(label[i])] = seen.get(int(label[i]), 0) + 1
-            keep[i] = c <= max_per_identity
-        if keep.any():
-            raws.append(to_uint8(raw[keep]))
-            maskeds.append(to_uint8(masked[keep]))
-            labels.append(label[keep])
-    if not labels:
-        empty = torch.zeros(0, 3, 112, 112, dtype=torch.uint8)
-        return ValSet(empty, empty, np.zeros(0, np.int64), n_train)
-    return ValSet(torch.cat(raws), torch.cat(maskeds), torch.cat(labels).numpy(), n_train)
+def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
+    """sha256 over every .py of pipeline/ and stages/ (path and bytes): a superset of what DVC
+    hashes for the train stage, so no code change can resume a checkpoint made by other code."""
+    h = hashlib.sha256()
+    for d in CODE_DIRS:
+        for f in sorted((root / d).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def val_pairs(labels: np.ndarray, seed: int, max_pairs: int, folds: int = 10) -> dict[str, np.ndarray]:
@@ -186,37 +143,55 @@ def val_pairs(labels: np.ndarray, seed: int, max_pairs: int, folds: int = 10) ->
 
 
 @torch.no_grad()
-def embed(net: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int,
-          autocast: Any) -> np.ndarray:
-    """L2-normalised embeddings of uint8 images, in eval mode (the caller restores train mode)."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = from_uint8(images[i:i + batch_size]).to(device)
-        if channels_last(device):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            e = net(x).float()
-        out.append(torch.nn.functional.normalize(e, dim=1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
-
-
-def validate(net: nn.Module, valset: ValSet, pairs: dict[str, np.ndarray], device: torch.device,
-             batch_size: int, autocast: Any) -> dict[str, float]:
-    """Verification on held-out train identities: raw gallery vs masked probe (and raw vs raw)."""
+def embed_pairs(net: nn.Module, batches: Iterable, device: torch.device,
+                autocast: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L2-normalised embeddings of both twins of every batch (eval mode; train mode restored)."""
     was_training = net.training
     net.eval()
+    raws, maskeds, labels = [], [], []
     try:
-        e_raw = embed(net, valset.raw, device, batch_size, autocast)
-        e_masked = embed(net, valset.masked, device, batch_size, autocast)
+        for raw, masked, label in batches:
+            for x, out in ((raw, raws), (masked, maskeds)):
+                x = x.to(device)
+                if channels_last(device):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    out.append(torch.nn.functional.normalize(net(x).float(), dim=1).cpu())
+            labels.append(label)
     finally:
         net.train(was_training)
-    out = {}
-    for name, probe in (("accuracy", e_masked), ("accuracy_raw", e_raw)):
-        scores = np.sum(e_raw[pairs["gallery"]] * probe[pairs["probe"]], axis=1)
-        out[name] = kfold_accuracy(scores, pairs["same"], pairs["fold"]).accuracy
-        if name == "accuracy":
-            out["auc"] = auc(*roc_curve(scores, pairs["same"])[:2])
-    return out
+    if not labels:
+        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
+    return torch.cat(raws).numpy(), torch.cat(maskeds).numpy(), torch.cat(labels).numpy()
+
+
+class Validator:
+    """Verification on the held-out identities (val shards, streamed: nothing held in memory
+    between validations): raw gallery vs masked probe (``accuracy``) and raw vs raw."""
+
+    def __init__(self, val_shards: list[Path], params: TrainParams, device: torch.device, autocast: Any,
+                 batch_size: int):
+        self.shards, self.params, self.device, self.autocast = val_shards, params, device, autocast
+        self.batch_size = batch_size
+        self.pairs: Optional[dict[str, np.ndarray]] = None
+
+    def __call__(self, net: nn.Module) -> dict[str, float]:
+        # rank 0 reads every val shard (explicit rank/world: not split across DDP ranks)
+        loader = make_pair_loader(self.shards, batch_size=self.batch_size, augment=None,
+                                  seed=self.params.seed, drop_last=False, rank=0, world=1)
+        e_raw, e_masked, labels = embed_pairs(net, loader, self.device, self.autocast)
+        if len(np.unique(labels)) < 2:
+            raise ValueError("validation needs >= 2 held-out identities with images in val-*.tar")
+        if self.pairs is None:
+            self.pairs = val_pairs(labels, self.params.seed, self.params.val_max_pairs)
+        p = self.pairs
+        out = {}
+        for name, probe in (("accuracy", e_masked), ("accuracy_raw", e_raw)):
+            scores = np.sum(e_raw[p["gallery"]] * probe[p["probe"]], axis=1)
+            out[name] = kfold_accuracy(scores, p["same"], p["fold"]).accuracy
+            if name == "accuracy":
+                out["auc"] = auc(*roc_curve(scores, p["same"])[:2])
+        return out
 
 
 # ----------------------------------------------------------------------------- model and schedule
@@ -282,15 +257,25 @@ def lr_at(step: int, total: int, params: TrainParams) -> float:
     return floor + 0.5 * (params.lr - floor) * (1.0 + math.cos(math.pi * t))
 
 
-def fingerprint(params: TrainParams, data_fingerprint: str, world: int) -> str:
+def weights_sha256(net: nn.Module) -> str:
+    """A hash of the trainable weights (names, shapes, bytes): equal on every DDP rank (BatchNorm's
+    running statistics are not weights: each rank's last batch updates its own)."""
+    h = hashlib.sha256()
+    for k, v in sorted(net.named_parameters()):
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(params: TrainParams, data_fingerprint: str, world: int, code: str) -> str:
     p = params.model_dump(mode="json")
     for k in _NOT_FINGERPRINTED:
         p.pop(k, None)
-    return dumps_json({"params": p, "data": data_fingerprint, "world": world}).decode()
+    return dumps_json({"params": p, "data": data_fingerprint, "world": world, "code": code}).decode()
 
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temporary name, then rename: a kill never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -312,179 +297,253 @@ def _truncate_live(live_dir: Path, last_step: int) -> None:
         tsv.write_text("\n".join(head + kept) + "\n")
 
 
-def _default_loader() -> Callable[..., Iterable]:
-    from pipeline.pair_loader import make_pair_loader
-    return make_pair_loader
+@dataclass
+class RunState:
+    """Where a run stands; with the weights and optimiser it is the resume state."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    history: list = field(default_factory=list)
+    resumed: bool = False
+
+
+def load_resume(resume_dir: Path, fp: str, model: "PairModel",
+                optimizer: torch.optim.Optimizer) -> RunState:
+    """The state of an interrupted run of exactly this fingerprint, else a fresh state."""
+    path = resume_dir / "last.pt"
+    if not path.is_file():
+        return RunState()
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("fingerprint") != fp or ckpt.get("format") != CHECKPOINT_FORMAT:
+        print(f"ignoring {path}: made by other params, data or code (fresh start)")
+        return RunState()
+    model.net.load_state_dict(ckpt["model"])
+    model.head.load_state_dict(ckpt["head"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return RunState(ckpt["epoch"], ckpt["step"], ckpt["best_val_accuracy"], json.loads(ckpt["history"]), True)
+
+
+def save_resume(resume_dir: Path, fp: str, state: RunState, model: "PairModel",
+                optimizer: torch.optim.Optimizer) -> None:
+    save_atomic({"format": CHECKPOINT_FORMAT, "fingerprint": fp, "epoch": state.epoch, "step": state.step,
+                 "best_val_accuracy": float(state.best), "history": json.dumps(state.history),
+                 "model": model.net.state_dict(), "head": model.head.state_dict(),
+                 "optimizer": optimizer.state_dict()}, resume_dir / "last.pt")
+
+
+def discard_resume_state(resume_dir: Path) -> None:
+    """A finished run's resume state goes: a finished run is never "resumed"."""
+    shutil.rmtree(resume_dir)
+
+
+def all_ranks(rank: Dist, device: torch.device, *flags: bool) -> list[bool]:
+    """Each flag AND-ed over the ranks (one all-reduce): ranks stop, skip and fail together."""
+    if rank.world == 1:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32,
+                     device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in t.tolist()]
+
+
+def _check_finite(finite: bool, step: int) -> None:
+    if not finite:
+        raise FloatingPointError(f"non-finite loss at or before step {step} (on this or another rank): "
+                                 f"lower train.lr, or check the data")
+
+
+LOGGED = ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked")
+
+
+def _loss_parts(out: PairLoss) -> tuple[torch.Tensor, ...]:
+    return (out.total, out.ce_raw, out.ce_masked, out.distill, out.fraction,
+            out.correct_raw.float().mean(), out.correct_masked.float().mean())
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, live_dir: str | Path,
-          make_loader: Callable[..., Iterable] | None = None) -> dict:
-    """Train on ``shards_dir``/train-*.tar; write model.pt, last.pt (out_dir) and dvclive logs.
+@dataclass
+class Trainer:
+    """Everything one run needs; :meth:`run_epoch` is the loop body, :func:`train` the driver."""
 
-    Returns a summary dict (rank 0; other ranks get theirs too, without the files)."""
-    make_loader = make_loader or _default_loader()
-    shards_dir, out_dir, live_dir = Path(shards_dir), Path(out_dir), Path(live_dir)
-    shards, classes, data_fp = _image_dataset(shards_dir)
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    device = select_device(params.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cpu" and world_env > 1:  # one process per core share, not all on every core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_env))
+    params: TrainParams
+    shards: ShardSet
+    rank: Dist
+    device: torch.device
+    model: PairModel
+    ddp: nn.Module
+    optimizer: torch.optim.Optimizer
+    validator: Optional[Validator]
+    state: RunState
+    fp: str
+    resume_dir: Path
+    live: Any = None
+    make_loader: Callable[..., Iterable] = make_pair_loader
 
-    # The validation set is read before the process group exists, so every rank reads all shards.
-    val_labels = split_val_identities(classes, params.val_fraction, params.seed, params.val_max_identities)
-    valset = collect_val(make_loader(shards, batch_size=params.batch_size, augment=None,
-                                     seed=params.seed, drop_last=False, num_workers=params.num_workers),
-                         val_labels, params.val_images_per_identity)
-    if params.val_fraction > 0 and len(np.unique(valset.labels)) < 2:
-        raise ValueError("validation needs >= 2 held-out identities with images in the train shards")
-    pairs = val_pairs(valset.labels, params.seed, params.val_max_pairs) if len(valset.labels) else None
+    @property
+    def per_rank_batch(self) -> int:
+        return max(2, self.params.batch_size // self.rank.world)
 
-    rank = init_distributed(device)
-    per_rank_batch = max(2, params.batch_size // rank.world)
-    # the loader's batches hold validation identities too (filtered out per batch)
-    steps_per_epoch = max(1, (valset.n_train + len(valset.labels)) // (per_rank_batch * rank.world))
-    total_steps = steps_per_epoch * params.epochs
-    cuda = device.type == "cuda"
-    autocast = autocast_for(device, params.bf16)
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.shards.train_samples // (self.per_rank_batch * self.rank.world))
 
-    model, optimizer = build_pair_model(params, len(classes), device)
-
-    fp = fingerprint(params, data_fp, rank.world)
-    last_path, best_path = out_dir / "last.pt", out_dir / "model.pt"
-    start_epoch, step, best, history = 0, 0, -1.0, []
-    resumed = False
-    if last_path.is_file():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        if ckpt.get("fingerprint") == fp and ckpt.get("format") == CHECKPOINT_FORMAT:
-            model.net.load_state_dict(ckpt["model"])
-            model.head.load_state_dict(ckpt["head"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_val_accuracy"]
-            history = json.loads(ckpt["history"])
-            resumed = True
-    ddp = model
-    if rank.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-
-    live = None
-    if rank.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        from dvclive import Live
-        if resumed:
-            _truncate_live(live_dir, step)
-        live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None)
-        if resumed:
-            print(f"resuming from {last_path} at epoch {start_epoch}, step {step}")
-
-    def run_validation(epoch: int) -> float:
-        """Rank 0 validates; returns val accuracy (-1 without validation); saves model.pt if best."""
-        nonlocal best
-        if not rank.main:
-            return -1.0
+    def validate(self, epoch: int) -> None:
+        """Rank 0: val metrics to dvclive and history; best.pt when val accuracy improves (every
+        point without validation)."""
+        if not self.rank.main:
+            return
+        s = self.state
         acc = -1.0
-        if pairs is not None:
-            v = validate(model.net, valset, pairs, device, max(64, per_rank_batch * 2), autocast)
+        if self.validator is not None:
+            v = self.validator(self.model.net)
             acc = v["accuracy"]
-            live.step = step
+            self.live.step = s.step
             for k, val in v.items():
-                live.log_metric(f"val/{k}", float(val))
-            history.append({"epoch": epoch, "step": step, **{k: float(x) for k, x in v.items()}})
-        if acc > best or pairs is None:
-            best = max(best, acc)
-            meta = {"epoch": epoch, "step": step, "val_accuracy": float(acc),
-                    "val_identities": len(val_labels), "train_pairs": valset.n_train,
-                    "world_size": rank.world, "params": json.loads(fp)["params"]}
-            save_atomic(model_checkpoint(model.net, meta), best_path)
-        live.summary["best_val_accuracy"] = float(best)
-        live.make_summary()
-        return acc
+                self.live.log_metric(f"val/{k}", float(val))
+            s.history.append({"epoch": epoch, "step": s.step, **{k: float(x) for k, x in v.items()}})
+        if acc > s.best or self.validator is None:
+            s.best = max(s.best, acc)
+            meta = {"epoch": epoch, "step": s.step, "val_accuracy": float(acc),
+                    "val_identities": len(self.shards.val_identities), "train_pairs": self.shards.train_samples,
+                    "world_size": self.rank.world, "params": json.loads(self.fp)["params"]}
+            save_atomic(model_checkpoint(self.model.net, meta), self.resume_dir / "best.pt")
+        self.live.summary["best_val_accuracy"] = float(s.best)
+        self.live.make_summary()
 
-    if rank.main and not resumed and start_epoch == 0:
-        run_validation(0)  # the chance-level starting point of the val curve
+    def log(self, window: dict, n: int, pairs: int, elapsed: float, lr: float) -> dict[str, float]:
+        metrics = {k: float(v) / n for k, v in window.items()}
+        metrics |= {"lr": lr, "samples_per_s": pairs * self.rank.world / max(elapsed, 1e-9)}
+        self.live.step = self.state.step
+        for k, v in metrics.items():
+            self.live.log_metric(f"train/{k}", float(v))
+        return metrics
 
-    model.train()
-    t_start, run_pairs = time.time(), 0
-    for epoch in range(start_epoch, params.epochs):
-        torch.manual_seed(params.seed * 1000 + epoch)  # dropout and anything else seeded per epoch
-        loader = make_loader(shards, batch_size=per_rank_batch, augment=params.augment, seed=params.seed,
-                             epoch=epoch, shuffle_buffer=params.shuffle_buffer,
-                             num_workers=params.num_workers, drop_last=True)
+    def run_epoch(self, epoch: int) -> int:
+        """One pass over this rank's shards; returns the pairs trained on by this rank."""
+        p, s = self.params, self.state
+        torch.manual_seed(p.seed * 1000 + epoch)  # dropout and anything else seeded per epoch
+        loader = self.make_loader(self.shards.train, batch_size=self.per_rank_batch, augment=p.augment,
+                                  seed=p.seed, epoch=epoch, shuffle_buffer=p.shuffle_buffer,
+                                  num_workers=p.num_workers, drop_last=True)
+        total_steps = self.steps_per_epoch * p.epochs
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", unit="step",
+                   disable=not self.rank.main)
+        window: dict[str, torch.Tensor] = {}
+        t_window, n_window, n_pairs, epoch_pairs = time.time(), 0, 0, 0
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         it = iter(loader)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{params.epochs}", unit="step",
-                   disable=not rank.main)
-        window: dict[str, float] = {}
-        t_window, n_window, n_pairs = time.time(), 0, 0
-        val_labels_t = torch.tensor(val_labels, dtype=torch.int64)
         while True:
             batch = next(it, None)
-            if batch is not None:
-                batch = drop_identities(batch, val_labels_t)  # validation identities never train
-            usable = batch is not None and len(batch[2]) >= 1  # twins are one batch: BatchNorm sees 2+
-            if rank.world > 1:  # ranks stop together (first to run out) and skip together
-                flags = torch.tensor([batch is not None, usable], dtype=torch.int32,
-                                     device=device if cuda else "cpu")
-                dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-                alive, usable = bool(flags[0]), bool(flags[1])
-            else:
-                alive = batch is not None
+            # ranks stop together (the first to run out) and fail together (a non-finite loss)
+            alive, ok = all_ranks(self.rank, self.device, batch is not None,
+                                  bool(finite) if self.rank.world > 1 else True)
+            _check_finite(ok, s.step)
             if not alive:
                 break
-            if not usable:
-                continue
-            lr = lr_at(step, total_steps, params)
-            out = train_step(ddp, optimizer, batch, lr=lr, grad_clip=params.grad_clip, device=device,
-                             autocast=autocast)
-            step += 1
+            lr = lr_at(s.step, total_steps, p)
+            out = train_step(self.ddp, self.optimizer, batch, lr=lr, grad_clip=p.grad_clip,
+                             device=self.device, autocast=autocast_for(self.device, p.bf16))
+            s.step += 1
             bar.update(1)
-            # summed as tensors: no host sync per step on a GPU, one per log line
-            for k, v in (("loss", out.total), ("ce_raw", out.ce_raw), ("ce_masked", out.ce_masked),
-                         ("distill", out.distill), ("distill_fraction", out.fraction),
-                         ("acc_raw", out.correct_raw.float().mean()),
-                         ("acc_masked", out.correct_masked.float().mean())):
+            parts = _loss_parts(out)
+            finite = finite & torch.isfinite(parts[0]).all()
+            for k, v in zip(LOGGED, parts):  # summed as tensors: one host sync per log line
                 window[k] = window.get(k, 0.0) + v.detach()
             n_window += 1
             n_pairs += len(batch[2])
-            run_pairs += len(batch[2])
-            if rank.main and step % params.log_every == 0:
-                elapsed = time.time() - t_window
-                metrics = {k: float(v) / n_window for k, v in window.items()}
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"non-finite loss near step {step}: {metrics}")
-                metrics["lr"] = lr
-                metrics["samples_per_s"] = n_pairs * rank.world / max(elapsed, 1e-9)
-                live.step = step
-                for k, v in metrics.items():
-                    live.log_metric(f"train/{k}", float(v))
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc_m=f"{metrics['acc_masked']:.2f}")
+            epoch_pairs += len(batch[2])
+            if s.step % p.log_every == 0:
+                _check_finite(bool(finite), s.step)
+                if self.rank.main:
+                    m = self.log(window, n_window, n_pairs, time.time() - t_window, lr)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc_m=f"{m['acc_masked']:.2f}")
                 window, t_window, n_window, n_pairs = {}, time.time(), 0, 0
-            if params.val_every and step % params.val_every == 0:
-                run_validation(epoch + 1)
-                if rank.world > 1:
+            if p.val_every and s.step % p.val_every == 0:
+                self.validate(epoch + 1)
+                if self.rank.world > 1:
                     dist.barrier()
         bar.close()
-        # end of epoch: validate, then the resume point (after the model file, so both agree)
-        if not (params.val_every and step % params.val_every == 0):
-            run_validation(epoch + 1)
-        if rank.main:
-            save_atomic({"format": CHECKPOINT_FORMAT, "fingerprint": fp, "epoch": epoch + 1, "step": step,
-                         "best_val_accuracy": float(best), "history": json.dumps(history),
-                         "model": model.net.state_dict(), "head": model.head.state_dict(),
-                         "optimizer": optimizer.state_dict()}, last_path)
-        if rank.world > 1:
+        _check_finite(bool(finite), s.step)
+        return epoch_pairs
+
+
+def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
+          make_loader: Callable[..., Iterable]) -> Trainer:
+    """Shards, device, process group, model, optimiser and the resume state, checked before any
+    training step."""
+    shards = read_shard_set(shards_dir)
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    check_shard_count(len(shards.train), world_env, params.num_workers)
+    device = select_device(params.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cpu" and world_env > 1:  # one process per core share, not all on every core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_env))
+    rank = init_distributed(device)
+    model, optimizer = build_pair_model(params, len(shards.classes), device)
+    fp = fingerprint(params, shards.fingerprint, rank.world, code_fingerprint())
+    state = load_resume(resume_dir, fp, model, optimizer)
+    ddp: nn.Module = model
+    if rank.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    validator = None
+    if shards.val:
+        validator = Validator(shards.val, params, device, autocast_for(device, params.bf16),
+                              max(64, 2 * max(2, params.batch_size // rank.world)))
+    return Trainer(params, shards, rank, device, model, ddp, optimizer, validator, state, fp, resume_dir,
+                   make_loader=make_loader)
+
+
+def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, live_dir: str | Path,
+          resume_dir: str | Path, make_loader: Callable[..., Iterable] | None = None) -> dict:
+    """Train on ``shards_dir``; write ``out_dir``/model.pt (best on validation) and dvclive logs.
+    ``resume_dir`` keeps the resume state while the run is unfinished (deleted at the end).
+
+    Returns a summary dict (rank 0; other ranks get theirs too, without the files)."""
+    out_dir, live_dir, resume_dir = Path(out_dir), Path(live_dir), Path(resume_dir)
+    tr = setup(params, Path(shards_dir), resume_dir, make_loader or make_pair_loader)
+    s = tr.state
+    if tr.rank.main:
+        from dvclive import Live
+
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        if s.resumed:
+            _truncate_live(live_dir, s.step)
+            print(f"resuming from {resume_dir / 'last.pt'} at epoch {s.epoch}, step {s.step}")
+        tr.live = Live(str(live_dir), resume=s.resumed, save_dvc_exp=False, dvcyaml=None)
+        if not s.resumed:
+            tr.validate(0)  # the chance-level starting point of the val curve
+
+    tr.model.train()
+    t_start, run_pairs = time.time(), 0
+    for epoch in range(s.epoch, params.epochs):
+        run_pairs += tr.run_epoch(epoch)
+        # end of epoch: validate, then the resume point (after best.pt, so both agree)
+        if not (params.val_every and s.step % params.val_every == 0):
+            tr.validate(epoch + 1)
+        s.epoch = epoch + 1
+        if tr.rank.main:
+            save_resume(resume_dir, tr.fp, s, tr.model, tr.optimizer)
+        if tr.rank.world > 1:
             dist.barrier()
 
-    summary = {"epochs": params.epochs, "steps": step, "best_val_accuracy": float(best),
-               "train_pairs": valset.n_train, "val_images": int(len(valset.labels)),
-               "val_identities": len(val_labels), "world_size": rank.world, "rank": rank.rank,
-               "device": str(device),
-               "resumed": resumed, "wall_s": round(time.time() - t_start, 1),
-               "pairs_per_s": round(run_pairs * rank.world / max(time.time() - t_start, 1e-9), 2),
-               "history": history}
-    if cuda:
-        summary["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if rank.main:
-        live.end()
-    if rank.world > 1:
+    wall = time.time() - t_start
+    summary = {"epochs": params.epochs, "steps": s.step, "best_val_accuracy": float(s.best),
+               "train_pairs": tr.shards.train_samples, "val_identities": len(tr.shards.val_identities),
+               "world_size": tr.rank.world, "rank": tr.rank.rank, "device": str(tr.device),
+               "resumed": s.resumed, "wall_s": round(wall, 1),
+               "pairs_per_s": round(run_pairs * tr.rank.world / max(wall, 1e-9), 2), "history": s.history,
+               "weights_sha256": weights_sha256(tr.model.net)}
+    if tr.device.type == "cuda":
+        summary["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(tr.device) / 2**30, 2)
+    if tr.rank.main:
+        # the finished run's output, then its resume state goes
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / "model.pt.tmp"
+        shutil.copyfile(resume_dir / "best.pt", tmp)
+        os.replace(tmp, out_dir / "model.pt")
+        discard_resume_state(resume_dir)
+        tr.live.end()
+    if tr.rank.world > 1:
         dist.destroy_process_group()
     return summary

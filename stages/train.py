@@ -1,4 +1,7 @@
-"""DVC stage `train`: data/shards/ -> models/model.pt (best by validation), models/last.pt, dvclive/.
+"""DVC stage `train`: data/shards/ -> models/model.pt (best by validation), dvclive/.
+
+The resume state of an unfinished run waits in checkpoints/train/ (not a DVC output; deleted when
+the run finishes), so a killed `dvc repro` continues where it stopped.
 
 Under torchrun (`torchrun --nproc_per_node=N -m stages.train`) every rank runs this; rank 0 writes.
 """
@@ -17,9 +20,11 @@ def main() -> None:
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--out", default="models")
     ap.add_argument("--live", default="dvclive")
+    ap.add_argument("--resume-dir", default="checkpoints/train")
     args = ap.parse_args()
     params = load_params(args.params)
-    summary = train(params=params.train, shards_dir=args.shards, out_dir=args.out, live_dir=args.live)
+    summary = train(params=params.train, shards_dir=args.shards, out_dir=args.out, live_dir=args.live,
+                    resume_dir=args.resume_dir)
     if summary["rank"] == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 

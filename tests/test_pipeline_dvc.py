@@ -34,8 +34,8 @@ def test_ingest_reproducible_and_cached(tmp_path, lfw_small):
 TINY_PARAMS = {
     "compute": {"n_jobs": 1},
     "ingest": {"chunk_size": 20},
-    "pack": {"shard_max_count": 4},
-    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "val_fraction": 0.34, "val_every": 0,
+    "pack": {"shard_max_count": 4, "val_fraction": 0.34},
+    "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "val_every": 0,
               "warmup_steps": 1, "log_every": 1, "shuffle_buffer": 8, "embedding_dim": 64},
     "evaluate": {"batch_size": 16},
 }
@@ -182,3 +182,22 @@ def test_queued_experiments_and_table(tiny_project):
     table = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "table1.py")], cwd=tiny_project,
                            capture_output=True, text=True, check=True).stdout
     assert "| method | seeds |" in table and "distill" in table
+
+
+@pytest.mark.slow
+def test_code_change_retrains_from_scratch(tiny_project):
+    """A changed train dependency (the ArcFace init) must train anew, never "resume" the finished
+    run's checkpoint and keep the old model under the new code's hash (issue: stale model)."""
+    losses = tiny_project / "pipeline" / "losses.py"
+    source = losses.read_text()
+    before = lock_hashes(tiny_project)["train"]["models"]
+    assert not (tiny_project / "checkpoints" / "train").exists()  # a finished run leaves no resume state
+    losses.write_text(source.replace("nn.init.normal_(self.weight, std=0.01)", "nn.init.normal_(self.weight, std=0.02)"))
+    try:
+        out = dvc("repro", "train", cwd=tiny_project).stdout
+        assert "Running stage 'train'" in out and "resuming" not in out, out
+        assert lock_hashes(tiny_project)["train"]["models"] != before
+    finally:
+        losses.write_text(source)
+        dvc("repro", "train", cwd=tiny_project)  # the old code's model, from DVC's run cache
+    assert lock_hashes(tiny_project)["train"]["models"] == before

@@ -1,11 +1,15 @@
-"""Training loop on real tiny shards: every distill variant steps with finite losses, validation is
-held out of training, checkpoints load, a killed run resumes to the same weights, DDP on 2 CPUs."""
+"""Training loop on real tiny shards: every distill variant steps, validation identities never
+train, checkpoints load, a killed run resumes to a byte-identical model, a code change never
+resumes, DDP on 2 CPU processes reads disjoint shards and stops together (end of data, non-finite
+loss), too few shards fail before training."""
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,28 +18,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
 
 from pipeline.config import DistillParams, TrainParams
 from pipeline.models import load_embedding_model
 from pipeline.pair_loader import make_pair_loader
-from pipeline.tar_chunks import list_chunks
-from pipeline.training import (build_pair_model, collect_val, drop_identities, from_uint8, fingerprint, lr_at, split_val_identities,
-                               train, train_step, val_pairs)
+from pipeline.tar_chunks import list_chunks, read_chunk
+from pipeline.training import (build_pair_model, code_fingerprint, fingerprint, lr_at, train, train_step,
+                               val_pairs)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(batch_size=4, embedding_dim=32, val_fraction=0.3, warmup_steps=2, num_workers=0,
-            log_every=1, shuffle_buffer=8)
+TINY = dict(batch_size=4, embedding_dim=32, warmup_steps=2, num_workers=0, log_every=1, shuffle_buffer=8)
 
 
-def test_val_identities_are_a_seeded_share_of_train_identities():
-    classes = {f"person_{i:02d}": i for i in range(40)}
-    a = split_val_identities(classes, 0.1, seed=3)
-    assert a == split_val_identities(classes, 0.1, seed=3) and len(a) == 4
-    assert a != split_val_identities(classes, 0.1, seed=4)
-    assert split_val_identities(classes, 0.0, seed=3) == []
-    with pytest.raises(ValueError, match="no training identities"):
-        split_val_identities({"a": 0, "b": 1}, 0.5, seed=0)
+def _keys(shards: list[Path]) -> list[str]:
+    return [k for s in shards for k, _ in read_chunk(s)]
+
+
+def _identity(key: str) -> str:
+    return key.split("/")[0]
 
 
 def test_val_pairs_are_balanced_and_never_pair_an_image_with_itself():
@@ -49,22 +51,6 @@ def test_val_pairs_are_balanced_and_never_pair_an_image_with_itself():
     assert all(np.array_equal(p[k], again[k]) for k in p)
 
 
-def test_drop_identities_removes_validation_labels():
-    batch = (torch.zeros(4, 3, 2, 2), torch.ones(4, 3, 2, 2), torch.tensor([0, 5, 2, 5]))
-    raw, masked, labels = drop_identities(batch, torch.tensor([5]))
-    assert labels.tolist() == [0, 2] and raw.shape[0] == masked.shape[0] == 2
-
-
-def test_collect_val_keeps_the_first_images_of_each_val_identity_and_counts_the_rest():
-    labels = torch.tensor([3, 1, 3, 3, 0, 3, 1, 2])
-    images = torch.linspace(-1, 1, 8)[:, None, None, None].expand(8, 3, 112, 112)
-    batches = [(images[i:i + 3], -images[i:i + 3], labels[i:i + 3]) for i in range(0, 8, 3)]
-    v = collect_val(batches, [1, 3], max_per_identity=2)
-    assert v.labels.tolist() == [3, 1, 3, 1] and v.n_train == 2  # labels 0 and 2 train
-    assert torch.allclose(from_uint8(v.raw[:, 0, 0, 0]), images[[0, 1, 2, 6], 0, 0, 0], atol=1 / 127.5)
-    assert torch.allclose(from_uint8(v.masked), -from_uint8(v.raw), atol=2 / 127.5)
-
-
 def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
     p = TrainParams(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, 100, p) == pytest.approx(1e-4)
@@ -73,12 +59,22 @@ def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
     assert lr_at(100, 100, p) == pytest.approx(1e-4) and lr_at(500, 100, p) == pytest.approx(1e-4)
 
 
-def test_fingerprint_changes_with_what_is_learned_not_with_workers():
+def test_fingerprint_covers_params_data_world_and_code_not_workers(tmp_path):
     p = TrainParams()
-    assert fingerprint(p, "d", 1) == fingerprint(p.model_copy(update={"num_workers": 7}), "d", 1)
-    beta = p.model_copy(update={"distill": DistillParams(beta=2.0)})
-    assert fingerprint(p, "d", 1) != fingerprint(beta, "d", 1)
-    assert fingerprint(p, "d", 1) != fingerprint(p, "other shards", 1)
+    fp = fingerprint(p, "d", 1, "code")
+    assert fp == fingerprint(p.model_copy(update={"num_workers": 7}), "d", 1, "code")
+    assert fp != fingerprint(p.model_copy(update={"distill": DistillParams(beta=2.0)}), "d", 1, "code")
+    assert fp != fingerprint(p, "other shards", 1, "code")
+    assert fp != fingerprint(p, "d", 2, "code")
+    assert fp != fingerprint(p, "d", 1, "other code")
+    # the code part: any byte of any .py in pipeline/ or stages/
+    for d in ("pipeline", "stages"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    base = code_fingerprint(tmp_path)
+    assert base == code_fingerprint(ROOT)
+    losses = tmp_path / "pipeline" / "losses.py"
+    losses.write_text(losses.read_text().replace("std=0.01", "std=0.02"))
+    assert code_fingerprint(tmp_path) != base
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -87,34 +83,48 @@ def test_every_distill_variant_trains_on_real_shards(tiny_shards, kind, dynamic)
     params = TrainParams(**TINY, distill=DistillParams(kind=kind, dynamic=dynamic, beta=1.0))
     classes = json.loads((tiny_shards / "classes.json").read_text())
     model, opt = build_pair_model(params, len(classes), torch.device("cpu"))
-    before = model.net.head.fc.weight.detach().clone()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loader = make_pair_loader(list_chunks(tiny_shards, "train-"), batch_size=4, augment=params.augment,
                               seed=0, shuffle_buffer=8)
-    for batch in itertools.islice(loader, 1):
-        out = train_step(model, opt, batch, lr=1e-3, grad_clip=5.0, device=torch.device("cpu"))
-        assert torch.isfinite(out.total) and torch.isfinite(out.distill)
-        assert out.total.item() == pytest.approx(out.ce_raw.item() + out.ce_masked.item() + out.distill.item(), rel=1e-4)
-        both = (out.correct_raw & out.correct_masked).float().mean().item()
-        if kind == "none":
-            assert out.distill.item() == 0.0 and out.fraction.item() == 0.0
-        elif dynamic:
-            assert out.fraction.item() == pytest.approx(both)  # only pairs right on both sides
-        else:
-            assert out.fraction.item() == 1.0 and out.distill.item() > 0.0
-    assert not torch.equal(before, model.net.head.fc.weight)
+    batch = next(iter(loader))
+    out = train_step(model, opt, batch, lr=1e-3, grad_clip=5.0, device=torch.device("cpu"))
+    assert torch.isfinite(out.total) and torch.isfinite(out.distill)
+    both = (out.correct_raw & out.correct_masked).float().mean().item()
+    if kind == "none":
+        assert out.distill.item() == 0.0 and out.fraction.item() == 0.0
+    elif dynamic:
+        assert out.fraction.item() == pytest.approx(both)  # only pairs right on both sides
+    else:
+        assert out.fraction.item() == 1.0 and out.distill.item() > 0.0
+    changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert any(k.startswith("net.") for k in changed) and "head.weight" in changed
 
 
-def test_train_holds_out_validation_and_writes_loadable_checkpoints(tiny_shards, tmp_path):
-    params = TrainParams(**TINY, epochs=2)
-    s = train(params=params, shards_dir=tiny_shards, out_dir=tmp_path / "models", live_dir=tmp_path / "live")
+def test_validation_identities_never_train_and_the_model_is_written(tiny_shards, tmp_path):
     index = json.loads((tiny_shards / "index.json").read_text())
-    assert s["train_pairs"] + s["val_images"] == index["train"]["samples"]  # nothing lost, nothing shared
-    assert s["val_identities"] == 2 and s["steps"] > 0 and not s["resumed"]
+    val_ids = set(index["val"]["identities"])
+    train_keys = _keys(list_chunks(tiny_shards, "train-"))
+    val_keys = _keys(list_chunks(tiny_shards, "val-"))
+    # the held-out split is part of the packed data set: disjoint identities, every pair once
+    assert len(val_ids) == 2 and {_identity(k) for k in val_keys} == val_ids
+    assert not {_identity(k) for k in train_keys} & val_ids
+    assert len(train_keys) == len(set(train_keys)) == index["train"]["samples"]
+    classes = json.loads((tiny_shards / "classes.json").read_text())
+    assert set(classes) == {_identity(k) for k in train_keys}  # no ArcFace class for a val identity
+
+    params = TrainParams(**TINY, epochs=2)
+    s = train(params=params, shards_dir=tiny_shards, out_dir=tmp_path / "models", live_dir=tmp_path / "live",
+              resume_dir=tmp_path / "resume")
+    assert s["train_pairs"] == index["train"]["samples"] and s["val_identities"] == 2
+    # one loader, drop_last: each epoch trains on the full batches of 4 of every train pair
+    assert s["steps"] == 2 * (index["train"]["samples"] // 4) > 0 and not s["resumed"]
     assert [h["epoch"] for h in s["history"]] == [0, 1, 2]  # the untrained point, then every epoch
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]  # nothing else in the output
+    assert not (tmp_path / "resume").exists()  # a finished run leaves no resume state
     ckpt = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert set(ckpt) == {"model", "config", "meta"} and ckpt["config"]["image_size"] == 112
     assert ckpt["meta"]["val_accuracy"] == s["best_val_accuracy"] == max(h["accuracy"] for h in s["history"])
-    assert all(tuple(v.shape) != (6, 32) for v in ckpt["model"].values())  # no ArcFace head inside
+    assert all(v.shape[0] != len(classes) for v in ckpt["model"].values() if v.ndim == 2)  # no ArcFace head
     net = load_embedding_model(tmp_path / "models" / "model.pt")
     assert net(torch.zeros(2, 3, 112, 112)).shape == (2, 32)
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
@@ -125,70 +135,155 @@ def test_train_holds_out_validation_and_writes_loadable_checkpoints(tiny_shards,
         assert len(rows) == s["steps"] + 1, name  # header + one row per step (log_every=1)
 
 
+def test_too_few_shards_fail_before_training(tiny_shards, tmp_path):
+    n = len(list_chunks(tiny_shards, "train-"))
+    params = TrainParams(**{**TINY, "num_workers": n + 1})
+    with pytest.raises(ValueError, match=rf"{n} train shard\(s\) for 1 rank\(s\) x {n + 1} loader worker\(s\).*"
+                                         r"pack.shard_max_count"):
+        train(params=params, shards_dir=tiny_shards, out_dir=tmp_path / "m", live_dir=tmp_path / "l",
+              resume_dir=tmp_path / "r")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "l").exists()
+
+
+# ----------------------------------------------------------------------------- resume (stage runs)
 def _write_params(path: Path, **train) -> Path:
     path.write_text(yaml.safe_dump({"train": {**TINY, **train}}))
     return path
 
 
-def _stage(params: Path, out: Path, shards: Path, torchrun: int = 0) -> list[str]:
-    cmd = [sys.executable, "-m", "stages.train"]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "stages.train"]
-    return cmd + ["--params", str(params), "--shards", str(shards), "--out", str(out / "models"),
-                  "--live", str(out / "live")]
+def _stage(params: Path, out: Path, shards: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.train", "--params", str(params), "--shards", str(shards),
+            "--out", str(out / "models"), "--live", str(out / "live"), "--resume-dir", str(out / "resume")]
 
 
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
-
-
-def test_killed_run_resumes_to_the_same_weights(tiny_shards, tmp_path):
-    params = _write_params(tmp_path / "params.yaml", epochs=3, dropout=0.2)
+def test_killed_run_resumes_to_a_byte_identical_model(tiny_shards, tmp_path):
+    params = _write_params(tmp_path / "params.yaml", epochs=3, dropout=0.2, val_every=0)
     whole = tmp_path / "whole"
     subprocess.run(_stage(params, whole, tiny_shards), cwd=ROOT, env=_env(), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_stage(params, killed, tiny_shards), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "models" / "last.pt"
+    last = killed / "resume" / "last.pt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch: the kill lands mid-epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    epoch_at_kill = _weights(last)["epoch"]
+    epoch_at_kill = torch.load(last, weights_only=True)["epoch"]
     assert 1 <= epoch_at_kill < 3, "the kill must land mid-training"
+    assert not (killed / "models").exists()  # nothing half-done in the DVC output
 
     done = subprocess.run(_stage(params, killed, tiny_shards), cwd=ROOT, env=_env(), check=True,
                           capture_output=True, text=True)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["resumed"] and summary["steps"] == _weights(whole / "models" / "last.pt")["step"]
-    a, b = _weights(whole / "models" / "last.pt"), _weights(last)
-    assert a["epoch"] == b["epoch"] == 3
-    for part in ("model", "head"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    assert summary["resumed"] and "resuming" in done.stdout
+    # the whole output is byte-identical to the uninterrupted run's: the same DVC hash
+    assert sorted(p.name for p in (killed / "models").iterdir()) == ["model.pt"]
+    assert (killed / "models" / "model.pt").read_bytes() == (whole / "models" / "model.pt").read_bytes()
+    assert not (killed / "resume").exists()
     # the dvclive curve has no duplicate steps from the killed run's tail
     steps = [r.split("\t")[0] for r in (killed / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
     assert len(steps) == len(set(steps)) == summary["steps"]
 
 
-def test_two_process_ddp_on_cpu(tiny_shards, tmp_path):
-    params = _write_params(tmp_path / "params.yaml", epochs=1)
-    out = tmp_path / "ddp"
-    run = subprocess.run(_stage(params, out, tiny_shards, torchrun=2), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1  # only rank 0 reports
-    summary = json.loads(lines[0])
-    assert summary["world_size"] == 2 and summary["steps"] >= 1
-    ckpt = torch.load(out / "models" / "model.pt", weights_only=True)
+def test_resume_state_of_other_code_is_ignored(tiny_shards, tmp_path, monkeypatch):
+    """A resume state from other code (same params and data) trains from scratch."""
+    import pipeline.training as training
+
+    params = TrainParams(**TINY, epochs=1, val_every=0)
+    kw = dict(params=params, shards_dir=tiny_shards, live_dir=tmp_path / "live", resume_dir=tmp_path / "r")
+    monkeypatch.setattr(training, "code_fingerprint", lambda root=None: "old code")
+    monkeypatch.setattr(training, "discard_resume_state", lambda d: None)
+    first = train(out_dir=tmp_path / "a", **kw)
+    assert (tmp_path / "r" / "last.pt").is_file()  # as if the run had been killed after its last epoch
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "code_fingerprint", lambda root=None: "new code")
+    second = train(out_dir=tmp_path / "b", **kw)
+    assert not second["resumed"] and second["steps"] == first["steps"] > 0
+
+
+# ----------------------------------------------------------------------------- DDP (2 CPU processes)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RecordingLoader:
+    """make_pair_loader that records the keys each rank trains on, and (``poison_rank``) feeds
+    NaN images to one rank from its second batch on."""
+
+    def __init__(self, out: Path, poison_rank: int = -1):
+        self.out, self.poison_rank = out, poison_rank
+
+    def __call__(self, *args, **kwargs):
+        rank = int(os.environ["RANK"])
+        loader = make_pair_loader(*args, return_keys=True, **kwargs)
+        for i, (raw, masked, label, keys) in enumerate(loader):
+            with open(self.out / f"keys-{rank}-{kwargs.get('epoch', 0)}.txt", "a") as fh:
+                fh.write("".join(k + "\n" for k in keys))
+            if rank == self.poison_rank and i >= 1:
+                raw = torch.full_like(raw, float("nan"))
+            yield raw, masked, label
+
+
+def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str, params: dict, poison_rank: int):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    out_dir = Path(out)
+    result: dict = {}
+    try:
+        s = train(params=TrainParams(**params), shards_dir=shards, out_dir=out_dir / "models",
+                  live_dir=out_dir / "live", resume_dir=out_dir / "resume",
+                  make_loader=RecordingLoader(out_dir, poison_rank))
+        result = {"steps": s["steps"], "world_size": s["world_size"], "weights": s["weights_sha256"]}
+    except Exception as err:  # reported to the test, which asserts on it
+        result = {"error": type(err).__name__, "message": str(err)}
+    (out_dir / f"result-{rank}.json").write_text(json.dumps(result))
+
+
+def _run_ddp(tiny_shards: Path, out: Path, poison_rank: int = -1, **train) -> list[dict]:
+    out.mkdir(parents=True)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(tiny_shards), str(out), {**TINY, **train},
+                                                     poison_rank)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank hung (waiting in a collective for a rank that stopped)"
+    return [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_process_ddp_reads_disjoint_shards_and_ends_with_equal_weights(tiny_shards, tmp_path):
+    res = _run_ddp(tiny_shards, tmp_path / "ddp", epochs=1, val_every=0)
+    assert all("error" not in r for r in res), res
+    assert res[0]["world_size"] == 2 and res[0]["steps"] == res[1]["steps"] >= 1
+    assert res[0]["weights"] == res[1]["weights"]  # gradients all-reduced: one model on both ranks
+    seen = [(tmp_path / "ddp" / f"keys-{r}-0.txt").read_text().split() for r in range(2)]
+    everything = _keys(list_chunks(tiny_shards, "train-"))
+    # disjoint shards: no sample on both ranks; one pass: no sample twice on a rank
+    assert not set(seen[0]) & set(seen[1]) and all(len(s) == len(set(s)) for s in seen)
+    # each shard belongs to one rank (what the ranks read until they stop together)
+    owner = {k: sh.name for sh in list_chunks(tiny_shards, "train-") for k, _ in read_chunk(sh)}
+    assert set(seen[0]) | set(seen[1]) <= set(everything)
+    assert not {owner[k] for k in seen[0]} & {owner[k] for k in seen[1]}
+    assert len(seen[0]) + len(seen[1]) >= 2 * res[0]["steps"] * 2  # every step: 2 pairs per rank
+    ckpt = torch.load(tmp_path / "ddp" / "models" / "model.pt", weights_only=True)
     assert ckpt["meta"]["world_size"] == 2
-    assert load_embedding_model(out / "models" / "model.pt")(torch.zeros(2, 3, 112, 112)).shape == (2, 32)
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tiny_shards, tmp_path):
+    res = _run_ddp(tiny_shards, tmp_path / "nan", poison_rank=1, epochs=1, val_every=0, log_every=50)
+    assert [r.get("error") for r in res] == ["FloatingPointError", "FloatingPointError"], res
+    assert "non-finite loss" in res[0]["message"]
