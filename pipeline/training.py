@@ -454,7 +454,8 @@ class Trainer:
             n_pairs += len(batch[2])
             epoch_pairs += len(batch[2])
             if s.step % p.log_every == 0:
-                _check_finite(bool(finite), s.step)
+                if self.rank.world == 1:  # with DDP every rank decides together, in all_ranks above
+                    _check_finite(bool(finite), s.step)
                 if self.rank.main:
                     m = self.log(window, n_window, n_pairs, time.time() - t_window, lr)
                     bar.set_postfix(loss=f"{m['loss']:.3f}", acc_m=f"{m['acc_masked']:.2f}")

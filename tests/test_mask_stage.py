@@ -12,7 +12,8 @@ from pipeline.ingest import run_ingest
 from pipeline.images import decode_rgb
 from pipeline.mask.landmarks import LandmarkModelError
 from pipeline.mask.overlay import apply_overlay
-from pipeline.mask.stage import choose_style, image_rng, run_mask, status_rows
+from pipeline.mask.stage import choose_style, image_rng, run_mask
+from pipeline.stage_report import status_rows
 from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk
 from tests.test_mask_landmarks import lfw_rgb
 

@@ -24,8 +24,9 @@ from pipeline.config import AlignParams, ComputeParams
 from pipeline.ingest import accepted_image_ids
 from pipeline.images import decode_gray, decode_rgb, encode_jpeg
 from pipeline.mask.overlay import apply_overlay
-from pipeline.seeding import rank_key
 from pipeline.parallel import map_chunks
+from pipeline.seeding import rank_key
+from pipeline.stage_report import check_accounting, draw_sheet, write_png, write_status
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -170,23 +171,17 @@ def contact_sheet(rows: list[dict], out_dir: Path, seed: int = 0) -> np.ndarray:
         for key, members in read_chunk(out_dir / "chunks" / chunk):
             if key in wanted:
                 crops[key] = members
-    s, pad, label_h = geo.CROP_SIZE, 6, 14
-    cols = min(SHEET_COLS, max(1, len(picks)))
-    n_rows = max(1, -(-len(picks) // cols))
-    sheet = np.full((n_rows * (s + label_h + pad) + pad, cols * (2 * s + pad) + pad, 3), 255, np.uint8)
-    for i, r in enumerate(picks):
-        y = pad + (i // cols) * (s + label_h + pad)
-        x = pad + (i % cols) * (2 * s + pad)
-        for k, ext in enumerate(("raw.jpg", "masked.jpg")):
-            img = decode_rgb(crops[r["image_id"]][ext])
-            tile = img.copy()
+    cells = []
+    for r in picks:
+        tiles = []
+        for ext in ("raw.jpg", "masked.jpg"):
+            tile = decode_rgb(crops[r["image_id"]][ext])
             for ex, ey in geo.TEMPLATE_EYES:  # a green dot on each template eye position
                 cv2.circle(tile, (int(round(ex)), int(round(ey))), 1, (0, 255, 0), -1)
-            sheet[y + label_h:y + label_h + s, x + k * s:x + (k + 1) * s] = tile
-        name = r["image_id"].split("/")[-1][:22]
-        cv2.putText(sheet, f"{name} {r['route']}", (x, y + 10), cv2.FONT_HERSHEY_SIMPLEX, 0.32, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    return sheet
+            tiles.append(tile)
+        cells.append((f"{r['image_id'].split('/')[-1][:22]} {r['route']}", tiles))
+    return draw_sheet([cells[i:i + SHEET_COLS] for i in range(0, len(cells), SHEET_COLS)], geo.CROP_SIZE,
+                      font_scale=0.32)
 
 
 def _mask_reasons(masked_dir: Path) -> dict[str, str]:
@@ -213,17 +208,9 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
                          ingest_chunks=str(ingest_dir / "chunks"), masked_chunks=str(masked_dir / "chunks"),
                          mask_reasons=mask_reasons, params=params, out_chunks=str(out_dir / "chunks"))
     rows = sorted((r for chunk_rows in results for r in chunk_rows), key=lambda r: r["image_id"])
-    ids = [r["image_id"] for r in rows]
-    expected = accepted_image_ids(ingest_dir)
-    if len(set(ids)) != len(ids) or (expected is not None and ids != expected):
-        raise AlignStageError(f"accounting broken: {len(expected or [])} ingested, {len(ids)} status rows")
-    if any(r["status"] not in ("aligned", "rejected") or (r["status"] == "rejected" and not r["reason"])
-           for r in rows):
-        raise AlignStageError("accounting broken: a row is neither aligned nor rejected with a reason")
-    pq.write_table(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), out_dir / "status.parquet")
+    check_accounting(rows, accepted_image_ids(ingest_dir), "aligned", AlignStageError)
+    write_status(rows, STATUS_SCHEMA, out_dir / "status.parquet")
     summary = summarize(rows, params)
     write_json(out_dir / "summary.json", summary)
-    sheet = contact_sheet(rows, out_dir)
-    cv2.imwrite(str(out_dir / "contact_sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    write_png(out_dir / "contact_sheet.png", contact_sheet(rows, out_dir))
     return summary

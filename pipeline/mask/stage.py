@@ -12,10 +12,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import MASK_TEXTURES, MASK_TYPES, ComputeParams, MaskParams
 from pipeline.ingest import accepted_image_ids
@@ -25,6 +23,7 @@ from pipeline.mask.templates import N_VARIANTS, PALETTES, get_template
 from pipeline.images import decode_rgb, encode_png
 from pipeline.parallel import map_chunks
 from pipeline.seeding import item_rng, rank_key
+from pipeline.stage_report import check_accounting, draw_sheet, fit_tile, write_png, write_status
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -177,31 +176,14 @@ def contact_sheet(rows: list[dict], in_dir: Path, out_dir: Path, params: MaskPar
             if key in wanted and key in raws:
                 raw = decode_rgb(raws[key].get("jpg", raws[key].get("png")))
                 box = json.loads(members["json"])["overlay_box"]
-                thumbs[(key, "jpg")] = _thumb(raw)
-                thumbs[(key, "masked.jpg")] = _thumb(apply_overlay(raw, box, decode_rgb(members["overlay.png"])))
-    types = [t for t in MASK_TYPES if picks[t]]
-    sheet = np.full((max(len(types), 1) * (THUMB + 18) + 4, per * (2 * THUMB + 8) + 4, 3), 255, np.uint8)
-    for i, t in enumerate(types):
-        y = 4 + i * (THUMB + 18)
-        for j, r in enumerate(picks[t]):
-            x = 4 + j * (2 * THUMB + 8)
-            for k, ext in enumerate(("jpg", "masked.jpg")):
-                img = thumbs.get((r["image_id"], ext))
-                if img is not None:
-                    sheet[y + 14:y + 14 + THUMB, x + k * THUMB:x + (k + 1) * THUMB] = img
-            label = f"{t}: {r['colour']}, {r['texture']} ({r['route']})"
-            cv2.putText(sheet, label, (x, y + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
-    return sheet
-
-
-def _thumb(rgb: np.ndarray) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    s = THUMB / max(h, w)
-    small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    tile = np.full((THUMB, THUMB, 3), 255, np.uint8)
-    oy, ox = (THUMB - small.shape[0]) // 2, (THUMB - small.shape[1]) // 2
-    tile[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
-    return tile
+                thumbs[(key, "jpg")] = fit_tile(raw, THUMB)
+                masked = apply_overlay(raw, box, decode_rgb(members["overlay.png"]))
+                thumbs[(key, "masked.jpg")] = fit_tile(masked, THUMB)
+    sheet_rows = [[(f"{t}: {r['colour']}, {r['texture']} ({r['route']})",
+                    [thumbs[(r["image_id"], "jpg")], thumbs[(r["image_id"], "masked.jpg")]])
+                   for r in picks[t] if (r["image_id"], "jpg") in thumbs]
+                  for t in MASK_TYPES if picks[t]]
+    return draw_sheet(sheet_rows, THUMB, font_scale=0.36)
 
 
 def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path = "data/ingest",
@@ -224,23 +206,9 @@ def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path =
             r["_chunk"] = chunk.name
             rows.append(r)
     rows.sort(key=lambda r: r["image_id"])
-    ids = [r["image_id"] for r in rows]
-    expected = accepted_image_ids(in_dir)
-    if len(set(ids)) != len(ids) or (expected is not None and ids != expected):
-        raise MaskStageError(f"accounting broken: {len(expected or [])} ingested, {len(ids)} status rows")
-    n_masked = sum(r["status"] == "masked" for r in rows)
-    if n_masked + sum(r["status"] == "rejected" for r in rows) != len(rows):
-        raise MaskStageError("accounting broken: a status is neither masked nor rejected")
-    cols = [f.name for f in STATUS_SCHEMA]
-    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in cols} for r in rows], schema=STATUS_SCHEMA),
-                   out_dir / "status.parquet")
+    check_accounting(rows, accepted_image_ids(in_dir), "masked", MaskStageError)
+    write_status(rows, STATUS_SCHEMA, out_dir / "status.parquet")
     summary = summarize(rows)
     write_json(out_dir / "summary.json", summary)
-    sheet = contact_sheet(rows, in_dir, out_dir, params)
-    cv2.imwrite(str(out_dir / "contact_sheet.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    write_png(out_dir / "contact_sheet.png", contact_sheet(rows, in_dir, out_dir, params))
     return summary
-
-
-def status_rows(out_dir: str | Path) -> list[dict]:
-    return pq.read_table(Path(out_dir) / "status.parquet").to_pylist()
