@@ -5,11 +5,12 @@ or an unknown choice fails before any work, with a message that names the key an
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MASK_TYPES = ("surgical", "n95", "kn95", "cloth", "gas")
 MASK_TEXTURES = ("plain", "pleats", "grain", "print")
@@ -32,15 +33,27 @@ class ComputeParams(Section):
     dask_scheduler: Optional[str] = None
 
 
-class IngestParams(Section):
+DATASET_NAME = r"^[A-Za-z0-9_-]+$"
+EVAL_SET = "lfw"  # the evaluation data set: always LFW, always this key of `datasets`
+
+
+class DatasetParams(Section):
+    """One data set; each runs ingest -> mask -> align on its own (DVC stages ``ingest@<name>`` ...)."""
+
+    # lfw: a folder laid out like the LFW release (lfw-deepfunneled/ + protocol .txt files), split
+    # by View 1 (train / test people); imagefolder: root/<identity>/<image>; recordio: a folder with
+    # insightface's train.rec + train.idx. imagefolder / recordio images are all training images.
     source: Literal["lfw", "imagefolder", "recordio"] = "lfw"
-    # lfw: a folder laid out like the LFW release (lfw-deepfunneled/ + protocol .txt files);
-    # imagefolder: root/<identity>/<image>; recordio: a folder with train.rec + train.idx.
     path: str = "data/sources/lfw"
+    # Inputs are aligned 112x112 crops (insightface's sets): mask works on the crop (HOG, then the
+    # canonical shape), align passes it through unchanged (route pre_aligned).
+    assume_aligned: bool = False
+
+
+class IngestParams(Section):
+    """Chunking and vetting of every data set."""
+
     chunk_size: int = Field(1000, ge=1, le=1_000_000)
-    # imagefolder / recordio only: share of identities that go to the test split.
-    test_fraction: float = Field(0.3, ge=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
     min_side: int = Field(16, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
 
@@ -53,8 +66,6 @@ class MaskParams(Section):
     landmarks_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
     max_upsample: int = Field(1, ge=0, le=2)
     haar_fallback: bool = True
-    # Inputs are already aligned crops (insightface 112x112): a canonical shape is the last route.
-    assume_aligned: bool = False
     type_weights: dict[str, float] = Field(
         default_factory=lambda: {"surgical": 3.0, "n95": 1.0, "kn95": 1.0, "cloth": 2.0, "gas": 0.5}
     )
@@ -183,6 +194,12 @@ class Params(Section):
     """The whole params.yaml. Sections a stage does not use are still validated."""
 
     compute: ComputeParams = ComputeParams()
+    # Every data set of the experiment, by name; "lfw" is the evaluation set (and, with
+    # train_set: lfw, its View 1 train people are the training set).
+    datasets: dict[str, DatasetParams] = Field(default_factory=lambda: {EVAL_SET: DatasetParams()})
+    # The data set that trains: "lfw" (LFW View 1 train people; evaluation on the View 1 test
+    # people) or the name of an external set in `datasets` (evaluation on all of LFW).
+    train_set: str = EVAL_SET
     ingest: IngestParams = IngestParams()
     mask: MaskParams = MaskParams()
     align: AlignParams = AlignParams()
@@ -191,11 +208,40 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, v: dict[str, DatasetParams]) -> dict[str, DatasetParams]:
+        bad = [k for k in v if not re.match(DATASET_NAME, k)]
+        if bad:
+            raise ValueError(f"data set names {bad} must use letters, digits, '_' or '-' (they name folders)")
+        if EVAL_SET not in v or v[EVAL_SET].source != "lfw":
+            raise ValueError(f"needs an entry {EVAL_SET!r} with source 'lfw': LFW is the evaluation set")
+        others = [k for k, d in v.items() if d.source == "lfw" and k != EVAL_SET]
+        if others:
+            raise ValueError(f"{others}: only the {EVAL_SET!r} entry may have source 'lfw'")
+        return v
+
+    @model_validator(mode="after")
+    def _train_set(self) -> "Params":
+        if self.train_set not in self.datasets:
+            raise ValueError(f"train_set {self.train_set!r} is not a data set; allowed: {sorted(self.datasets)}")
+        return self
+
+    def dataset(self, name: str) -> DatasetParams:
+        if name not in self.datasets:
+            raise ParamsError(f"data set {name!r} is not in params.yaml's datasets; known: {sorted(self.datasets)}")
+        return self.datasets[name]
+
+    @property
+    def external_training_set(self) -> bool:
+        """True when the training set is not LFW's own View 1 train people."""
+        return self.train_set != EVAL_SET
+
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid parameters"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join(str(p) for p in e["loc"]) or "params"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ComputeParams, EvaluateParams
+from pipeline.config import ComputeParams, EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
@@ -62,8 +62,10 @@ def portion_key(p: float) -> str:
 # Embedding the aligned test set
 # ----------------------------------------------------------------------------------------------
 
-def read_aligned_chunk(path: str | Path, split: str = "test"):
-    """(ids, identities, raw crops, masked crops) of one aligned chunk, sorted by id."""
+def read_aligned_chunk(path: str | Path):
+    """(ids, identities, raw crops, masked crops) of one aligned chunk, sorted by id. Every sample
+    must be of the split the chunk is named after (``test-000001.tar``: test)."""
+    split = Path(path).name.split("-")[0]
     ids, idents, raw, masked = [], [], [], []
     for key, m in read_chunk(path):
         missing = {"raw.jpg", "masked.jpg", "json"} - set(m)
@@ -97,27 +99,34 @@ def _embed_chunk(path, *, embedder: Embedder | str, flip: bool, batch_size: int,
                            progress=f"{name} masked" if progress else None))
 
 
-def aligned_test_chunks(aligned_dir: str | Path) -> list[Path]:
-    chunks = list_chunks(Path(aligned_dir) / "chunks", prefix="test-")
+def evaluated_splits(all_lfw: bool) -> tuple[str, ...]:
+    """The LFW splits evaluated: View 1's test people when the model trained on View 1's train
+    people; every LFW image when it trained on an external set (no LFW person trained on)."""
+    return ("train", "test") if all_lfw else ("test",)
+
+
+def aligned_eval_chunks(aligned_dir: str | Path, all_lfw: bool = False) -> list[Path]:
+    folder = Path(aligned_dir) / "chunks"
+    chunks = [c for split in evaluated_splits(all_lfw) for c in list_chunks(folder, prefix=f"{split}-")]
     if not chunks:
-        raise EvaluationError(f"no test chunks in {Path(aligned_dir) / 'chunks'}: run the align stage")
+        raise EvaluationError(f"no {'/'.join(evaluated_splits(all_lfw))} chunks in {folder}: run the align stage")
     return chunks
 
 
-def read_test_identities(aligned_dir: str | Path) -> set[str]:
-    """Identities in the aligned test chunks (json members only: no decoding)."""
-    return {json.loads(m["json"])["identity"] for c in aligned_test_chunks(aligned_dir)
+def read_eval_identities(aligned_dir: str | Path, all_lfw: bool = False) -> set[str]:
+    """Identities of the evaluated chunks (json members only: no decoding)."""
+    return {json.loads(m["json"])["identity"] for c in aligned_eval_chunks(aligned_dir, all_lfw)
             for _, m in read_chunk(c)}
 
 
 def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bool, batch_size: int,
-                  compute: ComputeParams | None = None, device: str = "cpu") -> EmbeddedSet:
-    """Embed raw and masked crops of every aligned test image.
+                  compute: ComputeParams | None = None, device: str = "cpu", all_lfw: bool = False) -> EmbeddedSet:
+    """Embed raw and masked crops of every evaluated aligned image (:func:`evaluated_splits`).
 
     With ``compute`` (and ``embedder`` given as a spec string like "dlib"), chunks are spread over
     workers; otherwise they run here (torch uses all cores by itself).
     """
-    chunks = aligned_test_chunks(aligned_dir)
+    chunks = aligned_eval_chunks(aligned_dir, all_lfw)
     if compute is not None and isinstance(embedder, str):
         parts = map_chunks(_embed_chunk, chunks, compute, desc=f"embed {embedder}", embedder=embedder,
                            flip=flip, batch_size=batch_size, device=device)
@@ -130,7 +139,7 @@ def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bo
         info = embedder.describe()
     ids = [i for p in parts for i in p[0]]
     if len(set(ids)) != len(ids):
-        raise EvaluationError("an image id appears in two test chunks")
+        raise EvaluationError("an image id appears in two aligned chunks")
     info["flip"] = bool(flip)
     return EmbeddedSet(ids, [i for p in parts for i in p[1]], np.concatenate([p[2] for p in parts]),
                        np.concatenate([p[3] for p in parts]), info)
@@ -355,12 +364,32 @@ def draw_figures(out_dir: Path, results: dict[str, tuple[dict, dict]]) -> None:
     plt.close(fig)
 
 
+def evaluation_scope(params: Params) -> dict:
+    """Which LFW images are evaluated, as a small file (the `eval_scope` stage): the same bytes for
+    every external training set, so switching between two external sets reruns no LFW-side stage
+    (embed_reference depends on this file, not on `train_set`)."""
+    return {"all_lfw": params.external_training_set, "splits": list(evaluated_splits(params.external_training_set))}
+
+
+def read_scope(path: str | Path) -> bool:
+    """``all_lfw`` of an `eval_scope` file."""
+    return bool(json.loads(Path(path).read_text())["all_lfw"])
+
+
+def training_set_info(params: Params) -> dict:
+    """What evaluate needs to know of the training set (recorded in metrics.json)."""
+    d = params.datasets[params.train_set]
+    return {"name": params.train_set, "source": d.source, "external": params.external_training_set,
+            # insightface .rec sets name identities by number: overlap with LFW cannot be checked
+            "identity_names_checkable": d.source != "recordio"}
+
+
 def run_embed_reference(*, params: EvaluateParams, compute: ComputeParams, aligned_dir: str | Path,
-                        out_path: str | Path) -> dict:
-    """dlib reference embeddings of the test set (or an empty table when reference_dlib is off)."""
+                        out_path: str | Path, all_lfw: bool = False) -> dict:
+    """dlib reference embeddings of the evaluated LFW images (an empty table when reference_dlib is off)."""
     if params.reference_dlib:
         emb = embed_aligned("dlib", aligned_dir, flip=params.flip, batch_size=params.batch_size,
-                            compute=compute)
+                            compute=compute, all_lfw=all_lfw)
     else:
         emb = EmbeddedSet([], [], np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32),
                           {"name": "dlib", "disabled": True})
@@ -370,12 +399,21 @@ def run_embed_reference(*, params: EvaluateParams, compute: ComputeParams, align
 
 def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir: str | Path,
                  protocol_dir: str | Path, model_path: str | Path, out_dir: str | Path,
-                 reference_path: str | Path | None = None) -> dict:
-    """Score the trained model (and the dlib reference when enabled) and write every output."""
+                 reference_path: str | Path | None = None, training_set: dict | None = None) -> dict:
+    """Score the trained model (and the dlib reference when enabled) and write every output.
+
+    ``training_set`` (:func:`training_set_info`): with an external training set every LFW image is
+    evaluated (View 2's 10 folds, View 1 DevTest, the gallery over every identity); with LFW's
+    View 1 train people only the View 1 test people are."""
     out_dir = Path(out_dir)
+    training_set = training_set or {"name": "lfw", "source": "lfw", "external": False,
+                                    "identity_names_checkable": True}
+    all_lfw = bool(training_set["external"])
     train_ids = read_train_identities(shards_dir)
+    if not training_set["identity_names_checkable"]:
+        train_ids = set()  # numbered identities: no name can match an LFW name (recorded below)
     # refuse overlap before the expensive part
-    check_identity_overlap(train_ids, read_test_identities(aligned_dir),
+    check_identity_overlap(train_ids, read_eval_identities(aligned_dir, all_lfw),
                            allow=params.allow_identity_overlap)
     ref = None
     if params.reference_dlib:  # check the cached reference before the model's embedding pass
@@ -387,14 +425,17 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
             raise EvaluationError(f"{reference_path} was made with other settings ({ref.embedder}); "
                                   f"rerun the embed_reference stage")
     emb = embed_aligned(str(model_path), aligned_dir, flip=params.flip, batch_size=params.batch_size,
-                        device=str(select_device(params.device)))
+                        device=str(select_device(params.device)), all_lfw=all_lfw)
     results = {"model": score_embeddings(emb, params=params, protocol_dir=protocol_dir,
                                          train_identities=train_ids)}
     metrics = dict(results["model"][0])
     metrics["embedder"] = {"flip": int(params.flip), "dim": emb.raw.shape[1]}
+    metrics["training_set"] = {**training_set, "external": int(all_lfw),
+                               "identity_names_checkable": int(training_set["identity_names_checkable"])}
+    metrics["evaluation_set"] = "LFW, all images" if all_lfw else "LFW View 1 test people"
     if ref is not None:
         if ref.image_ids != emb.image_ids:
-            raise EvaluationError(f"{reference_path} holds other test images than {aligned_dir}; "
+            raise EvaluationError(f"{reference_path} holds other LFW images than {aligned_dir}; "
                                   f"rerun the embed_reference stage")
         results["dlib"] = score_embeddings(ref, params=params, protocol_dir=protocol_dir,
                                            train_identities=train_ids)

@@ -7,19 +7,20 @@ with a reason, exact duplicates are reported, and the stage asserts ``in = accep
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import recordio
-from pipeline.config import ComputeParams, IngestParams
+from pipeline.config import ComputeParams, DatasetParams, IngestParams
 from pipeline.image_check import check_image
 from pipeline.parallel import map_chunks
 from pipeline.protocols import ProtocolError, read_people
@@ -215,15 +216,6 @@ def list_lfw(root: Path) -> list[SourceItem]:
     return [replace(it, source_path=prefix + it.source_path) for it in items]
 
 
-def seeded_identity_split(identities: list[str], test_fraction: float, seed: int) -> dict[str, str]:
-    """Disjoint identities: a seeded permutation of the sorted names, the first share -> test."""
-    names = sorted(set(identities))
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_test = int(round(test_fraction * len(names)))
-    test = {names[i] for i in order[:n_test]}
-    return {n: ("test" if n in test else "train") for n in names}
-
-
 def list_recordio(root: Path) -> list[SourceItem]:
     rec, idx = root / "train.rec", root / "train.idx"
     if not rec.is_file() or not idx.is_file():
@@ -233,7 +225,7 @@ def list_recordio(root: Path) -> list[SourceItem]:
         for i, off in recordio.image_record_offsets(rec, idx):
             reason, identity = "", ""
             try:
-                label = recordio.unpack_image(recordio.read_record(fh, off)).label
+                label = recordio.read_label(fh, off)  # the record header only, not the JPEG
                 identity = f"id_{int(label):07d}"
             except (recordio.RecordIOError, ValueError, OverflowError) as err:
                 reason = f"bad record: {err}"
@@ -242,22 +234,21 @@ def list_recordio(root: Path) -> list[SourceItem]:
     return items
 
 
-def list_source(params: IngestParams) -> list[SourceItem]:
-    root = Path(params.path)
+def list_source(dataset: DatasetParams) -> list[SourceItem]:
+    """Every file of the data set. LFW is split by View 1 (train / test people); an external
+    training set (imagefolder, recordio) is all ``train``: evaluation is always on LFW."""
+    root = Path(dataset.path)
     if not root.exists():
-        raise IngestError(f"ingest.path={params.path!r} does not exist (source {params.source})")
-    if params.source == "lfw":
+        raise IngestError(f"datasets.*.path={dataset.path!r} does not exist (source {dataset.source})")
+    if dataset.source == "lfw":
         return list_lfw(root)
-    items = list_imagefolder(root) if params.source == "imagefolder" else list_recordio(root)
-    split = seeded_identity_split([it.identity for it in items if it.identity and not it.reason],
-                                  params.test_fraction, params.seed)
-    return [replace(it, split=split.get(it.identity, "")) for it in items]
+    items = list_imagefolder(root) if dataset.source == "imagefolder" else list_recordio(root)
+    return [replace(it, split="train" if it.identity and not it.reason else "") for it in items]
 
 
-def _read_bytes(root: Path, item: SourceItem) -> bytes:
+def _read_bytes(root: Path, item: SourceItem, rec: BinaryIO | None) -> bytes:
     if item.rec_offset >= 0:
-        with open(root / "train.rec", "rb") as fh:
-            return recordio.unpack_image(recordio.read_record(fh, item.rec_offset)).image
+        return recordio.unpack_image(recordio.read_record(rec, item.rec_offset)).image
     return (root / item.source_path).read_bytes()
 
 
@@ -266,28 +257,37 @@ def ingest_chunk(job: tuple[str, list[SourceItem]], *, root: Path, out_dir: Path
     """Vet the files of one chunk, write the accepted ones to ``out_dir/<chunk>.tar``; rows back."""
     chunk, items = job
     rows, samples = [], []
-    for it in items:
-        row = {"image_id": it.image_id, "identity": it.identity, "split": it.split,
-               "source_path": it.source_path, "sha256": "", "file_bytes": 0, "width": 0, "height": 0,
-               "format": "", "status": "rejected", "reason": it.reason, "stored_as": "", "chunk": "",
-               "duplicate_of": ""}
-        if not it.reason:
-            try:
-                raw = _read_bytes(root, it)
-            except (OSError, recordio.RecordIOError) as err:
-                row["reason"] = f"unreadable: {err}"
-            else:
-                c = check_image(raw, min_side=min_side, max_pixels=max_pixels)
-                row.update(sha256=c.sha256, file_bytes=len(raw), width=c.width, height=c.height,
-                           format=c.format, status=c.status, reason=c.reason)
-                if c.status == "accepted" and chunk:
-                    row.update(stored_as=c.ext, chunk=chunk + ".tar")
-                    meta = {"image_id": it.image_id, "identity": it.identity, "split": it.split}
-                    samples.append((it.image_id, {c.ext: c.data, "json": dumps_json(meta)}))
-        rows.append(row)
+    with contextlib.ExitStack() as stack:  # a RecordIO source: one open file per chunk
+        rec = (stack.enter_context(open(root / "train.rec", "rb"))
+               if any(it.rec_offset >= 0 for it in items) else None)
+        for it in items:
+            rows.append(_ingest_item(it, root, rec, chunk, samples, min_side, max_pixels))
     if samples:
         write_chunk(out_dir / f"{chunk}.tar", samples)
     return rows
+
+
+def _ingest_item(it: SourceItem, root: Path, rec: BinaryIO | None, chunk: str, samples: list,
+                 min_side: int, max_pixels: int) -> dict:
+    """One file's manifest row; an accepted image is appended to ``samples``."""
+    row = {"image_id": it.image_id, "identity": it.identity, "split": it.split,
+           "source_path": it.source_path, "sha256": "", "file_bytes": 0, "width": 0, "height": 0,
+           "format": "", "status": "rejected", "reason": it.reason, "stored_as": "", "chunk": "",
+           "duplicate_of": ""}
+    if not it.reason:
+        try:
+            raw = _read_bytes(root, it, rec)
+        except (OSError, recordio.RecordIOError) as err:
+            row["reason"] = f"unreadable: {err}"
+        else:
+            c = check_image(raw, min_side=min_side, max_pixels=max_pixels)
+            row.update(sha256=c.sha256, file_bytes=len(raw), width=c.width, height=c.height,
+                       format=c.format, status=c.status, reason=c.reason)
+            if c.status == "accepted" and chunk:
+                row.update(stored_as=c.ext, chunk=chunk + ".tar")
+                meta = {"image_id": it.image_id, "identity": it.identity, "split": it.split}
+                samples.append((it.image_id, {c.ext: c.data, "json": dumps_json(meta)}))
+    return row
 
 
 def plan_chunks(items: list[SourceItem], chunk_size: int) -> list[tuple[str, list[SourceItem]]]:
@@ -348,17 +348,18 @@ def copy_protocol(root: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def run_ingest(*, params: IngestParams, compute: ComputeParams, out_dir: str | Path) -> dict:
-    """List, vet and chunk the source; write chunks/, manifest.parquet, summary.json (+ protocol/)."""
+def run_ingest(*, params: IngestParams, dataset: DatasetParams, compute: ComputeParams,
+               out_dir: str | Path) -> dict:
+    """List, vet and chunk the data set; write chunks/, manifest.parquet, summary.json (+ protocol/)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "chunks").mkdir(parents=True)
-    items = list_source(params)
+    items = list_source(dataset)
     if not items:
-        raise IngestError(f"ingest.path={params.path!r}: no files found")
+        raise IngestError(f"datasets.*.path={dataset.path!r}: no files found")
     jobs = plan_chunks(items, params.chunk_size)
-    root = Path(params.path)
+    root = Path(dataset.path)
     results = map_chunks(ingest_chunk, jobs, compute, desc="ingest", root=root,
                          out_dir=out_dir / "chunks", min_side=params.min_side,
                          max_pixels=params.max_pixels)
@@ -369,8 +370,9 @@ def run_ingest(*, params: IngestParams, compute: ComputeParams, out_dir: str | P
     n_dup = mark_duplicates(rows)
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out_dir / "manifest.parquet")
     summary = summarize(rows, n_dup)
-    summary["source"] = params.source
-    if params.source == "lfw":
+    summary["source"] = dataset.source
+    summary["assume_aligned"] = dataset.assume_aligned
+    if dataset.source == "lfw":
         summary["protocol_files"] = copy_protocol(root, out_dir / "protocol")
     write_json(out_dir / "summary.json", summary)
     return summary

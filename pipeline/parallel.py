@@ -14,13 +14,36 @@ from tqdm import tqdm
 
 from pipeline.config import ComputeParams
 
+# Seconds to reach compute.dask_scheduler before failing (Dask's own default is 30 s, then an error
+# that does not say which setting holds the address).
+CONNECT_TIMEOUT_S = 10
+
+
+class DaskSchedulerError(RuntimeError):
+    """compute.dask_scheduler cannot be reached (or is not a valid address)."""
+
+
+def _connect(address: str) -> Any:
+    from dask.distributed import Client
+
+    hint = ("Start one (`dask scheduler`, then `dask worker <its address>` on each machine), fix the "
+            "address, or set compute.dask_scheduler to null for a local cluster of compute.n_jobs workers.")
+    try:
+        return Client(address, timeout=CONNECT_TIMEOUT_S)
+    except (ValueError, TypeError) as e:
+        raise DaskSchedulerError(f"compute.dask_scheduler = {address!r} is not a scheduler address like "
+                                 f"'tcp://host:8786' ({type(e).__name__}: {e}). {hint}") from e
+    except (OSError, TimeoutError) as e:
+        raise DaskSchedulerError(f"compute.dask_scheduler = {address!r}: no Dask scheduler answered there "
+                                 f"within {CONNECT_TIMEOUT_S} s ({type(e).__name__}: {e}). {hint}") from e
+
 
 @contextlib.contextmanager
 def _dask_backend(compute: ComputeParams) -> Iterator[None]:
     from dask.distributed import Client, LocalCluster
 
     if compute.dask_scheduler:
-        client = Client(compute.dask_scheduler)
+        client = _connect(compute.dask_scheduler)
         cluster = None
     else:
         cluster = LocalCluster(n_workers=compute.n_jobs, threads_per_worker=1, processes=True,

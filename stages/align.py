@@ -1,4 +1,4 @@
-"""DVC stage `align`: data/ingest + data/masked -> data/aligned/ (112x112 raw/masked twins)."""
+"""DVC stage `align@<data set>`: data/<name>/ingest + masked -> data/<name>/aligned/ (112x112 twins)."""
 from __future__ import annotations
 
 import argparse
@@ -11,13 +11,13 @@ from pipeline.config import load_params
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--ingest", default="data/ingest")
-    ap.add_argument("--masked", default="data/masked")
-    ap.add_argument("--out", default="data/aligned")
+    ap.add_argument("--dataset", default="lfw", help="a key of `datasets` in params.yaml")
     args = ap.parse_args()
     params = load_params(args.params)
-    summary = run_align(params=params.align, compute=params.compute, ingest_dir=args.ingest,
-                        masked_dir=args.masked, out_dir=args.out)
+    root = f"data/{args.dataset}"
+    summary = run_align(params=params.align, compute=params.compute, ingest_dir=f"{root}/ingest",
+                        masked_dir=f"{root}/masked", out_dir=f"{root}/aligned",
+                        assume_aligned=params.dataset(args.dataset).assume_aligned)
     print(json.dumps({k: summary[k] for k in ("inputs", "aligned", "rejected", "cascade_share", "routes")}))
 
 

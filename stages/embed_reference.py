@@ -9,17 +9,19 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.evaluation import run_embed_reference
+from pipeline.evaluation import read_scope, run_embed_reference
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--aligned", default="data/aligned")
-    ap.add_argument("--out", default="data/reference/dlib_test.parquet")
+    ap.add_argument("--aligned", default="data/lfw/aligned")
+    ap.add_argument("--scope", default="data/eval_scope.json", help="the eval_scope stage's output")
+    ap.add_argument("--out", default="data/reference/dlib.parquet")
     args = ap.parse_args()
     params = load_params(args.params)
     summary = run_embed_reference(params=params.evaluate, compute=params.compute,
+                                  all_lfw=read_scope(args.scope),
                                   aligned_dir=args.aligned, out_path=args.out)
     print(json.dumps(summary))
 

@@ -5,21 +5,23 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.evaluation import run_evaluate
+from pipeline.evaluation import read_scope, run_evaluate, training_set_info
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--aligned", default="data/aligned")
+    ap.add_argument("--aligned", default="data/lfw/aligned")
     ap.add_argument("--shards", default="data/shards", help="classes.json + index.json (training and validation identities)")
-    ap.add_argument("--protocol", default="data/ingest/protocol")
+    ap.add_argument("--protocol", default="data/lfw/ingest/protocol")
     ap.add_argument("--model", default="models/model.pt")
-    ap.add_argument("--reference", default="data/reference/dlib_test.parquet")
+    ap.add_argument("--reference", default="data/reference/dlib.parquet")
+    ap.add_argument("--scope", default="data/eval_scope.json", help="the eval_scope stage's output")
     ap.add_argument("--out", default="eval")
     args = ap.parse_args()
     params = load_params(args.params)
     metrics = run_evaluate(params=params.evaluate, aligned_dir=args.aligned, shards_dir=args.shards,
+                           training_set={**training_set_info(params), "external": read_scope(args.scope)},
                            protocol_dir=args.protocol, model_path=args.model, out_dir=args.out,
                            reference_path=args.reference)
     brief = {"gallery.rank1": metrics["gallery"]["rank1"],

@@ -1,4 +1,4 @@
-"""DVC stage `ingest`: source data set -> data/ingest/ (raw tar chunks, manifest, summary)."""
+"""DVC stage `ingest@<data set>`: a source data set -> data/<name>/ingest/ (raw chunks, manifest, summary)."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,12 @@ from pipeline.ingest import run_ingest
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="data/ingest")
+    ap.add_argument("--dataset", default="lfw", help="a key of `datasets` in params.yaml")
+    ap.add_argument("--out", help="default: data/<dataset>/ingest")
     args = ap.parse_args()
     params = load_params(args.params)
-    summary = run_ingest(params=params.ingest, compute=params.compute, out_dir=args.out)
+    summary = run_ingest(params=params.ingest, dataset=params.dataset(args.dataset), compute=params.compute,
+                         out_dir=args.out or f"data/{args.dataset}/ingest")
     print(json.dumps({k: summary[k] for k in ("inputs", "accepted", "rejected", "identities")}))
 
 

@@ -1,4 +1,5 @@
-"""DVC stage `mask`: data/ingest/ -> data/masked/ (masked twins, binary masks, landmarks, status)."""
+"""DVC stage `mask@<data set>`: data/<name>/ingest/ -> data/<name>/masked/ (mask overlays, binary masks,
+landmarks, status)."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +13,13 @@ from pipeline.mask.stage import run_mask
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--in", dest="in_dir", default="data/ingest")
-    ap.add_argument("--out", default="data/masked")
+    ap.add_argument("--dataset", default="lfw", help="a key of `datasets` in params.yaml")
     args = ap.parse_args()
     params = load_params(args.params)
+    root = f"data/{args.dataset}"
     t0 = time.perf_counter()
-    summary = run_mask(params=params.mask, compute=params.compute, in_dir=args.in_dir, out_dir=args.out)
+    summary = run_mask(params=params.mask, compute=params.compute, in_dir=f"{root}/ingest",
+                       out_dir=f"{root}/masked", assume_aligned=params.dataset(args.dataset).assume_aligned)
     keys = ("inputs", "masked", "rejected", "landmark_route_share", "routes", "multi_face_images")
     print(json.dumps({**{k: summary[k] for k in keys}, "seconds": round(time.perf_counter() - t0, 1)}))
 

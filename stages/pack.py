@@ -11,11 +11,12 @@ from pipeline.pack import run_pack
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--aligned", default="data/aligned")
+    ap.add_argument("--aligned", help="default: data/<train_set>/aligned")
     ap.add_argument("--out", default="data/shards")
     args = ap.parse_args()
     params = load_params(args.params)
-    index = run_pack(params=params.pack, aligned_dir=args.aligned, out_dir=args.out)
+    index = run_pack(params=params.pack, aligned_dir=args.aligned or f"data/{params.train_set}/aligned",
+                     out_dir=args.out)
     print(json.dumps({"classes": index["classes"], "train": index["train"]["samples"],
                       "train_shards": len(index["train"]["shards"]), "val": index["val"]["samples"],
                       "val_identities": len(index["val"]["identities"])}))

@@ -56,14 +56,15 @@ def tiny_shards(lfw_small, tmp_path_factory) -> Path:
     """Real train/test shards of lfw_small through the real pipeline (ingest -> mask -> align ->
     pack), cut into shards of 4 pairs so DDP ranks and loader workers each get some."""
     from pipeline.align.stage import run_align
-    from pipeline.config import AlignParams, ComputeParams, IngestParams, MaskParams, PackParams
+    from pipeline.config import AlignParams, ComputeParams, DatasetParams, IngestParams, MaskParams, PackParams
     from pipeline.ingest import run_ingest
     from pipeline.mask.stage import run_mask
     from pipeline.pack import run_pack
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     compute = ComputeParams(n_jobs=1)
-    run_ingest(params=IngestParams(path=str(lfw_small)), compute=compute, out_dir=root / "ingest")
+    run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(lfw_small)), compute=compute,
+               out_dir=root / "ingest")
     run_mask(params=MaskParams(), compute=compute, in_dir=root / "ingest", out_dir=root / "masked")
     run_align(params=AlignParams(), compute=compute, ingest_dir=root / "ingest",
               masked_dir=root / "masked", out_dir=root / "aligned")

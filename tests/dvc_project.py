@@ -42,8 +42,7 @@ def make_project(dest: Path, lfw_subset: Path, params: dict | None = None) -> Pa
     (dest / "data" / "sources" / "lfw").symlink_to(lfw_subset, target_is_directory=True)
     if params:
         merged = yaml.safe_load((dest / "params.yaml").read_text())
-        for section, values in params.items():
-            _deep_update(merged.setdefault(section, {}), values)
+        _deep_update(merged, params)
         (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["git", "config", "user.email", "test@example.com"], dest)

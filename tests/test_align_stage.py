@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.align import geometry as geo
 from pipeline.align.stage import AlignStageError, run_align
-from pipeline.config import AlignParams, ComputeParams, IngestParams, MaskParams
+from pipeline.config import AlignParams, ComputeParams, DatasetParams, IngestParams, MaskParams
 from pipeline.ingest import run_ingest
 from pipeline.mask.stage import run_mask
 from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk
@@ -142,7 +142,7 @@ def test_alignment_quality_on_300_real_lfw_images(tmp_path):
     # test people: the eye calibration (scripts/calibrate_eyes.py) was fitted on the train people
     lfw = make_lfw_subset(tmp_path / "lfw", 0, 70)
     compute = ComputeParams(n_jobs=2)
-    run_ingest(params=IngestParams(path=str(lfw)), compute=compute, out_dir=tmp_path / "ingest")
+    run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(lfw)), compute=compute, out_dir=tmp_path / "ingest")
     run_mask(params=MaskParams(), compute=compute, in_dir=tmp_path / "ingest", out_dir=tmp_path / "masked")
     s = run_align(params=AlignParams(), compute=compute, ingest_dir=tmp_path / "ingest",
                   masked_dir=tmp_path / "masked", out_dir=tmp_path / "aligned")

@@ -1,6 +1,8 @@
 """Parameter validation: bad values fail before any work, naming the key and what is allowed."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -10,14 +12,30 @@ from tests.conftest import PROJECT_ROOT
 
 def test_project_params_yaml_is_valid():
     p = load_params(PROJECT_ROOT / "params.yaml")
-    assert p.ingest.source == "lfw" and p.ingest.chunk_size > 0
+    assert p.train_set == "lfw" and p.datasets["lfw"].source == "lfw" and p.ingest.chunk_size > 0
+    assert not p.external_training_set
+
+
+def test_external_training_set_and_its_checks():
+    lfw = {"source": "lfw", "path": "data/sources/lfw"}
+    p = parse_params({"datasets": {"lfw": lfw, "casia": {"source": "imagefolder", "path": "/x"}},
+                     "train_set": "casia"})
+    assert p.external_training_set and p.dataset("casia").source == "imagefolder"
+    for data, expect in (
+            ({"train_set": "webface"}, "train_set 'webface' is not a data set; allowed: ['lfw']"),
+            ({"datasets": {"casia": {"source": "imagefolder"}}}, "needs an entry 'lfw' with source 'lfw'"),
+            ({"datasets": {"lfw": lfw, "lfw2": lfw}}, "only the 'lfw' entry may have source 'lfw'"),
+            ({"datasets": {"lfw": lfw, "a b": {"source": "recordio"}}}, "must use letters, digits"),
+            ({"datasets": {"lfw": {"source": "zip"}}}, "'lfw', 'imagefolder' or 'recordio'")):
+        with pytest.raises(ParamsError, match=re.escape(expect)):
+            parse_params(data)
 
 
 @pytest.mark.parametrize("data,key,expect", [
-    ({"ingest": {"source": "zip"}}, "ingest.source", "'lfw', 'imagefolder' or 'recordio'"),
+    ({"datasets": {"lfw": {"source": "zip"}}}, "datasets.lfw.source", "'lfw', 'imagefolder' or 'recordio'"),
     ({"ingest": {"chunk_size": "many"}}, "ingest.chunk_size", "valid integer"),
     ({"ingest": {"chunk_size": 0}}, "ingest.chunk_size", "greater than or equal to 1"),
-    ({"ingest": {"test_fraction": 1.5}}, "ingest.test_fraction", "less than or equal to 1"),
+    ({"ingest": {"min_side": 0}}, "ingest.min_side", "greater than or equal to 1"),
     ({"ingest": {"chunksize": 10}}, "ingest.chunksize", "unknown key; allowed keys here: ['chunk_size'"),
     ({"ingst": {}}, "ingst", "unknown key; allowed keys here: ['align', 'compute'"),
     ({"compute": {"backend": "ray"}}, "compute.backend", "'joblib' or 'dask'"),
@@ -35,8 +53,8 @@ def test_bad_values_name_key_and_allowed(data, key, expect):
 
 def test_all_errors_reported_at_once():
     with pytest.raises(ParamsError) as err:
-        parse_params({"ingest": {"source": "zip", "seed": -1}, "compute": {"n_jobs": 0}})
-    assert {"ingest.source", "ingest.seed", "compute.n_jobs"} <= {
+        parse_params({"ingest": {"chunk_size": 0, "min_side": -1}, "compute": {"n_jobs": 0}})
+    assert {"ingest.chunk_size", "ingest.min_side", "compute.n_jobs"} <= {
         ln.split(":")[0].strip() for ln in str(err.value).splitlines()[1:]}
 
 

@@ -69,6 +69,7 @@ def stage_code_deps() -> dict[str, tuple[set[str], set[str]]]:
     stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
     out = {}
     for name, st in stages.items():
+        st = st.get("do", st)  # a foreach stage (one per data set) declares its body under `do`
         cmd = st["cmd"].split()
         module = cmd[cmd.index("-m") + 1]
         listed = {d for d in st.get("deps", []) if isinstance(d, str) and d.endswith(".py")}

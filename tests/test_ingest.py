@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.config import ComputeParams, IngestParams
+from pipeline.config import ComputeParams, DatasetParams, IngestParams
 from pipeline.ingest import IngestError, manifest_rows, run_ingest
 from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk
 from tests.conftest import lfw_root
@@ -22,7 +22,8 @@ def _tree_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_lfw_split_from_view1(tmp_path, lfw_small):
-    s = run_ingest(params=IngestParams(path=str(lfw_small), chunk_size=15), compute=SERIAL, out_dir=tmp_path)
+    s = run_ingest(params=IngestParams(chunk_size=15), dataset=DatasetParams(path=str(lfw_small)), compute=SERIAL,
+                   out_dir=tmp_path)
     rows = manifest_rows(tmp_path)
     n_files = len(list((lfw_small / "lfw-deepfunneled").rglob("*.jpg")))
     assert s["inputs"] == len(rows) == n_files and s["accepted"] == n_files
@@ -95,8 +96,8 @@ def _bad_folder(root: Path) -> dict[str, str]:
 def test_imagefolder_bad_inputs_are_rejected_with_reasons(tmp_path):
     root = tmp_path / "src"
     expected = _bad_folder(root)
-    params = IngestParams(source="imagefolder", path=str(root), test_fraction=0.5, max_pixels=50_000_000)
-    s = run_ingest(params=params, compute=SERIAL, out_dir=tmp_path / "out")
+    s = run_ingest(params=IngestParams(max_pixels=50_000_000), dataset=DatasetParams(source="imagefolder", path=str(root)),
+                   compute=SERIAL, out_dir=tmp_path / "out")
     rows = {r["source_path"]: r for r in manifest_rows(tmp_path / "out")}
     n_files = sum(1 for p in root.rglob("*") if p.is_file())
     assert s["inputs"] == len(rows) == n_files == s["accepted"] + s["rejected"]
@@ -111,8 +112,9 @@ def test_imagefolder_bad_inputs_are_rejected_with_reasons(tmp_path):
     dups = [r for r in rows.values() if r["duplicate_of"]]
     assert len(dups) == 1 and s["exact_duplicates"] == 1
     assert {dups[0]["image_id"], dups[0]["duplicate_of"]} == {"Dave/dup", "Dave/George"}
-    splits = {r["identity"]: r["split"] for r in rows.values() if r["status"] == "accepted"}
-    assert sorted(splits.values()).count("test") == 2  # 4 identities x 0.5, disjoint by identity
+    # an external training set: every accepted image trains (evaluation is always on LFW)
+    assert {r["split"] for r in rows.values() if r["status"] == "accepted"} == {"train"}
+    assert s["splits"]["test"]["images"] == 0
 
 
 def test_recordio_source(tmp_path, lfw_small):
@@ -121,35 +123,37 @@ def test_recordio_source(tmp_path, lfw_small):
     src = tmp_path / "rec"
     src.mkdir()
     write_insightface_rec(src, images)
-    s = run_ingest(params=IngestParams(source="recordio", path=str(src), test_fraction=0.25),
+    s = run_ingest(params=IngestParams(), dataset=DatasetParams(source="recordio", path=str(src)),
                    compute=SERIAL, out_dir=tmp_path / "out")
     assert s["inputs"] == 13 and s["accepted"] == 12 and s["rejected"] == 1
     rows = manifest_rows(tmp_path / "out")
     assert {r["identity"] for r in rows} == {f"id_{i:07d}" for i in (0, 1, 2, 3, 9)}
-    assert rows[0]["image_id"] == "id_0000000/000000001" and rows[0]["split"] in ("train", "test")
+    assert rows[0]["image_id"] == "id_0000000/000000001" and rows[0]["split"] == "train"
     stored = {k: m for c in list_chunks(tmp_path / "out" / "chunks") for k, m in read_chunk(c)}
     assert stored["id_0000000/000000001"]["jpg"] == images[0][1]
 
 
 def test_deterministic_across_runs_and_workers(tmp_path, lfw_small):
-    params = IngestParams(path=str(lfw_small), chunk_size=10)
-    run_ingest(params=params, compute=SERIAL, out_dir=tmp_path / "a")
-    run_ingest(params=params, compute=ComputeParams(n_jobs=2), out_dir=tmp_path / "b")
+    params, lfw = IngestParams(chunk_size=10), DatasetParams(path=str(lfw_small))
+    run_ingest(params=params, dataset=lfw, compute=SERIAL, out_dir=tmp_path / "a")
+    run_ingest(params=params, dataset=lfw, compute=ComputeParams(n_jobs=2), out_dir=tmp_path / "b")
     a, b = _tree_hashes(tmp_path / "a"), _tree_hashes(tmp_path / "b")
     assert len(a) > 5 and a == b
 
 
 def test_missing_source_and_protocol(tmp_path):
     with pytest.raises(IngestError, match="does not exist"):
-        run_ingest(params=IngestParams(path=str(tmp_path / "nope")), compute=SERIAL, out_dir=tmp_path / "o")
+        run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(tmp_path / "nope")), compute=SERIAL,
+                   out_dir=tmp_path / "o")
     (tmp_path / "lfw" / "lfw-deepfunneled").mkdir(parents=True)
     with pytest.raises(IngestError, match="peopleDevTrain.txt"):
-        run_ingest(params=IngestParams(path=str(tmp_path / "lfw")), compute=SERIAL, out_dir=tmp_path / "o")
+        run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(tmp_path / "lfw")), compute=SERIAL,
+                   out_dir=tmp_path / "o")
 
 
 @pytest.mark.slow
 def test_full_lfw_counts(tmp_path):
-    s = run_ingest(params=IngestParams(path=str(lfw_root())), compute=ComputeParams(n_jobs=2),
+    s = run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(lfw_root())), compute=ComputeParams(n_jobs=2),
                    out_dir=tmp_path)
     assert (s["inputs"], s["accepted"], s["identities"]) == (13233, 13233, 5749)
     assert s["splits"]["train"]["images"] == 9525 and s["splits"]["train"]["identities"] == 4038
@@ -170,7 +174,7 @@ def _linked_tree(root: Path, lfw_small: Path, names=("Alice", "Bob")) -> dict[st
 
 
 def _ingest_folder(root: Path, out: Path) -> tuple[dict, dict[str, dict]]:
-    s = run_ingest(params=IngestParams(source="imagefolder", path=str(root), test_fraction=0),
+    s = run_ingest(params=IngestParams(), dataset=DatasetParams(source="imagefolder", path=str(root)),
                    compute=SERIAL, out_dir=out)
     rows = {r["source_path"]: r for r in manifest_rows(out)}
     assert s["inputs"] == len(rows) == s["accepted"] + s["rejected"]
@@ -236,7 +240,7 @@ def test_lfw_people_file_is_read_by_the_protocol_parser(tmp_path, lfw_small):
     lines = (lfw_small / "peopleDevTrain.txt").read_text().splitlines()
     (root / "peopleDevTrain.txt").write_text("\n".join(lines[:-1]) + "\n")  # one name short
     with pytest.raises(IngestError, match="promises 6 names, found 5"):
-        run_ingest(params=IngestParams(path=str(root)), compute=SERIAL, out_dir=tmp_path / "o")
+        run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(root)), compute=SERIAL, out_dir=tmp_path / "o")
 
 
 def test_accepted_image_ids(tmp_path, lfw_small):
@@ -246,7 +250,7 @@ def test_accepted_image_ids(tmp_path, lfw_small):
     root = tmp_path / "src"
     _linked_tree(root, lfw_small)
     (root / "Alice" / "notes.jpg").write_bytes(b"not an image")
-    run_ingest(params=IngestParams(source="imagefolder", path=str(root), test_fraction=0),
+    run_ingest(params=IngestParams(), dataset=DatasetParams(source="imagefolder", path=str(root)),
                compute=SERIAL, out_dir=tmp_path / "out")
     ids = accepted_image_ids(tmp_path / "out")
     rows = manifest_rows(tmp_path / "out")

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.config import ComputeParams, IngestParams, MaskParams, parse_params
+from pipeline.config import ComputeParams, DatasetParams, IngestParams, MaskParams, parse_params
 from pipeline.ingest import run_ingest
 from pipeline.images import decode_rgb
 from pipeline.mask.landmarks import LandmarkModelError
@@ -21,7 +21,8 @@ SERIAL = ComputeParams(n_jobs=1)
 
 
 def _ingest(src, out, chunk_size=16, source="lfw"):
-    run_ingest(params=IngestParams(source=source, path=str(src), chunk_size=chunk_size), compute=SERIAL,
+    run_ingest(params=IngestParams(chunk_size=chunk_size), dataset=DatasetParams(source=source, path=str(src)),
+               compute=SERIAL,
                out_dir=out)
     return out
 

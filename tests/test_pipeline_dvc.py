@@ -1,6 +1,7 @@
 """Real `dvc repro` runs of this project's dvc.yaml on a tiny LFW subset."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -11,22 +12,22 @@ from tests.dvc_project import dvc, lock_hashes, make_project
 @pytest.mark.slow
 def test_ingest_reproducible_and_cached(tmp_path, lfw_small):
     project = make_project(tmp_path / "proj", lfw_small, {"ingest": {"chunk_size": 20}})
-    dvc("repro", "ingest", cwd=project)
-    first = lock_hashes(project)["ingest"]
-    assert first["data/ingest"].endswith(".dir")
-    again = dvc("repro", "ingest", cwd=project).stdout
+    dvc("repro", "ingest@lfw", cwd=project)
+    first = lock_hashes(project)["ingest@lfw"]
+    assert first["data/lfw/ingest"].endswith(".dir")
+    again = dvc("repro", "ingest@lfw", cwd=project).stdout
     assert "didn't change" in again and "Running stage" not in again
     # a clean second run from nothing gives byte-identical outputs: the same dvc.lock hash
-    shutil.rmtree(project / "data" / "ingest")
+    shutil.rmtree(project / "data" / "lfw" / "ingest")
     shutil.rmtree(project / ".dvc" / "cache", ignore_errors=True)
     (project / "dvc.lock").unlink()
-    out = dvc("repro", "ingest", cwd=project).stdout
-    assert "Running stage 'ingest'" in out
-    assert lock_hashes(project)["ingest"] == first
+    out = dvc("repro", "ingest@lfw", cwd=project).stdout
+    assert "Running stage 'ingest@lfw'" in out
+    assert lock_hashes(project)["ingest@lfw"] == first
     # a params change that matters reruns the stage and changes the output
     params = (project / "params.yaml").read_text().replace("chunk_size: 20", "chunk_size: 7")
     (project / "params.yaml").write_text(params)
-    status = dvc("status", "ingest", cwd=project).stdout
+    status = dvc("status", "ingest@lfw", cwd=project).stdout
     assert "params.yaml" in status and "modified:" in status and "ingest" in status
 
 
@@ -39,11 +40,12 @@ TINY_PARAMS = {
               "warmup_steps": 1, "log_every": 1, "shuffle_buffer": 8, "embedding_dim": 64},
     "evaluate": {"batch_size": 16},
 }
-STAGES = {"ingest", "mask", "align", "pack", "train", "embed_reference", "evaluate"}
+STAGES = {"ingest@lfw", "mask@lfw", "align@lfw", "pack", "train", "embed_reference", "evaluate"}
+LFW_SIDE = {"ingest@lfw", "mask@lfw", "align@lfw", "embed_reference"}
 
 
 def _ran(output: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in output}
+    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 def _commit(project, message: str) -> None:
@@ -98,7 +100,7 @@ def test_teammate_pulls_the_cache_and_recomputes_nothing(tiny_project, tmp_path)
     assert "up to date" in dvc("status", cwd=clone).stdout
     out = dvc("repro", cwd=clone).stdout
     assert _ran(out) == set(), out
-    for path in ("data/shards/index.json", "models/model.pt", "data/aligned/summary.json"):
+    for path in ("data/shards/index.json", "models/model.pt", "data/lfw/aligned/summary.json"):
         assert (clone / path).read_bytes() == (tiny_project / path).read_bytes()
 
 
@@ -136,7 +138,7 @@ def test_changing_shard_size_reruns_pack_and_below_not_mask_or_align(tiny_projec
     assert before != params.read_text()
     out = dvc("repro", cwd=tiny_project).stdout
     ran = _ran(out)
-    assert "pack" in ran and not ran & {"ingest", "mask", "align", "embed_reference"}, out
+    assert "pack" in ran and not ran & LFW_SIDE, out
     assert ran == {"pack", "train", "evaluate"}, out
     index = json.loads((tiny_project / "data" / "shards" / "index.json").read_text())
     assert len(index["train"]["shards"]) > len(before_index["train"]["shards"])
@@ -201,3 +203,86 @@ def test_code_change_retrains_from_scratch(tiny_project):
         losses.write_text(source)
         dvc("repro", "train", cwd=tiny_project)  # the old code's model, from DVC's run cache
     assert lock_hashes(tiny_project)["train"]["models"] == before
+
+
+# ---------------------------------------------------------------- an external training set
+EXTERNAL_IMAGES = {"sim_rec": 1600, "sim_folder": 400}  # ~2k simulated pre-aligned crops in all
+
+
+@pytest.fixture(scope="module")
+def external_project(tmp_path_factory, tiny_shards):
+    """The report's protocol on a tiny scale: a simulated insightface .rec and an ImageFolder of
+    pre-aligned crops as training sets, a tiny LFW as the evaluation set."""
+    import sys
+
+    from tests.conftest import PROJECT_ROOT, make_lfw_subset, write_eval_pairs
+
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+    from simulate_dataset import simulate, write
+
+    root = tmp_path_factory.mktemp("external")
+    aligned = tiny_shards.parent / "aligned"
+    write(simulate(aligned, EXTERNAL_IMAGES["sim_rec"], 20, seed=0), root / "sim_rec", None, 20)
+    write(simulate(aligned, EXTERNAL_IMAGES["sim_folder"], 20, seed=1), None, root / "sim_folder", 20)
+    subset = make_lfw_subset(root / "lfw", 6, 4)
+    write_eval_pairs(subset)
+    params = {**TINY_PARAMS, "compute": {"n_jobs": 2},
+              "train": {**TINY_PARAMS["train"], "batch_size": 32},
+              "datasets": {"lfw": {"source": "lfw", "path": "data/sources/lfw", "assume_aligned": False},
+                           "sim_rec": {"source": "recordio", "path": str(root / "sim_rec"), "assume_aligned": True},
+                           "sim_folder": {"source": "imagefolder", "path": str(root / "sim_folder"),
+                                          "assume_aligned": True}},
+              "train_set": "sim_rec"}
+    project = make_project(root / "E", subset, params)
+    out = dvc("repro", cwd=project).stdout
+    assert _ran(out) == STAGES | {"eval_scope", "ingest@sim_rec", "mask@sim_rec", "align@sim_rec",
+                                  "ingest@sim_folder", "mask@sim_folder", "align@sim_folder"}, out
+    _commit(project, "external training set")
+    return project
+
+
+def _metrics(project) -> dict:
+    import json
+
+    return json.loads((project / "eval" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_external_recordio_set_trains_and_all_of_lfw_is_evaluated(external_project):
+    import json
+
+    m = _metrics(external_project)
+    assert m["training_set"] == {"name": "sim_rec", "source": "recordio", "external": 1,
+                                 "identity_names_checkable": 0}
+    assert m["evaluation_set"] == "LFW, all images"
+    # every LFW identity with >= 2 images is enrolled: the subset's 6 train + 4 test people
+    assert m["gallery"]["identities_enrolled"] == 10 and m["identities"] == 10
+    v2 = m["verification_view2"]
+    for cond in ("unmasked_unmasked", "masked_unmasked", "masked_masked"):
+        assert 0.0 <= v2[cond]["accuracy"] <= 1.0 and "accuracy_std" in v2[cond]
+    assert "skipped" not in v2 and m["reference"]["dlib"]["verification_view2"]["unmasked_unmasked"]["accuracy"] > 0.5
+    # the crops went through untouched: pre-aligned route, masks from HOG or the canonical shape
+    align = json.loads((external_project / "data" / "sim_rec" / "aligned" / "summary.json").read_text())
+    assert align["routes"] == {"pre_aligned": EXTERNAL_IMAGES["sim_rec"]}
+    mask = json.loads((external_project / "data" / "sim_rec" / "masked" / "summary.json").read_text())
+    assert {k for k, v in mask["routes"].items() if v} <= {"hog", "canonical"} and mask["rejected"] == 0
+    index = json.loads((external_project / "data" / "shards" / "index.json").read_text())
+    assert index["aligned"] == EXTERNAL_IMAGES["sim_rec"]
+
+
+@pytest.mark.slow
+def test_switching_the_training_set_reruns_no_lfw_side_stage(external_project):
+    params = external_project / "params.yaml"
+    before = params.read_text()
+    params.write_text(before.replace("train_set: sim_rec", "train_set: sim_folder"))
+    assert params.read_text() != before
+    out = dvc("repro", cwd=external_project).stdout
+    ran = _ran(out)
+    assert ran == {"eval_scope", "pack", "train", "evaluate"}, out  # the scope file is unchanged
+    assert not ran & LFW_SIDE
+    m = _metrics(external_project)
+    assert m["training_set"]["name"] == "sim_folder" and m["training_set"]["identity_names_checkable"] == 1
+    assert m["verification_view2"]["masked_masked"]["pairs_same"] > 0
+    params.write_text(before)
+    dvc("repro", cwd=external_project)
+    _commit(external_project, "back to the .rec")

@@ -184,3 +184,189 @@ def test_bad_magic_and_truncation(tmp_path):
     (tmp_path / "z.idx").write_text("0 0 0\n")
     with pytest.raises(recordio.RecordIOError, match="expected"):
         recordio.read_index(tmp_path / "z.idx")
+
+
+# --- the library writer, against the independent writer above ------------------------------------
+
+LIBRARY_PAYLOADS = [
+    b"", b"a", b"abcde", M, M + b"tail data", b"abcd" + M + b"efgh", b"abcdefgh" + M,
+    b"abcd" + M + b"efghijkl" + M + b"mn", M + b"abcdefgh" + M, M + M + b"xyz", M + M + M + M,
+    b"ab" + M + b"cdefgh" + M, b"a" + M + b"bcd", b"abc" + M, b"abcdefghi" + M + b"jk",
+    b"ab" + M + M + b"cd" + M,  # unaligned magics overlapping aligned positions
+    M[:2] + M + M[2:] + b"zz",  # a magic straddling an aligned one
+]
+
+
+@pytest.mark.parametrize("payload", LIBRARY_PAYLOADS)
+def test_encode_record_matches_dmlc(payload):
+    assert recordio.encode_record(payload) == dmlc_write_record(payload)
+
+
+def test_encode_record_matches_dmlc_on_random_payloads():
+    import random
+    rnd = random.Random(0)
+    for _ in range(300):
+        data = bytearray(rnd.randbytes(rnd.randrange(0, 80)))
+        for _ in range(rnd.randrange(0, 6)):  # magics at random, aligned or not
+            if len(data) >= 4:
+                at = rnd.randrange(0, len(data) - 3)
+                data[at:at + 4] = M
+        assert recordio.encode_record(bytes(data)) == dmlc_write_record(bytes(data))
+
+
+def _reference(folder: Path, images) -> None:
+    folder.mkdir()
+    write_insightface_rec(folder, list(images))
+
+
+def _lfw_images(lfw_small, n: int) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((lfw_small / "lfw-deepfunneled").rglob("*.jpg"))[:n]]
+
+
+def _tricky_images(lfw_small) -> list[tuple[int, bytes]]:
+    jpgs = _lfw_images(lfw_small, 6)
+    last = (len(jpgs[0]) - 4) & ~3
+    return [
+        (0, plant(jpgs[0], 0, 100, 104, last)),   # aligned magics: a 5-part record
+        (0, plant(jpgs[1], 1001, 2002)),          # unaligned only
+        (0, jpgs[2][:-1]),                         # odd length: padded
+        (3, jpgs[3]),                              # classes need not be contiguous
+        (3, b""),                                  # an empty image still gets a record
+        (4, M + jpgs[4][:-2]),                     # magic right after the IRHeader
+        (7, jpgs[5]),
+    ]
+
+
+def test_library_writer_is_byte_identical_to_independent_writer(tmp_path, lfw_small):
+    images = _tricky_images(lfw_small)
+    _reference(tmp_path / "ref", images)
+    summary = recordio.write_insightface_rec(tmp_path / "lib", (x for x in images))  # a generator
+    assert summary == {"images": len(images), "classes": 4}
+    for name in ("train.rec", "train.idx", "property"):
+        assert (tmp_path / "lib" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["property", "train.idx", "train.rec"]
+    rec, idx = tmp_path / "lib" / "train.rec", tmp_path / "lib" / "train.idx"
+    offsets = recordio.image_record_offsets(rec, idx)
+    with open(rec, "rb") as fh:
+        recs = [recordio.unpack_image(recordio.read_record(fh, off)) for _, off in offsets]
+    assert [(r.label, r.id, r.image) for r in recs] == [(float(c), i, img) for i, (c, img) in enumerate(images, 1)]
+
+
+@pytest.mark.parametrize("images", [[], [(0, b"x")], [(5, b"abcd")] * 3],
+                         ids=["empty", "one", "one-class"])
+def test_library_writer_small_cases(tmp_path, images):
+    _reference(tmp_path / "ref", images)
+    recordio.write_insightface_rec(tmp_path / "lib", images)
+    for name in ("train.rec", "train.idx", "property"):
+        assert (tmp_path / "lib" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_library_writer_accepts_numpy_ints(tmp_path):
+    import numpy as np
+    recordio.write_insightface_rec(tmp_path / "lib", [(np.int64(2), b"ab"), (np.int32(2), b"cd")])
+    _reference(tmp_path / "ref", [(2, b"ab"), (2, b"cd")])
+    assert (tmp_path / "lib" / "train.rec").read_bytes() == (tmp_path / "ref" / "train.rec").read_bytes()
+
+
+@pytest.mark.parametrize("images, match", [
+    ([(1, b"a"), (0, b"b")], "sorted by class"),
+    ([(0, b"a"), (1, b"b"), (0, b"c")], "sorted by class"),
+    ([(-1, b"a")], "int >= 0"),
+    ([(1.0, b"a")], "int >= 0"),
+    ([(True, b"a")], "int >= 0"),
+    ([((1 << 24) + 1, b"a")], "2\\^24"),
+], ids=["descending", "regrouped", "negative", "float", "bool", "over-float32"])
+def test_library_writer_refuses_bad_labels_and_leaves_nothing(tmp_path, images, match):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train.rec").write_bytes(b"older set")  # a complete older set stays as it was
+    with pytest.raises(recordio.RecordIOError, match=match):
+        recordio.write_insightface_rec(tmp_path / "out", iter(images))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["train.rec"]
+    assert (tmp_path / "out" / "train.rec").read_bytes() == b"older set"
+
+
+# --- read_label: the IRHeader only ------------------------------------------------------------------
+
+MAGIC_FLOAT = struct.unpack("<f", M)[0]  # a float32 whose bytes are the magic
+
+
+def _label_payloads(lfw_small) -> list[bytes]:
+    jpgs = _lfw_images(lfw_small, 4)
+    return [
+        _image_payload(3.0, 1, jpgs[0]),                            # plain
+        _image_payload(4.0, 2, plant(jpgs[1], 40, 400)),            # split in the JPEG: 3 parts
+        _image_payload(5.0, MAGIC, jpgs[2]),                        # magic in the IRHeader's id (offset 8)
+        _image_payload(MAGIC_FLOAT, 4, jpgs[3]),                    # magic as the header label (offset 4)
+        _image_payload(0, 5, jpgs[0], (6.0, 1.0, 2.0)),             # flag 3: the first label is the class
+        _image_payload(0, MAGIC, jpgs[1], (MAGIC_FLOAT, 9.0)),      # magic in the label array (offset 24)
+        _image_payload(0, 7, jpgs[2], (8.0, MAGIC_FLOAT)),          # magic at the second label (offset 28)
+        _image_payload(0, 8, plant(jpgs[3], 0), (10.0,)),          # magic right after the label array
+        _image_payload(11.0, 9, b""),                               # no image at all
+    ]
+
+
+def test_read_label_matches_read_record(tmp_path, lfw_small):
+    payloads = _label_payloads(lfw_small)
+    rec, idx = write_rec(tmp_path, payloads)
+    blob = rec.read_bytes()
+    offsets = [off for _, off in recordio.read_index(idx)]
+    assert [len(record_parts(blob, off)) for off in offsets] == [1, 3, 2, 2, 1, 3, 2, 2, 1]
+    with open(rec, "rb") as fh:
+        expected = [recordio.unpack_image(recordio.read_record(fh, off)).label for off in offsets]
+        got = [recordio.read_label(fh, off) for off in offsets]
+    assert got == expected
+    assert expected[:3] == [3.0, 4.0, 5.0] and expected[4] == 6.0 and expected[6] == 8.0
+
+
+class CountingFile:
+    """A raw (unbuffered) file that counts the bytes its reads return."""
+
+    def __init__(self, path: Path):
+        self.fh = open(path, "rb", buffering=0)
+        self.bytes_read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.bytes_read += len(data)
+        return data
+
+    def seek(self, *args) -> int:
+        return self.fh.seek(*args)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def test_read_label_reads_headers_not_payloads(tmp_path, lfw_small):
+    jpgs = _lfw_images(lfw_small, 8)
+    images = [(i // 3, jpgs[i % len(jpgs)]) for i in range(40)]
+    recordio.write_insightface_rec(tmp_path, images)
+    rec = tmp_path / "train.rec"
+    offsets = recordio.image_record_offsets(rec, tmp_path / "train.idx")
+    fh = CountingFile(rec)
+    try:
+        labels = [recordio.read_label(fh, off) for _, off in offsets]
+    finally:
+        fh.close()
+    assert labels == [float(c) for c, _ in images]
+    assert fh.bytes_read <= 64 * len(offsets)
+    assert rec.stat().st_size > 100 * fh.bytes_read  # the JPEGs were not read
+
+
+def test_read_label_errors(tmp_path):
+    cases = {
+        "bad magic": b"\x00" * 40,
+        "truncated record header": dmlc_write_record(_image_payload(1.0, 1, b"jpeg"))[:6],
+        "truncated record payload": dmlc_write_record(_image_payload(1.0, 1, b"jpeg"))[:20],
+        "shorter than its IRHeader": dmlc_write_record(b"short"),
+        "shorter than its label array": dmlc_write_record(struct.pack("<IfQQ", 5, 0.0, 1, 0) + b"ab"),
+    }
+    for match, blob in cases.items():
+        (tmp_path / "x.rec").write_bytes(blob)
+        with open(tmp_path / "x.rec", "rb") as fh, pytest.raises(recordio.RecordIOError, match=match):
+            recordio.read_label(fh, 0)
+    blob = dmlc_write_record(_image_payload(1.0, 1, b"abcd" + M + b"efgh"))
+    (tmp_path / "y.rec").write_bytes(blob)
+    second = 8 + 28  # the 2nd part: the IRHeader and 'abcd'
+    with open(tmp_path / "y.rec", "rb") as fh, pytest.raises(recordio.RecordIOError, match="continuation"):
+        recordio.read_label(fh, second)

@@ -10,6 +10,8 @@ Routes (each aligned image records one):
 - ``cascade_box``   Haar face, no plausible eye pair: eyes predicted from the face box.
 - ``landmarks_eyes`` no Haar face: eye centres from dlib's 68 landmarks (mask stage output).
 - ``landmarks5``    ``align.method: landmarks``: least-squares 5-point similarity from the landmarks.
+- ``pre_aligned``   the data set's ``assume_aligned``: a 112x112 crop already on the template
+                    (insightface's sets), passed through unchanged (Haar on it only degrades it).
 Standalone mode (:func:`align_standalone`, masked photos without a twin) chains Haar face + eyes ->
 dlib HOG + 68 landmarks -> optionally dlib's CNN detector.
 
@@ -64,7 +66,7 @@ EYE_POSE_CORRECTION = np.array([[-0.0433, 0.0012, 0.0463, -0.0027],
                                 [-0.0067, 0.0498, 0.0047, -0.0557]])
 
 ROUTES_CASCADE = ("cascade_eyes", "cascade_box")
-ROUTES = ROUTES_CASCADE + ("landmarks_eyes", "landmarks5")
+ROUTES = ROUTES_CASCADE + ("landmarks_eyes", "landmarks5", "pre_aligned")
 
 
 
@@ -273,6 +275,15 @@ class PairAlignment:
     route: str
     eyes: Optional[list[list[float]]]  # eye centres found, raw-image pixels (None: box route)
     reason: str = ""
+
+
+def pre_aligned(image_rgb: np.ndarray) -> PairAlignment:
+    """An aligned 112x112 crop: the identity transform; any other size is rejected, not resized."""
+    h, w = image_rgb.shape[:2]
+    if (h, w) != (CROP_SIZE, CROP_SIZE):
+        return PairAlignment(None, "none", None,
+                             f"assume_aligned, but the image is {w}x{h}, not {CROP_SIZE}x{CROP_SIZE}")
+    return PairAlignment(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "pre_aligned", None)
 
 
 def estimate_pair_transform(image_rgb: np.ndarray, landmarks: Optional[np.ndarray] = None,

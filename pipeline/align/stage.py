@@ -49,15 +49,17 @@ class AlignStageError(RuntimeError):
 
 
 def align_pair(raw: np.ndarray, masked: np.ndarray, mask: np.ndarray | None, landmarks: np.ndarray | None,
-               params: AlignParams) -> dict:
-    """One pair: the transform from the raw image, applied to raw, masked twin and binary mask."""
+               params: AlignParams, assume_aligned: bool = False) -> dict:
+    """One pair: the transform from the raw image, applied to raw, masked twin and binary mask.
+    ``assume_aligned``: the crop passes through unchanged (route ``pre_aligned``)."""
     if raw.shape != masked.shape:
         return {"route": "none", "reason": f"masked twin {masked.shape} differs in size from raw {raw.shape}"}
-    est = al.estimate_pair_transform(raw, landmarks, method=params.method)
+    est = al.pre_aligned(raw) if assume_aligned else al.estimate_pair_transform(raw, landmarks, method=params.method)
     if est.matrix is None:
         return {"route": est.route, "reason": est.reason}
+    same = est.route == "pre_aligned"  # no resampling at all: the pixels stay the source's
     out = {"route": est.route, "reason": "", "matrix": est.matrix, "eyes": est.eyes,
-           "raw": geo.warp(raw, est.matrix), "masked": geo.warp(masked, est.matrix),
+           "raw": raw if same else geo.warp(raw, est.matrix), "masked": masked if same else geo.warp(masked, est.matrix),
            "eye_error_px": geo.eye_error_px(est.matrix, landmarks) if landmarks is not None else None,
            "mask_lower_share": None}
     if mask is not None:
@@ -68,7 +70,7 @@ def align_pair(raw: np.ndarray, masked: np.ndarray, mask: np.ndarray | None, lan
 
 
 def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask_reasons: dict[str, str],
-                params: AlignParams, out_chunks: str) -> list[dict]:
+                params: AlignParams, out_chunks: str, assume_aligned: bool = False) -> list[dict]:
     """Align every image of one ingest chunk; write out_chunks/<same name>; return status rows."""
     twins: dict[str, dict[str, bytes]] = {}
     masked_path = Path(masked_chunks) / chunk_name
@@ -101,7 +103,7 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
         mask = decode_gray(twin["mask.png"]) if "mask.png" in twin else None
         landmarks = np.asarray(tmeta["landmarks"], dtype=np.float64) \
             if len(tmeta.get("landmarks") or []) == 68 else None
-        res = align_pair(raw, masked, mask, landmarks, params)
+        res = align_pair(raw, masked, mask, landmarks, params, assume_aligned)
         row.update(route=res["route"], reason=res["reason"])
         if "matrix" not in res:
             continue
@@ -192,10 +194,11 @@ def _mask_reasons(masked_dir: Path) -> dict[str, str]:
     return {r["image_id"]: r["reason"] or r["status"] for r in t if r["status"] != "masked"}
 
 
-def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | Path = "data/ingest",
-              masked_dir: str | Path = "data/masked", out_dir: str | Path = "data/aligned") -> dict:
+def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | Path, masked_dir: str | Path,
+              out_dir: str | Path, assume_aligned: bool = False) -> dict:
     """Align every ingested image with its masked twin; write chunks/, status.parquet,
-    summary.json and contact_sheet.png to out_dir; return the summary."""
+    summary.json and contact_sheet.png to out_dir; return the summary. ``assume_aligned`` (the
+    data set's flag): 112x112 crops pass through unchanged."""
     ingest_dir, masked_dir, out_dir = Path(ingest_dir), Path(masked_dir), Path(out_dir)
     chunks = list_chunks(ingest_dir / "chunks")
     if not chunks:
@@ -204,7 +207,7 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "chunks").mkdir(parents=True)
-    results = map_chunks(align_chunk, [c.name for c in chunks], compute, desc="align",
+    results = map_chunks(align_chunk, [c.name for c in chunks], compute, desc="align", assume_aligned=assume_aligned,
                          ingest_chunks=str(ingest_dir / "chunks"), masked_chunks=str(masked_dir / "chunks"),
                          mask_reasons=mask_reasons, params=params, out_chunks=str(out_dir / "chunks"))
     rows = sorted((r for chunk_rows in results for r in chunk_rows), key=lambda r: r["image_id"])

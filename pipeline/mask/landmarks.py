@@ -7,7 +7,9 @@ Routes, tried in order (the route that produced the landmarks is recorded per im
 - ``haar``: an OpenCV Haar frontal-face box (catches some profile-ish / low-contrast faces HOG misses),
   squared to dlib's box convention, then the dlib 68-point predictor inside it,
 - ``canonical``: only when ``assume_aligned`` (insightface-style crops): a mean LFW shape scaled to
-  the crop, because detectors miss faces that fill the whole frame.
+  the crop, because detectors miss faces that fill the whole frame. Aligned crops try HOG at
+  upsample 0 only, then this shape (upsampling or Haar on a 112 px crop costs time and finds
+  worse boxes than the template itself).
 
 With several faces the subject is the largest one, preferring the one nearest the image centre
 (LFW photos are centred on the named person); bystanders are never masked.
@@ -139,14 +141,15 @@ class LandmarkDetector:
         h, w = rgb.shape[:2]
         if min(h, w) >= MIN_DETECT_SIDE:
             gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-            for up in range(self.max_upsample + 1):
+            # an aligned crop: the face fills the frame, so HOG at upsample 0, then the canonical shape
+            for up in range(0 if self.assume_aligned else self.max_upsample + 1):
                 rects = self.detector(gray, up)
                 if len(rects):
                     boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
                     box = boxes[_pick_subject(boxes, w, h)]
                     return LandmarkResult("hog" if up == 0 else f"hog_upsample{up}",
                                           self._shape(rgb, box), tuple(int(v) for v in box), len(boxes))
-            if self.haar is not None:
+            if self.haar is not None and not self.assume_aligned:
                 found = self.haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
                                                    minSize=(max(20, min(h, w) // 8),) * 2)
                 if len(found):

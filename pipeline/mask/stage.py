@@ -62,13 +62,13 @@ def choose_style(params: MaskParams, rng: np.random.Generator) -> tuple[str, str
 _DETECTORS: dict[tuple, LandmarkDetector] = {}
 
 
-def get_detector(predictor_path: str, params: MaskParams) -> LandmarkDetector:
+def get_detector(predictor_path: str, params: MaskParams, assume_aligned: bool = False) -> LandmarkDetector:
     """One detector per worker process (loading the 100 MB predictor takes ~0.5 s)."""
-    key = (predictor_path, params.max_upsample, params.haar_fallback, params.assume_aligned)
+    key = (predictor_path, params.max_upsample, params.haar_fallback, assume_aligned)
     if key not in _DETECTORS:
         _DETECTORS[key] = LandmarkDetector(predictor_path, max_upsample=params.max_upsample,
                                            haar_fallback=params.haar_fallback,
-                                           assume_aligned=params.assume_aligned)
+                                           assume_aligned=assume_aligned)
     return _DETECTORS[key]
 
 
@@ -89,9 +89,10 @@ def mask_image(rgb: np.ndarray, image_id: str, detector: LandmarkDetector, param
             "n_faces": res.n_faces}
 
 
-def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_dir: str) -> list[dict]:
+def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_dir: str,
+               assume_aligned: bool = False) -> list[dict]:
     """Mask every image of one ingest chunk; write out_dir/<same name>.tar; return status rows."""
-    detector = get_detector(predictor_path, params)
+    detector = get_detector(predictor_path, params, assume_aligned)
     rows, samples = [], []
     for key, members in read_chunk(chunk_path):
         meta = _load_meta(members.get("json", b"{}"))
@@ -186,10 +187,11 @@ def contact_sheet(rows: list[dict], in_dir: Path, out_dir: Path, params: MaskPar
     return draw_sheet(sheet_rows, THUMB, font_scale=0.36)
 
 
-def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path = "data/ingest",
-             out_dir: str | Path = "data/masked") -> dict:
+def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path, out_dir: str | Path,
+             assume_aligned: bool = False) -> dict:
     """Mask every image of the ingest output; write chunks/, status.parquet, summary.json and
-    contact_sheet.png to out_dir. Asserts masked + rejected = ingested."""
+    contact_sheet.png to out_dir. Asserts masked + rejected = ingested. ``assume_aligned``: the
+    images are 112x112 crops (the data set's flag): HOG, then the canonical shape."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     predictor = check_predictor(params.landmarks_dat, params.landmarks_sha256)  # fail before any work
     chunks = list_chunks(in_dir / "chunks")
@@ -199,6 +201,7 @@ def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path =
         shutil.rmtree(out_dir)
     (out_dir / "chunks").mkdir(parents=True)
     results = map_chunks(mask_chunk, [str(c) for c in chunks], compute, desc="mask", params=params,
+                         assume_aligned=assume_aligned,
                          predictor_path=str(predictor), out_dir=str(out_dir / "chunks"))
     rows = []
     for chunk, chunk_rows in zip(chunks, results):
