@@ -12,11 +12,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--dataset", default="lfw", help="a key of `datasets` in params.yaml")
-    ap.add_argument("--out", help="default: data/<dataset>/ingest")
+    ap.add_argument("--root", default="data", help="writes <root>/<dataset>/ingest")
     args = ap.parse_args()
     params = load_params(args.params)
     summary = run_ingest(params=params.ingest, dataset=params.dataset(args.dataset), compute=params.compute,
-                         out_dir=args.out or f"data/{args.dataset}/ingest")
+                         out_dir=f"{args.root}/{args.dataset}/ingest")
     print(json.dumps({k: summary[k] for k in ("inputs", "accepted", "rejected", "identities")}))
 
 

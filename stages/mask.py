@@ -14,9 +14,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--dataset", default="lfw", help="a key of `datasets` in params.yaml")
+    ap.add_argument("--root", default="data", help="reads and writes <root>/<dataset>/...")
     args = ap.parse_args()
     params = load_params(args.params)
-    root = f"data/{args.dataset}"
+    root = f"{args.root}/{args.dataset}"
     t0 = time.perf_counter()
     summary = run_mask(params=params.mask, compute=params.compute, in_dir=f"{root}/ingest",
                        out_dir=f"{root}/masked", assume_aligned=params.dataset(args.dataset).assume_aligned)

@@ -97,5 +97,7 @@ def test_assume_aligned_uses_the_canonical_shape_as_last_route():
     r = aligned.detect(np.full((24, 24, 3), 128, np.uint8))  # small crops scale the shape
     assert r.route == "canonical" and np.allclose(r.landmarks, CANONICAL_112 * 24 / 112)
     assert MIN_DETECT_SIDE > 24
-    # a real face is still found by the detector first
+    # a real face is still found by the detector first, on the photo and on its aligned crop
     assert aligned.detect(lfw_rgb("Aaron_Eckhart/Aaron_Eckhart_0001")).route == "hog"
+    crop = lfw_rgb("Aaron_Eckhart/Aaron_Eckhart_0001")[69:181, 69:181]  # the face fills a 112 crop
+    assert aligned.detect(np.ascontiguousarray(crop)).route == "hog"

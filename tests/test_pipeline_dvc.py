@@ -266,6 +266,7 @@ def test_external_recordio_set_trains_and_all_of_lfw_is_evaluated(external_proje
     assert align["routes"] == {"pre_aligned": EXTERNAL_IMAGES["sim_rec"]}
     mask = json.loads((external_project / "data" / "sim_rec" / "masked" / "summary.json").read_text())
     assert {k for k, v in mask["routes"].items() if v} <= {"hog", "canonical"} and mask["rejected"] == 0
+    assert mask["routes"]["hog"] > mask["routes"]["canonical"]  # most crops get real landmarks
     index = json.loads((external_project / "data" / "shards" / "index.json").read_text())
     assert index["aligned"] == EXTERNAL_IMAGES["sim_rec"]
 

@@ -142,7 +142,7 @@ class LandmarkDetector:
         if min(h, w) >= MIN_DETECT_SIDE:
             gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
             # an aligned crop: the face fills the frame, so HOG at upsample 0, then the canonical shape
-            for up in range(0 if self.assume_aligned else self.max_upsample + 1):
+            for up in range(1 if self.assume_aligned else self.max_upsample + 1):
                 rects = self.detector(gray, up)
                 if len(rects):
                     boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
