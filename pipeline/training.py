@@ -379,6 +379,7 @@ class Trainer:
     resume_dir: Path
     live: Any = None
     make_loader: Callable[..., Iterable] = make_pair_loader
+    loader: Any = field(default=None, repr=False)  # the train loader, built once (see train_loader)
 
     @property
     def per_rank_batch(self) -> int:
@@ -419,13 +420,25 @@ class Trainer:
             self.live.log_metric(f"train/{k}", float(v))
         return metrics
 
+    def train_loader(self, epoch: int) -> Iterable:
+        """The train loader for ``epoch``: built once, then moved on with ``set_epoch`` (its workers
+        persist across epochs; pass e is what a fresh loader for epoch e gives). A ``make_loader``
+        whose result has no ``set_epoch`` is called again every epoch. Pinned memory on CUDA."""
+        if self.loader is not None and hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+            return self.loader
+        p = self.params
+        self.loader = self.make_loader(self.shards.train, batch_size=self.per_rank_batch, augment=p.augment,
+                                       seed=p.seed, epoch=epoch, shuffle_buffer=p.shuffle_buffer,
+                                       num_workers=p.num_workers, drop_last=True,
+                                       pin_memory=self.device.type == "cuda")
+        return self.loader
+
     def run_epoch(self, epoch: int) -> int:
         """One pass over this rank's shards; returns the pairs trained on by this rank."""
         p, s = self.params, self.state
         torch.manual_seed(p.seed * 1000 + epoch)  # dropout and anything else seeded per epoch
-        loader = self.make_loader(self.shards.train, batch_size=self.per_rank_batch, augment=p.augment,
-                                  seed=p.seed, epoch=epoch, shuffle_buffer=p.shuffle_buffer,
-                                  num_workers=p.num_workers, drop_last=True)
+        loader = self.train_loader(epoch)
         total_steps = self.steps_per_epoch * p.epochs
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}", unit="step",
                    disable=not self.rank.main)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import AugmentParams
-from pipeline.pair_loader import PairAugment, make_pair_loader
+from pipeline.pair_loader import PairAugment, make_pair_loader, mean_grey, shard_samples, shuffled, to_batch
 from pipeline.seeding import seed_for
 from pipeline.tar_chunks import read_chunk
 
@@ -28,6 +30,9 @@ def test_eval_batches_shapes_range_and_order(tiny_shards):
     index = json.loads((tiny_shards / "index.json").read_text())
     assert raw.shape == masked.shape == (index["train"]["samples"], 3, 112, 112)
     assert raw.dtype == masked.dtype == torch.float32 and labels.dtype == torch.int64
+    assert all(isinstance(b[0], torch.Tensor) and b[0].is_contiguous(memory_format=torch.channels_last)
+               for b in batches)  # NHWC memory: the layout the training step uses, no copy there
+    assert [int(k) for k in labels] == [int(m["cls"]) for s in shards for _, m in read_chunk(s)]
     assert -1.0 <= raw.min() and raw.max() <= 1.0 and raw.std() > 0.1
     # no augmentation: deterministic and identical twice
     again = torch.cat([b[0] for b in make_pair_loader(shards, batch_size=4, augment=None, seed=5,
@@ -84,19 +89,16 @@ def test_workers_epochs_and_shuffle(tiny_shards):
         make_pair_loader([], batch_size=2, augment=None, seed=0)
 
 
-def test_tar_samples_matches_webdataset_and_refuses_unsafe_members(tiny_shards, tmp_path):
+def test_shard_samples_match_webdataset_and_refuse_unsafe_members(tiny_shards, tmp_path):
     import io
     import tarfile
 
     import webdataset as wds
 
-    from pipeline.pair_loader import tar_samples
-    from pipeline.tar_chunks import UnsafeArchiveError
+    from pipeline.tar_chunks import UnsafeArchiveError, write_tar
 
     # the packed shards, plus one with 200-character keys (GNU long names) and one written by
     # webdataset's own TarWriter (PAX headers for names over 100 bytes)
-    from pipeline.tar_chunks import write_tar
-
     samples = [(k, m) for k, m in read_chunk(_shards(tiny_shards)[0])][:2]
     long = [(f"{k.split('/')[0]}/{'d' * 150}/{k.split('/')[1]}", m) for k, m in samples]
     write_tar(tmp_path / "long.tar", long)
@@ -107,11 +109,11 @@ def test_tar_samples_matches_webdataset_and_refuses_unsafe_members(tiny_shards, 
         writer.close()
     urls = [str(p) for p in _shards(tiny_shards) + _shards(tiny_shards, "val")]
     urls += [str(tmp_path / "long.tar"), str(tmp_path / "pax.tar")]
-    ours = list(wds.DataPipeline(wds.SimpleShardList(urls), tar_samples))
-    theirs = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
-    assert len(ours) == len(theirs) > 0
-    assert all(a.keys() == b.keys() and all(a[k] == b[k] for k in a) for a, b in zip(ours, theirs))
-    assert sum(len(s["__key__"]) > 150 for s in ours) == 4
+    ours = list(shard_samples(urls))
+    theirs = [(s["__key__"], s["raw.jpg"], s["masked.jpg"], int(s["cls"]))
+              for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())]
+    assert ours == theirs and len(ours) > 0
+    assert sum(len(s[0]) > 150 for s in ours) == 4
     for name, kind in (("../evil.raw.jpg", tarfile.REGTYPE), ("a/link.raw.jpg", tarfile.SYMTYPE)):
         bad = tmp_path / "bad.tar"
         with tarfile.open(bad, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -120,7 +122,108 @@ def test_tar_samples_matches_webdataset_and_refuses_unsafe_members(tiny_shards, 
             ti.size = 3 if kind == tarfile.REGTYPE else 0
             tar.addfile(ti, io.BytesIO(b"abc") if kind == tarfile.REGTYPE else None)
         with pytest.raises(UnsafeArchiveError):
-            list(tar_samples([{"url": str(bad)}]))
+            list(shard_samples([str(bad)]))
+    write_tar(tmp_path / "no_cls.tar", [(k, {e: v for e, v in m.items() if e != "cls"}) for k, m in samples])
+    with pytest.raises(KeyError, match="lacks member 'cls'"):
+        list(shard_samples([str(tmp_path / "no_cls.tar")]))
+
+
+def test_batching_pieces_equal_the_per_sample_formulas():
+    """The batch path's shortcuts give exactly what the per-sample code gave: the float table is
+    x / 127.5 - 1, the grey pivot is numpy's mean, an augmentation written into a batch slot is the
+    one returned, and the shuffle buffer draws webdataset's order."""
+    import webdataset.filters as wf
+
+    every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    assert torch.equal(to_batch(every), torch.from_numpy(every).permute(0, 3, 1, 2).float().div(127.5).sub(1.0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 112, 112, 3), dtype=np.uint8)
+    for img in images:
+        assert mean_grey(img) == float(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).mean())
+    aug = AugmentParams(flip=True, crop_jitter=0.1, scale_jitter=0.1, color_jitter=0.3)
+    variants = [aug, AugmentParams(color_jitter=0.0), AugmentParams(crop_jitter=0.0, scale_jitter=0.0),
+                AugmentParams(crop_jitter=0.0, scale_jitter=0.0, color_jitter=0.0)]
+    for i, params in enumerate(variants * 4):
+        d = PairAugment.draw(params, np.random.default_rng(i))
+        raw, masked = images[i], images[i + 1]
+        want = d.apply_pair(raw, masked)
+        slots = np.zeros((2, *raw.shape), np.uint8)
+        got = d.apply_pair(raw, masked, slots[0], slots[1])
+        assert np.array_equal(slots[0], want[0]) and np.array_equal(slots[1], want[1])
+        assert np.shares_memory(got[0], slots[0]) and np.shares_memory(got[1], slots[1])
+    for size, initial in ((100, 20), (8, 100), (1000, 100)):
+        ours = list(shuffled(iter(range(500)), size, initial, random.Random(7)))
+        assert ours == list(wf._shuffle(iter(range(500)), size, initial, rng=random.Random(7)))
+
+
+def _epoch_batches(loader) -> list:
+    return [(list(keys), raw.clone(), masked.clone(), label.clone()) for raw, masked, label, keys in loader]
+
+
+def _same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) > 0 and all(
+        x[0] == y[0] and all(torch.equal(u, v) for u, v in zip(x[1:], y[1:])) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_persistent_workers_give_each_epoch_what_a_fresh_loader_gives(tiny_shards, context):
+    """One loader, workers kept across epochs and moved on by set_epoch: every epoch (also after a
+    jump, and after an epoch left half-read, as a DDP rank stops at the shortest rank's end) equals
+    a fresh loader built for that epoch: the same keys, order, augmentations and labels."""
+    kw = dict(batch_size=3, augment=AugmentParams(), seed=4, shuffle_buffer=8, num_workers=2, drop_last=True,
+              return_keys=True)
+    shards = _shards(tiny_shards)
+    fresh = {e: _epoch_batches(make_pair_loader(shards, epoch=e, **kw)) for e in (0, 1, 2, 5)}
+    assert not _same_batches(fresh[0], fresh[1])
+    loader = make_pair_loader(shards, epoch=0, multiprocessing_context=context, **kw)
+    assert _same_batches(_epoch_batches(loader), fresh[0])
+    it = loader._iterator
+    pids = [w.pid for w in it._workers]
+    loader.set_epoch(1)
+    assert _same_batches(_epoch_batches(loader), fresh[1])
+    loader.set_epoch(5)
+    assert _same_batches(_epoch_batches(loader), fresh[5])
+    loader.set_epoch(0)
+    next(iter(loader))  # half an epoch, then the next one
+    loader.set_epoch(2)
+    assert _same_batches(_epoch_batches(loader), fresh[2])
+    assert loader._iterator is it and [w.pid for w in it._workers] == pids  # the same worker processes
+
+
+def test_benchmark_ceiling_yields_the_shard_loaders_batches(tiny_shards):
+    """benchmarks/loader.py's ceiling (bytes already in memory) and the shard loader give identical
+    batches, so their ratio compares the same work with and without tar reading."""
+    from benchmarks.loader import MemorySource
+
+    shards = _shards(tiny_shards)
+    memory = MemorySource(shards)
+    for workers in (0, 2):
+        kw = dict(batch_size=4, augment=AugmentParams(), seed=2, epoch=1, shuffle_buffer=16, num_workers=workers,
+                  return_keys=True)
+        assert _same_batches(_epoch_batches(make_pair_loader(shards, **kw)),
+                             _epoch_batches(make_pair_loader(shards, source=memory, **kw)))
+
+
+def test_training_builds_its_loader_once_and_sets_each_epoch(tiny_shards, tmp_path):
+    from pipeline.config import TrainParams
+    from pipeline.training import train
+
+    calls, epochs = [], []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        loader = make_pair_loader(*args, **kwargs)
+        set_epoch = loader.set_epoch
+        loader.set_epoch = lambda e: (epochs.append(e), set_epoch(e))[1]
+        return loader
+
+    params = TrainParams(batch_size=4, embedding_dim=8, warmup_steps=1, num_workers=2, shuffle_buffer=8,
+                         epochs=3, val_every=0, log_every=5, device="cpu")
+    train(params=params, shards_dir=tiny_shards, out_dir=tmp_path / "m", live_dir=tmp_path / "l",
+          resume_dir=tmp_path / "r", make_loader=spy)
+    assert len(calls) == 1 and calls[0]["epoch"] == 0 and calls[0]["num_workers"] == 2
+    assert calls[0]["pin_memory"] is False  # pinned only when training on CUDA
+    assert epochs == [1, 2]
 
 
 def _rank_keys(rank: int, world: int, port: int, shards: list[str], out: str) -> None:
