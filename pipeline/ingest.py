@@ -4,6 +4,14 @@ Sources: an LFW release (split from View 1: peopleDevTrain -> train, peopleDevTe
 ImageFolder ``root/<identity>/<image>`` (any depth under the identity folder) or an insightface
 RecordIO pair. Each file is decoded and vetted (:mod:`pipeline.image_check`); bad files are rejected
 with a reason, exact duplicates are reported, and the stage asserts ``in = accepted + rejected``.
+
+Streaming: the listing keeps one small :class:`SourceItem` per file; chunks are vetted in parallel
+and each chunk's manifest rows go to ``manifest.parquet`` as it finishes (one row group per chunk),
+counted into the summary and dropped. Manifest order: chunk order (rejected-before-decoding files,
+chunk name '', first; then ``test-NNNNNN``, ``train-NNNNNN``), image ids sorted within a chunk,
+i.e. (split, image_id) order, whatever the chunk size or worker count. Duplicates need no rows in
+memory: 16 bytes of each accepted file's sha256 are kept, and only when two match is the manifest
+read again (streamed) to find, per repeated sha256, the first image id and mark the others.
 """
 from __future__ import annotations
 
@@ -11,18 +19,20 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import recordio
 from pipeline.config import ComputeParams, DatasetParams, IngestParams
 from pipeline.image_check import check_image
-from pipeline.parallel import map_chunks
+from pipeline.parallel import iter_chunks
 from pipeline.protocols import ProtocolError, read_people
 from pipeline.tar_chunks import dumps_json, write_chunk, write_json
 
@@ -41,9 +51,10 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
-    """One input file, found by a source lister; ``reason`` set means rejected before decoding."""
+    """One input file, found by a source lister; ``reason`` set means rejected before decoding.
+    The listing holds one per file (slots, identity names interned: ~250 bytes each)."""
 
     image_id: str
     identity: str
@@ -173,7 +184,7 @@ def list_imagefolder(root: Path, split_of=None) -> list[SourceItem]:
     files, skipped = walk_source(root)
     for rel in files:
         parts = rel.replace(os.sep, "/").split("/")
-        identity = parts[0] if len(parts) > 1 else ""
+        identity = sys.intern(parts[0]) if len(parts) > 1 else ""
         ext = os.path.splitext(rel)[1].lower()
         reason = ""
         if not identity:
@@ -226,7 +237,7 @@ def list_recordio(root: Path) -> list[SourceItem]:
             reason, identity = "", ""
             try:
                 label = recordio.read_label(fh, off)  # the record header only, not the JPEG
-                identity = f"id_{int(label):07d}"
+                identity = sys.intern(f"id_{int(label):07d}")
             except (recordio.RecordIOError, ValueError, OverflowError) as err:
                 reason = f"bad record: {err}"
             image_id = make_image_id(f"{identity or 'unlabelled'}/{i:09d}", taken)
@@ -291,51 +302,85 @@ def _ingest_item(it: SourceItem, root: Path, rec: BinaryIO | None, chunk: str, s
 
 
 def plan_chunks(items: list[SourceItem], chunk_size: int) -> list[tuple[str, list[SourceItem]]]:
-    """Split-wise chunks of sorted image ids; items without a split ride in a chunk named ''."""
+    """Split-wise chunks of sorted image ids; items without a split ride in chunks named '' (no
+    tar: all rejected), chunk_size at most each too, so every task carries O(chunk_size) items."""
     by_split: dict[str, list[SourceItem]] = defaultdict(list)
     for it in items:
         by_split[it.split if (it.split and not it.reason) else ""].append(it)
     jobs = []
     for split in sorted(by_split):
         group = sorted(by_split[split], key=lambda it: it.image_id)
-        if not split:
-            jobs.append(("", group))
-            continue
         for n, start in enumerate(range(0, len(group), chunk_size)):
-            jobs.append((f"{split}-{n:06d}", group[start:start + chunk_size]))
+            jobs.append((f"{split}-{n:06d}" if split else "", group[start:start + chunk_size]))
     return jobs
 
 
-def mark_duplicates(rows: list[dict]) -> int:
-    """Set duplicate_of on accepted rows whose bytes equal an earlier (by image_id) accepted row."""
+class IngestSummary:
+    """summary.json from running counters: O(identities + rejection reasons), never the rows."""
+
+    def __init__(self) -> None:
+        self.inputs = self.accepted = 0
+        self.per_split: dict[str, Counter] = defaultdict(Counter)  # split -> identity -> images
+        self.reasons: Counter = Counter()
+
+    def add(self, rows: list[dict]) -> None:
+        self.inputs += len(rows)
+        for r in rows:
+            if r["status"] == "accepted":
+                self.accepted += 1
+                self.per_split[r["split"]][r["identity"]] += 1
+            else:
+                self.reasons[r["reason"].split(":")[0]] += 1
+
+    def result(self, n_duplicates: int) -> dict:
+        per_split = {}
+        for split in SPLITS:
+            ids = self.per_split.get(split, Counter())
+            per_split[split] = {"images": sum(ids.values()), "identities": len(ids),
+                                "identities_with_2plus": sum(1 for c in ids.values() if c >= 2)}
+        identities = set().union(*self.per_split.values()) if self.per_split else set()
+        overlap = set(self.per_split.get("train", ())) & set(self.per_split.get("test", ()))
+        return {"inputs": self.inputs, "accepted": self.accepted, "rejected": self.inputs - self.accepted,
+                "identities": len(identities), "splits": per_split,
+                "rejection_reasons": dict(sorted(self.reasons.items())), "exact_duplicates": n_duplicates,
+                "identity_overlap_train_test": len(overlap)}
+
+
+DIGEST_PREFIX = 16  # bytes of sha256 kept per accepted image to spot candidate duplicates
+
+
+def _repeated_prefixes(prefixes: bytearray) -> set[bytes]:
+    """The DIGEST_PREFIX-byte prefixes that occur more than once."""
+    arr = np.frombuffer(bytes(prefixes), dtype=np.dtype((np.void, DIGEST_PREFIX)))
+    if arr.size < 2:
+        return set()
+    arr = np.sort(arr)
+    same = arr[1:] == arr[:-1]
+    return {bytes(v) for v in arr[1:][same]}
+
+
+def _mark_duplicates_streaming(tmp: Path, final: Path, candidates: set[bytes]) -> int:
+    """Copy the manifest ``tmp`` to ``final`` with duplicate_of set, row group by row group (the
+    same row groups): a first streamed pass finds, per repeated sha256 among the candidate
+    prefixes, the first accepted image id; the second marks the others. Returns their number."""
     first: dict[str, str] = {}
-    n = 0
-    for row in sorted(rows, key=lambda r: r["image_id"]):
-        if row["status"] != "accepted":
-            continue
-        if row["sha256"] in first:
-            row["duplicate_of"] = first[row["sha256"]]
-            n += 1
-        else:
-            first[row["sha256"]] = row["image_id"]
-    return n
-
-
-def summarize(rows: list[dict], n_duplicates: int) -> dict:
-    acc = [r for r in rows if r["status"] == "accepted"]
-    per_split = {}
-    for split in SPLITS:
-        rs = [r for r in acc if r["split"] == split]
-        ids = Counter(r["identity"] for r in rs)
-        per_split[split] = {"images": len(rs), "identities": len(ids),
-                            "identities_with_2plus": sum(1 for c in ids.values() if c >= 2)}
-    reasons = Counter(r["reason"].split(":")[0] for r in rows if r["status"] == "rejected")
-    overlap = ({r["identity"] for r in acc if r["split"] == "train"}
-               & {r["identity"] for r in acc if r["split"] == "test"})
-    return {"inputs": len(rows), "accepted": len(acc), "rejected": len(rows) - len(acc),
-            "identities": len({r["identity"] for r in acc}), "splits": per_split,
-            "rejection_reasons": dict(sorted(reasons.items())), "exact_duplicates": n_duplicates,
-            "identity_overlap_train_test": len(overlap)}
+    count: Counter = Counter()
+    src = pq.ParquetFile(tmp)
+    for batch in src.iter_batches(columns=["image_id", "status", "sha256"]):
+        for image_id, status, sha in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            if status == "accepted" and bytes.fromhex(sha[:2 * DIGEST_PREFIX]) in candidates:
+                count[sha] += 1
+                if sha not in first or image_id < first[sha]:
+                    first[sha] = image_id
+    first = {sha: i for sha, i in first.items() if count[sha] > 1}
+    with pq.ParquetWriter(final, MANIFEST_SCHEMA) as out:
+        for g in range(src.num_row_groups):
+            rows = src.read_row_group(g).to_pylist()
+            for r in rows:
+                if r["status"] == "accepted" and r["sha256"] in first and first[r["sha256"]] != r["image_id"]:
+                    r["duplicate_of"] = first[r["sha256"]]
+            out.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), row_group_size=len(rows))
+    return sum(c - 1 for c in count.values() if c > 1)
 
 
 def copy_protocol(root: Path, out_dir: Path) -> list[str]:
@@ -358,24 +403,46 @@ def run_ingest(*, params: IngestParams, dataset: DatasetParams, compute: Compute
     items = list_source(dataset)
     if not items:
         raise IngestError(f"datasets.*.path={dataset.path!r}: no files found")
+    n_items = len(items)
     jobs = plan_chunks(items, params.chunk_size)
+    del items  # the jobs hold the same items
     root = Path(dataset.path)
-    results = map_chunks(ingest_chunk, jobs, compute, desc="ingest", root=root,
-                         out_dir=out_dir / "chunks", min_side=params.min_side,
-                         max_pixels=params.max_pixels)
-    rows = sorted((r for chunk_rows in results for r in chunk_rows), key=lambda r: r["image_id"])
-    n_acc = sum(r["status"] == "accepted" for r in rows)
-    if len(rows) != len(items) or n_acc + sum(r["status"] == "rejected" for r in rows) != len(items):
-        raise IngestError(f"accounting broken: {len(items)} in, {len(rows)} rows, {n_acc} accepted")
-    n_dup = mark_duplicates(rows)
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out_dir / "manifest.parquet")
-    summary = summarize(rows, n_dup)
-    summary["source"] = dataset.source
-    summary["assume_aligned"] = dataset.assume_aligned
+    summary = IngestSummary()
+    prefixes = bytearray()  # DIGEST_PREFIX bytes per accepted image
+    tmp = out_dir / "manifest.parquet.tmp"
+    results = iter_chunks(ingest_chunk, jobs, compute, desc="ingest", root=root, out_dir=out_dir / "chunks",
+                          min_side=params.min_side, max_pixels=params.max_pixels)
+    with contextlib.closing(results), pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as writer:
+        for (chunk, chunk_items), rows in zip(jobs, results):
+            rows.sort(key=lambda r: r["image_id"])
+            if [r["image_id"] for r in rows] != [it.image_id for it in chunk_items]:  # one row per input
+                raise IngestError(f"accounting broken in chunk {chunk or '(rejected before decoding)'}: "
+                                  f"{len(chunk_items)} in, {len(rows)} rows")
+            if rows:
+                writer.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), row_group_size=len(rows))
+            summary.add(rows)
+            for r in rows:
+                if r["status"] == "accepted":
+                    prefixes += bytes.fromhex(r["sha256"][:2 * DIGEST_PREFIX])
+    del jobs
+    n_acc = summary.accepted
+    if summary.inputs != n_items or len(prefixes) != n_acc * DIGEST_PREFIX:
+        raise IngestError(f"accounting broken: {n_items} in, {summary.inputs} rows, {n_acc} accepted")
+    candidates = _repeated_prefixes(prefixes)
+    del prefixes
+    if candidates:
+        n_dup = _mark_duplicates_streaming(tmp, out_dir / "manifest.parquet", candidates)
+        tmp.unlink()
+    else:
+        n_dup = 0
+        tmp.replace(out_dir / "manifest.parquet")
+    result = summary.result(n_dup)
+    result["source"] = dataset.source
+    result["assume_aligned"] = dataset.assume_aligned
     if dataset.source == "lfw":
-        summary["protocol_files"] = copy_protocol(root, out_dir / "protocol")
-    write_json(out_dir / "summary.json", summary)
-    return summary
+        result["protocol_files"] = copy_protocol(root, out_dir / "protocol")
+    write_json(out_dir / "summary.json", result)
+    return result
 
 
 def manifest_rows(out_dir: str | Path) -> list[dict]:
@@ -391,3 +458,33 @@ def accepted_image_ids(ingest_dir: str | Path) -> list[str] | None:
     rows = pq.read_table(manifest, columns=["image_id", "status"]).to_pylist()
     return sorted(r["image_id"] for r in rows if r["status"] == "accepted")
 
+
+def accepted_ids_by_chunk(ingest_dir: str | Path,
+                          batch_size: int = 10_000) -> Iterator[tuple[str, list[str]]] | None:
+    """(chunk file name, its accepted image ids, sorted) per chunk, in chunk order, streamed from
+    the manifest one batch at a time: what :class:`pipeline.stage_report.Accounting` checks a
+    stage's chunks against. None when there is no manifest (a folder not made by this stage)."""
+    manifest = Path(ingest_dir) / "manifest.parquet"
+    if not manifest.is_file():
+        return None
+    return _runs(manifest, batch_size)
+
+
+def _runs(manifest: Path, batch_size: int) -> Iterator[tuple[str, list[str]]]:
+    current, ids, done = None, [], set()
+    src = pq.ParquetFile(manifest)
+    for batch in src.iter_batches(batch_size=batch_size, columns=["image_id", "status", "chunk"]):
+        for image_id, status, chunk in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            if status != "accepted":
+                continue
+            if chunk != current:
+                if current is not None:
+                    yield current, sorted(ids)
+                if chunk in done or (current is not None and chunk < current):
+                    raise IngestError(f"{manifest}: rows not in chunk order ({chunk} after {current}): "
+                                      f"made by an older ingest? Run the ingest stage again")
+                done.add(chunk)
+                current, ids = chunk, []
+            ids.append(image_id)
+    if current is not None:
+        yield current, sorted(ids)

@@ -1,4 +1,4 @@
-"""Pack aligned pairs into WebDataset training shards: few large files, globally shuffled.
+"""Pack aligned pairs into WebDataset training shards: few large files, shuffled.
 
 Training reads a handful of big tar shards sequentially instead of millions of small files (the
 seed could not scale past LFW because of that I/O; DVC also slows to hours past ~200k files).
@@ -6,18 +6,36 @@ seed could not scale past LFW because of that I/O; DVC also slows to hours past 
 - Train identities with >= ``min_images_per_identity`` aligned images are kept; a seeded share of
   them (``val_fraction``, at most ``val_max_identities``) is held out for model selection, so the
   split is part of the cached data set and training never has to filter it.
-- ``train-NNNNNN.tar``: the other kept identities' pairs, in one global permutation drawn from
-  ``pack.seed`` over the sorted keys (independent of chunking or workers). Labels are contiguous
-  ints over the sorted training identities (``classes.json``).
+- ``train-NNNNNN.tar``: the other kept identities' pairs, shuffled in one pass through seeded
+  buckets (below). Labels are contiguous ints over the sorted training identities
+  (``classes.json``).
 - ``val-NNNNNN.tar``: the held-out identities' pairs (the first ``val_images_per_identity`` of each
-  in key order), in key order; their label is the identity's index in ``index.json``'s
+  in key order), by identity then key; their label is the identity's index in ``index.json``'s
   ``val.identities``.
-- ``index.json``: counts, the val identities, sha256 per shard.
+- ``index.json``: counts, the val identities, the number of shuffle buckets, sha256 per shard.
 The test split is not packed: evaluation reads the aligned test chunks with their protocol.
 
-Memory stays bounded: a first pass reads metadata and sizes only and plans every shard; shards
-are then filled in groups of at most ``PACK_MEMORY_BYTES``, one sequential pass over the aligned
-chunks per group.
+How, in bounded memory and linear time (every pass runs chunk-parallel through
+:func:`pipeline.parallel.iter_chunks`; a task carries its own chunk's names, never the data set's):
+
+1. Scan: every aligned train chunk's json members give identity counts and bytes; the parent keeps
+   O(identities): counts, which identities each chunk holds, the val split and the labels.
+2. Scatter (the one pass over the image bytes): each kept pair goes to bucket
+   ``seed_for(pack.seed, "bucket", key) % n_buckets`` and is written, with its final ``cls`` and
+   ``json`` members, to a temporary tar fragment per (bucket, chunk); a held-out identity's first
+   ``val_images_per_identity`` keys of the chunk go to a val fragment. ``n_buckets`` comes from the
+   train pairs' bytes (about ``BUCKET_BYTES`` each), so it depends on the data only.
+3. Gather, buckets in parallel: a bucket's pairs, sorted by key, are put in the order of the
+   permutation ``item_rng(pack.seed, "bucket", b)`` and cut into shards of <= ``shard_max_bytes``
+   and <= ``shard_max_count``; a writer holds at most ``PACK_MEMORY_BYTES`` of samples (a bigger
+   bucket is read again per group of shards). Train shards are numbered bucket by bucket. The
+   val shards' keys are known by then (the first ones of each identity over all chunks), so each
+   val shard is one task reading the fragments that hold its keys.
+
+The train order is thus bucket 0's permutation, then bucket 1's, ...: a uniform shuffle (each pair's
+bucket and place in it are random), a function of ``pack.seed`` and the keys only, so shards are
+byte-identical across runs, worker counts and ``PACK_MEMORY_BYTES``. The temporary fragments are
+deleted at the end.
 
 Members per sample: ``{key}.raw.jpg``, ``{key}.masked.jpg``, ``{key}.cls`` (ascii int),
 ``{key}.json``, written by :func:`pipeline.tar_chunks.write_tar` (GNU long names, fixed metadata),
@@ -26,31 +44,33 @@ so two runs give byte-identical shards whatever the key length.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
+from contextlib import closing
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.config import PackParams
+from pipeline.config import ComputeParams, PackParams
+from pipeline.parallel import iter_chunks
+from pipeline.seeding import item_rng, seed_for
 from pipeline.tar_chunks import (dumps_json, file_sha256, list_chunks, member_bytes, read_chunk,
-                                 tar_file_size, write_json, write_tar)
+                                 tar_file_size, write_chunk, write_json, write_tar)
 
-# Most sample bytes held in memory at once while writing shards (one pass over the aligned
-# chunks per this much data).
+# Most sample bytes a shard writer holds in memory at once (a bigger bucket is read once per group
+# of shards of at most this size). Does not change the output.
 PACK_MEMORY_BYTES = 1 << 30
+# Sample bytes per shuffle bucket, about: sets the number of buckets (part of the train order).
+BUCKET_BYTES = 128 << 20
 IMAGE_MEMBERS = ("raw.jpg", "masked.jpg")
+SMALL_MEMBERS_BYTES = 2 * 512 + 2 * 512  # headers + padded data of the cls and json members, about
+FRAGMENTS = ".fragments"  # temporary folder inside out_dir
 
 
 class PackError(RuntimeError):
     pass
-
-
-def _iter_aligned(aligned_dir: Path, split: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    for chunk in list_chunks(aligned_dir / "chunks", prefix=f"{split}-"):
-        yield from read_chunk(chunk)
 
 
 def _small_members(meta: dict, label: int, split: str) -> dict[str, bytes]:
@@ -92,100 +112,250 @@ def split_val_identities(identities: list[str], params: PackParams) -> list[str]
     return sorted(names[i] for i in rng.permutation(len(names))[:n_val])
 
 
-def _write_shards(prefix: str, keys: list[str], meta: dict[str, dict], labels: dict[str, int],
-                  aligned_dir: Path, out_dir: Path, params: PackParams) -> list[dict]:
-    """Write ``keys`` (in this order) as ``{prefix}-NNNNNN.tar``. Shards are filled in groups of at
-    most PACK_MEMORY_BYTES of samples, one sequential pass over the aligned train chunks per group,
-    so memory stays bounded whatever the data set size."""
-    sizes = [meta[k]["_bytes"] for k in keys]
-    ranges = plan_shards(sizes, params)
-    groups, current, held = [], [], 0
-    for r in ranges:
-        shard_bytes = sum(sizes[r[0]:r[1]])
-        if current and held + shard_bytes > PACK_MEMORY_BYTES:
-            groups.append(current)
-            current, held = [], 0
-        current.append(r)
-        held += shard_bytes
-    if current:
-        groups.append(current)
-    shards: list[dict] = []
-    bar = tqdm(total=len(keys), desc=f"pack {prefix}", unit="pair")
-    for group in groups:
-        wanted = {k for a, b in group for k in keys[a:b]}
-        blobs = {k: {e: m[e] for e in IMAGE_MEMBERS} for k, m in _iter_aligned(aligned_dir, "train")
-                 if k in wanted}
-        for a, b in group:
-            path = out_dir / f"{prefix}-{len(shards):06d}.tar"
-            n = write_tar(path, ((k, {**blobs[k], **_small_members(meta[k], labels[k], prefix)})
-                                 for k in keys[a:b]))
-            shards.append({"name": path.name, "samples": n, "bytes": path.stat().st_size,
-                           "sha256": file_sha256(path)})
-            bar.update(b - a)
-    bar.close()
-    return shards
+def bucket_of(seed: int, key: str, n_buckets: int) -> int:
+    """The shuffle bucket of a train pair: a function of (seed, key) only."""
+    return seed_for(seed, "bucket", key) % n_buckets
 
 
-def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path) -> dict:
-    """aligned train chunks -> train/val shards + classes.json + index.json; returns the index."""
-    aligned_dir, out_dir = Path(aligned_dir), Path(out_dir)
-    if not list_chunks(aligned_dir / "chunks", prefix="train-"):
-        raise PackError(f"{aligned_dir}/chunks holds no aligned train chunks: run the align stage first")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+def bucket_order(seed: int, bucket: int, keys: list[str]) -> list[str]:
+    """A bucket's pairs in shard order: a seeded permutation of its sorted keys."""
+    keys = sorted(keys)
+    return [keys[i] for i in item_rng(seed, "bucket", bucket).permutation(len(keys))]
 
-    # Pass 1: metadata and member sizes only, to filter, split, label, shuffle and plan the shards.
-    meta: dict[str, dict] = {}
-    for key, members in _iter_aligned(aligned_dir, "train"):
+
+# ------------------------------------------------------------------ pass 1: scan (json members)
+
+def scan_chunk(chunk: str) -> dict[str, list[int]]:
+    """identity -> [aligned pairs, image bytes] of one aligned train chunk (checked: every sample
+    has both twins and a json saying split train)."""
+    out: dict[str, list[int]] = {}
+    for key, members in read_chunk(chunk):
         missing = {*IMAGE_MEMBERS, "json"} - set(members)
         if missing:
             raise PackError(f"aligned sample {key!r} lacks {sorted(missing)}")
         info = json.loads(members["json"])
         if info.get("split") != "train":
             raise PackError(f"{key}: json says split {info.get('split')!r}, chunk says 'train'")
-        info["_sizes"] = {e: len(members[e]) for e in IMAGE_MEMBERS}
-        meta[key] = info
-    aligned_keys = sorted(meta)
-    counts = Counter(meta[k]["identity"] for k in aligned_keys)
+        entry = out.setdefault(info["identity"], [0, 0])
+        entry[0] += 1
+        entry[1] += sum(len(members[e]) for e in IMAGE_MEMBERS)
+    return out
+
+
+# ---------------------------------------------------------------- pass 2: scatter into buckets
+
+def scatter_chunk(job: tuple[str, dict[str, int], dict[str, int]], *, frag_dir: str, seed: int,
+                  n_buckets: int, val_per_identity: int) -> dict:
+    """Write one aligned chunk's kept pairs to bucket fragments ``train/<bucket>/<chunk>.tar``
+    and its held-out identities' first keys to ``val/<chunk>.tar``. ``job``: (chunk path, train
+    identity -> label, val identity -> label), for this chunk's identities only.
+    Returns {"buckets": {bucket: pairs}, "val": [(identity, key, sample bytes)]}."""
+    chunk, labels, val_labels = job
+    name = Path(chunk).stem
+    buckets: dict[int, list] = {}
+    val: dict[str, list] = {}
+    for key, members in read_chunk(chunk):
+        info = json.loads(members["json"])
+        identity = info["identity"]
+        if identity in labels:
+            sample = {**{e: members[e] for e in IMAGE_MEMBERS}, **_small_members(info, labels[identity], "train")}
+            buckets.setdefault(bucket_of(seed, key, n_buckets), []).append((key, sample))
+        elif identity in val_labels:
+            sample = {**{e: members[e] for e in IMAGE_MEMBERS}, **_small_members(info, val_labels[identity], "val")}
+            val.setdefault(identity, []).append((key, sample))
+    for b, samples in buckets.items():
+        write_chunk(Path(frag_dir) / "train" / f"{b:06d}" / f"{name}.tar", samples)
+    candidates, val_samples = [], []
+    for identity, samples in val.items():  # the chunk's first keys: the identity's first ones are among them
+        for key, sample in sorted(samples, key=lambda s: s[0])[:val_per_identity]:
+            candidates.append((identity, key, sample_bytes(key, {e: len(v) for e, v in sample.items()})))
+            val_samples.append((key, sample))
+    if val_samples:
+        write_chunk(Path(frag_dir) / "val" / f"{name}.tar", val_samples)
+    return {"buckets": {b: len(s) for b, s in buckets.items()}, "val": candidates}
+
+
+# ------------------------------------------------------------------- pass 3: gather into shards
+
+def _memory_groups(ranges: list[tuple[int, int]], sizes: list[int], memory_bytes: int) -> list[list[tuple[int, int]]]:
+    """Consecutive shards grouped so a group's samples take at most ``memory_bytes`` (a single
+    bigger shard is a group of its own)."""
+    groups, current, held = [], [], 0
+    for a, b in ranges:
+        shard_bytes = sum(sizes[a:b])
+        if current and held + shard_bytes > memory_bytes:
+            groups.append(current)
+            current, held = [], 0
+        current.append((a, b))
+        held += shard_bytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _write_shard(path: Path, samples) -> dict:
+    n = write_tar(path, samples)
+    return {"name": path.name, "samples": n, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def gather_bucket(bucket: int, *, frag_dir: str, params: PackParams, memory_bytes: int) -> list[dict]:
+    """Shuffle one bucket (its fragments, any number) and cut it into shards
+    ``shards/train-<bucket>-<n>.tar`` under frag_dir; returns them in order."""
+    frags = sorted((Path(frag_dir) / "train" / f"{bucket:06d}").glob("*.tar"))
+    sizes: dict[str, int] = {}
+    blobs: dict[str, dict[str, bytes]] | None = {}
+    held = 0
+    for frag in frags:
+        for key, members in read_chunk(frag):
+            if key in sizes:
+                raise PackError(f"aligned sample key {key!r} occurs twice")
+            sizes[key] = sample_bytes(key, {e: len(v) for e, v in members.items()})
+            if blobs is not None:
+                held += sizes[key]
+                if held > memory_bytes:
+                    blobs = None  # too big to hold: read again per group of shards below
+                else:
+                    blobs[key] = members
+    order = bucket_order(params.seed, bucket, list(sizes))
+    order_sizes = [sizes[k] for k in order]
+    ranges = plan_shards(order_sizes, params)
+    out = Path(frag_dir) / "shards"
+    shards: list[dict] = []
+    for group in ([ranges] if blobs is not None else _memory_groups(ranges, order_sizes, memory_bytes)):
+        data = blobs
+        if data is None:
+            wanted = {k for a, b in group for k in order[a:b]}
+            data = {k: m for frag in frags for k, m in read_chunk(frag) if k in wanted}
+        for a, b in group:
+            shards.append(_write_shard(out / f"train-{bucket:06d}-{len(shards):06d}.tar",
+                                       ((k, data[k]) for k in order[a:b])))
+    return shards
+
+
+def gather_val_shard(job: tuple[str, list[tuple[str, list[str]]]], *, out_dir: str) -> dict:
+    """One val shard: ``job`` = (shard name, [(fragment, its keys in this shard)]), keys in shard
+    order across the fragments."""
+    name, parts = job
+    order = [k for _, keys in parts for k in keys]
+    wanted = set(order)
+    data = {k: m for frag in dict.fromkeys(f for f, _ in parts) for k, m in read_chunk(frag) if k in wanted}
+    return _write_shard(Path(out_dir) / name, ((k, data[k]) for k in order))
+
+
+def _gather(job: tuple, *, frag_dir: str, out_dir: str, params: PackParams, memory_bytes: int):
+    """One gather task: ("train", bucket) or ("val", val shard job)."""
+    if job[0] == "train":
+        return gather_bucket(job[1], frag_dir=frag_dir, params=params, memory_bytes=memory_bytes)
+    return gather_val_shard(job[1], out_dir=out_dir)
+
+
+def _val_shard_jobs(candidates: dict[str, list[tuple[str, int, str]]], val_ids: list[str], frag_dir: Path,
+                    params: PackParams) -> tuple[list[tuple[str, list[tuple[str, list[str]]]]], int]:
+    """Val shards over the held-out identities' first keys (by identity, then key): one job each,
+    naming the fragments that hold its keys. Returns (jobs, val samples)."""
+    entries = [(key, size, chunk) for ident in val_ids
+               for key, size, chunk in sorted(candidates.get(ident, []))[:params.val_images_per_identity]]
+    jobs = []
+    for n, (a, b) in enumerate(plan_shards([size for _, size, _ in entries], params)):
+        parts: list[tuple[str, list[str]]] = []
+        for key, _, chunk in entries[a:b]:
+            frag = str(frag_dir / "val" / f"{chunk}.tar")
+            if parts and parts[-1][0] == frag:
+                parts[-1][1].append(key)
+            else:
+                parts.append((frag, [key]))
+        jobs.append((f"val-{n:06d}.tar", parts))
+    return jobs, len(entries)
+
+
+def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path,
+             compute: ComputeParams | None = None) -> dict:
+    """aligned train chunks -> train/val shards + classes.json + index.json; returns the index.
+    ``compute``: workers for the three chunk-parallel passes (default: this process only)."""
+    compute = compute or ComputeParams(n_jobs=1)
+    aligned_dir, out_dir = Path(aligned_dir), Path(out_dir)
+    chunks = list_chunks(aligned_dir / "chunks", prefix="train-")
+    if not chunks:
+        raise PackError(f"{aligned_dir}/chunks holds no aligned train chunks: run the align stage first")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    frag_dir = out_dir / FRAGMENTS
+
+    # Pass 1: identity counts and bytes, and which identities each chunk holds: O(identities).
+    counts: Counter = Counter()
+    image_bytes: Counter = Counter()
+    chunk_ids: list[list[str]] = []
+    names: dict[str, str] = {}  # one string per identity, shared by every chunk's list
+    with closing(iter_chunks(scan_chunk, [str(c) for c in chunks], compute, desc="pack scan")) as scans:
+        for found in scans:
+            chunk_ids.append([names.setdefault(i, i) for i in sorted(found)])
+            for identity, (n, size) in found.items():
+                counts[identity] += n
+                image_bytes[identity] += size
+    n_aligned = sum(counts.values())
     kept_ids = sorted(i for i, c in counts.items() if c >= params.min_images_per_identity)
     if not kept_ids:
         raise PackError(f"no train identity has >= {params.min_images_per_identity} aligned images")
     val_ids = split_val_identities(kept_ids, params)
-    val_set = set(val_ids)
-    classes = {ident: label for label, ident in enumerate(i for i in kept_ids if i not in val_set)}
-    by_id: dict[str, list[str]] = defaultdict(list)
-    for k in aligned_keys:
-        by_id[meta[k]["identity"]].append(k)
-    val_keys = [k for ident in val_ids for k in by_id[ident][:params.val_images_per_identity]]
-    train_keys = [k for k in aligned_keys if meta[k]["identity"] in classes]
-    shuffled = [train_keys[i] for i in np.random.default_rng(params.seed).permutation(len(train_keys))]
     val_label = {ident: i for i, ident in enumerate(val_ids)}
-    labels = ({k: classes[meta[k]["identity"]] for k in train_keys}
-              | {k: val_label[meta[k]["identity"]] for k in val_keys})
-    for k, label in labels.items():
-        split = "val" if meta[k]["identity"] in val_set else "train"
-        small = _small_members(meta[k], label, split)
-        meta[k]["_bytes"] = sample_bytes(k, {**meta[k]["_sizes"], **{e: len(v) for e, v in small.items()}})
+    classes = {ident: label for label, ident in enumerate(i for i in kept_ids if i not in val_label)}
+    train_pairs = sum(counts[i] for i in classes)
+    train_bytes = sum(image_bytes[i] for i in classes) + SMALL_MEMBERS_BYTES * train_pairs
+    n_buckets = max(1, math.ceil(train_bytes / BUCKET_BYTES))
 
-    # Pass 2: train shards in the global shuffled order; val shards in key order.
-    train_shards = _write_shards("train", shuffled, meta, labels, aligned_dir, out_dir, params)
-    val_shards = _write_shards("val", val_keys, meta, labels, aligned_dir, out_dir, params) if val_keys else []
+    # Pass 2: every kept pair to its bucket's fragment; val candidates to val fragments.
+    jobs = [(str(c), {i: classes[i] for i in ids if i in classes}, {i: val_label[i] for i in ids if i in val_label})
+            for c, ids in zip(chunks, chunk_ids)]
+    bucket_pairs: Counter = Counter()
+    candidates: dict[str, list[tuple[str, int, str]]] = {}
+    k = params.val_images_per_identity
+    with closing(iter_chunks(scatter_chunk, jobs, compute, desc="pack scatter", frag_dir=str(frag_dir),
+                             seed=params.seed, n_buckets=n_buckets, val_per_identity=k)) as scattered:
+        for chunk, res in zip(chunks, scattered):
+            bucket_pairs.update(res["buckets"])
+            for identity, key, size in res["val"]:  # keep each identity's first k keys so far
+                keep = candidates.setdefault(identity, [])
+                keep.append((key, size, chunk.stem))
+                if len(keep) > 2 * k:
+                    keep.sort()
+                    del keep[k:]
+    del jobs, chunk_ids
+    if sum(bucket_pairs.values()) != train_pairs:
+        raise PackError(f"pack lost samples: {sum(bucket_pairs.values())} pairs in buckets, {train_pairs} to train on")
+
+    # Pass 3: buckets shuffled and cut into shards, val shards, all in parallel.
+    val_jobs, n_val_keys = _val_shard_jobs(candidates, val_ids, frag_dir, params)
+    (frag_dir / "shards").mkdir(parents=True, exist_ok=True)
+    tasks = [("train", b) for b in sorted(bucket_pairs)] + [("val", j) for j in val_jobs]
+    train_shards: list[dict] = []
+    val_shards: list[dict] = []
+    with closing(iter_chunks(_gather, tasks, compute, desc="pack shards", frag_dir=str(frag_dir),
+                             out_dir=str(out_dir), params=params, memory_bytes=PACK_MEMORY_BYTES)) as gathered:
+        for task, res in zip(tasks, gathered):
+            if task[0] == "val":
+                val_shards.append(res)
+                continue
+            for shard in res:  # numbered bucket by bucket
+                name = f"train-{len(train_shards):06d}.tar"
+                os.replace(frag_dir / "shards" / shard["name"], out_dir / name)
+                train_shards.append({**shard, "name": name})
+    shutil.rmtree(frag_dir)
 
     n_train = sum(s["samples"] for s in train_shards)
     n_val = sum(s["samples"] for s in val_shards)
-    filtered = len(aligned_keys) - sum(counts[i] for i in kept_ids)
-    val_unused = sum(counts[i] for i in val_ids) - len(val_keys)
-    if n_train + n_val + filtered + val_unused != len(aligned_keys):
+    filtered = n_aligned - sum(counts[i] for i in kept_ids)
+    val_unused = sum(counts[i] for i in val_ids) - n_val_keys
+    if n_train != train_pairs or n_train + n_val + filtered + val_unused != n_aligned:
         raise PackError("pack lost samples: train + val + filtered + unused val images != aligned")
     write_json(out_dir / "classes.json", classes)
     index = {
         "params": params.model_dump(),
         "classes": len(classes),
-        "aligned": len(aligned_keys),
+        "aligned": n_aligned,
         "filtered": {"images": filtered, "identities": len(counts) - len(kept_ids),
                      "reason": f"identity with < {params.min_images_per_identity} aligned images"},
-        "train": {"samples": n_train, "identities": len(classes), "shards": train_shards},
+        "train": {"samples": n_train, "identities": len(classes), "buckets": n_buckets, "shards": train_shards},
         "val": {"samples": n_val, "identities": val_ids, "images_not_packed": val_unused,
                 "shards": val_shards},
     }

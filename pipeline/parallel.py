@@ -2,7 +2,11 @@
 
 Work is split by chunk and every random choice is seeded per item, so the results do not depend on
 the backend, the number of workers or the order in which chunks finish. Results come back in input
-order.
+order: all at once (:func:`map_chunks`) or one by one as soon as they and every earlier one are done
+(:func:`iter_chunks`), so a stage can write a chunk's rows while later chunks still run and hold
+O(one chunk) of results, not the data set's. joblib dispatches only ``2 * n_jobs`` batches ahead
+(its pre-dispatch; a batch is one task, or a few when tasks take well under a second), so the
+results waiting for an earlier one to finish stay a bounded number too.
 """
 from __future__ import annotations
 
@@ -67,17 +71,26 @@ def _one_thread_each(fn: Callable[..., Any], item: Any, **kwargs: Any) -> Any:
     return fn(item, **kwargs)
 
 
-def map_chunks(fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams,
-               desc: str = "chunks", **kwargs: Any) -> list[Any]:
-    """``[fn(item, **kwargs) for item in items]``, in parallel, with a progress bar."""
+def iter_chunks(fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams,
+                desc: str = "chunks", **kwargs: Any) -> Iterator[Any]:
+    """``fn(item, **kwargs)`` for each item, in parallel, yielded in input order as they finish
+    (with a progress bar). Close the generator (or run it to the end) to release the workers."""
     items = list(items)
     if not items:
-        return []
+        return
     if compute.backend == "joblib" and (compute.n_jobs == 1 or len(items) == 1):
-        return [fn(item, **kwargs) for item in tqdm(items, desc=desc, unit="chunk")]
+        for item in tqdm(items, desc=desc, unit="chunk"):
+            yield fn(item, **kwargs)
+        return
     ctx = _dask_backend(compute) if compute.backend == "dask" else contextlib.nullcontext()
     with ctx:
         n_jobs = -1 if compute.backend == "dask" else compute.n_jobs
         gen = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_one_thread_each)(fn, item, **kwargs)
                                                              for item in items)
-        return list(tqdm(gen, total=len(items), desc=desc, unit="chunk"))
+        yield from tqdm(gen, total=len(items), desc=desc, unit="chunk")
+
+
+def map_chunks(fn: Callable[..., Any], items: Sequence[Any], compute: ComputeParams,
+               desc: str = "chunks", **kwargs: Any) -> list[Any]:
+    """``[fn(item, **kwargs) for item in items]``, in parallel, with a progress bar."""
+    return list(iter_chunks(fn, items, compute, desc=desc, **kwargs))

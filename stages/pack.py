@@ -16,7 +16,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     index = run_pack(params=params.pack, aligned_dir=args.aligned or f"data/{params.train_set}/aligned",
-                     out_dir=args.out)
+                     out_dir=args.out, compute=params.compute)
     print(json.dumps({"classes": index["classes"], "train": index["train"]["samples"],
                       "train_shards": len(index["train"]["shards"]), "val": index["val"]["samples"],
                       "val_identities": len(index["val"]["identities"])}))

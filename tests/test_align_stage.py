@@ -125,6 +125,36 @@ def test_missing_twin_is_a_recorded_rejection(tiny, tmp_path):
     assert summary["rejected"] == 1 and summary["aligned"] + 1 == summary["inputs"]
 
 
+def test_status_is_written_and_checked_chunk_by_chunk(tiny, tmp_path, monkeypatch):
+    """One status row group per chunk, rows in chunk order (ids sorted within); a task carries its
+    chunk's name, not the data set's mask reasons; a row lost in a chunk stops the stage there."""
+    from pipeline.align import stage
+
+    f = pq.ParquetFile(tiny / "aligned" / "status.parquet")
+    chunks = list_chunks(tiny / "ingest" / "chunks")
+    assert f.num_row_groups == len(chunks) >= 2
+    for i, chunk in enumerate(chunks):
+        assert f.read_row_group(i).column("image_id").to_pylist() == [k for k, _ in read_chunk(chunk)]
+    # the worker's own look-up of mask reasons reads just the ids asked for
+    status = tiny / "masked" / "status.parquet"
+    rows = pq.read_table(status).to_pylist()
+    masked_id = next(r["image_id"] for r in rows if r["status"] == "masked")
+    assert stage.mask_reasons(status, [masked_id, "not/there"]) == {} and stage.mask_reasons(status, []) == {}
+    real, calls = stage.align_chunk, []
+
+    def lossy(name, **kw):
+        assert set(kw) == {"ingest_chunks", "masked_chunks", "mask_status", "params", "out_chunks", "assume_aligned"}
+        calls.append(name)
+        return real(name, **kw)[:-1]
+
+    monkeypatch.setattr(stage, "align_chunk", lossy)
+    n = len(list(read_chunk(chunks[0])))
+    with pytest.raises(AlignStageError, match=rf"accounting broken in {chunks[0].name}: {n} ingested, {n - 1} status"):
+        run_align(params=AlignParams(), compute=ComputeParams(n_jobs=1), ingest_dir=tiny / "ingest",
+                  masked_dir=tiny / "masked", out_dir=tmp_path / "a")
+    assert calls == [chunks[0].name] and not (tmp_path / "a" / "status.parquet").exists()
+
+
 def test_landmarks_method_and_missing_inputs(tiny, tmp_path):
     summary = run_align(params=AlignParams(method="landmarks"), compute=ComputeParams(n_jobs=1),
                         ingest_dir=tiny / "ingest", masked_dir=tiny / "masked", out_dir=tmp_path / "lm")

@@ -5,6 +5,7 @@ import io
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -256,3 +257,57 @@ def test_accepted_image_ids(tmp_path, lfw_small):
     rows = manifest_rows(tmp_path / "out")
     assert ids == sorted(r["image_id"] for r in rows if r["status"] == "accepted") and len(ids) == 4
     assert "Alice/notes" not in ids and len(rows) == 5
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+def test_manifest_is_written_per_chunk_in_chunk_order(tmp_path, lfw_small):
+    """One row group per chunk, as the chunks finish; rows in chunk order with ids sorted within a
+    chunk, i.e. (split, image_id) order, the same whatever the chunk size."""
+    from pipeline.ingest import accepted_ids_by_chunk
+
+    lfw = DatasetParams(path=str(lfw_small))
+    run_ingest(params=IngestParams(chunk_size=7), dataset=lfw, compute=ComputeParams(n_jobs=2), out_dir=tmp_path / "a")
+    f = pq.ParquetFile(tmp_path / "a" / "manifest.parquet")
+    chunks = list_chunks(tmp_path / "a" / "chunks")
+    assert f.num_row_groups == len(chunks) > 3
+    groups = [f.read_row_group(i).to_pylist() for i in range(f.num_row_groups)]
+    for chunk, rows in zip(chunks, groups):
+        assert {r["chunk"] for r in rows} == {chunk.name}
+        assert [r["image_id"] for r in rows] == [k for k, _ in read_chunk(chunk)] == sorted(r["image_id"] for r in rows)
+    rows = [r for g in groups for r in g]
+    assert [(r["split"], r["image_id"]) for r in rows] == sorted((r["split"], r["image_id"]) for r in rows)
+    run_ingest(params=IngestParams(chunk_size=15), dataset=lfw, compute=SERIAL, out_dir=tmp_path / "b")
+    other = manifest_rows(tmp_path / "b")
+    assert [r["image_id"] for r in other] == [r["image_id"] for r in rows]
+    # what later stages check their chunks against: the accepted ids per chunk, streamed
+    runs = list(accepted_ids_by_chunk(tmp_path / "a", batch_size=5))
+    assert runs == [(c.name, [k for k, _ in read_chunk(c)]) for c in chunks]
+    assert accepted_ids_by_chunk(tmp_path / "nowhere") is None
+
+
+def test_duplicates_found_across_chunks_without_holding_rows(tmp_path, lfw_small):
+    """Exact duplicates in different chunks: each copy points at the first id (by image_id)."""
+    root = tmp_path / "src"
+    files = _linked_tree(root, lfw_small, names=("Alice", "Bob", "Carol"))
+    face = (root / files["Alice"][0]).read_bytes()
+    (root / "Bob" / "copy.jpg").write_bytes(face)
+    (root / "Carol" / "copy.jpg").write_bytes(face)
+    s = run_ingest(params=IngestParams(chunk_size=1), dataset=DatasetParams(source="imagefolder", path=str(root)),
+                   compute=ComputeParams(n_jobs=2), out_dir=tmp_path / "out")
+    rows = {r["image_id"]: r for r in manifest_rows(tmp_path / "out")}
+    first = files["Alice"][0].rsplit(".", 1)[0]
+    assert {i: r["duplicate_of"] for i, r in rows.items() if r["duplicate_of"]} == {"Bob/copy": first,
+                                                                                  "Carol/copy": first}
+    assert s["exact_duplicates"] == 2 and pq.ParquetFile(tmp_path / "out" / "manifest.parquet").num_row_groups == 8
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_a_lost_row_is_an_accounting_error(tmp_path, lfw_small, monkeypatch):
+    from pipeline import ingest
+
+    real = ingest.ingest_chunk
+    monkeypatch.setattr(ingest, "ingest_chunk", lambda job, **kw: real(job, **kw)[1:])  # drop a row per chunk
+    with pytest.raises(IngestError, match="accounting broken"):
+        run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(lfw_small)), compute=SERIAL,
+                   out_dir=tmp_path / "o")

@@ -5,6 +5,7 @@ import json
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ComputeParams, DatasetParams, IngestParams, MaskParams, parse_params
@@ -144,3 +145,37 @@ def test_bad_predictor_path_fails_before_any_work(ingested, tmp_path):
     with pytest.raises(LandmarkModelError, match="sha256"):
         run_mask(params=wrong, compute=SERIAL, in_dir=ingested, out_dir=out)
     assert not out.exists()
+
+
+def test_status_is_written_and_checked_chunk_by_chunk(ingested, masked, tmp_path, monkeypatch):
+    """One status row group per chunk, rows in chunk order (ids sorted within); a row lost in the
+    second chunk stops the stage there, before the later chunks run, and leaves no status table."""
+    import shutil
+
+    from pipeline.mask import stage
+
+    out, _ = masked
+    f = pq.ParquetFile(out / "status.parquet")
+    chunks = list_chunks(ingested / "chunks")
+    assert f.num_row_groups == len(chunks) >= 4
+    for i, chunk in enumerate(chunks):
+        assert f.read_row_group(i).column("image_id").to_pylist() == [k for k, _ in read_chunk(chunk)]
+    real, calls = stage.mask_chunk, []
+
+    def lossy(path, **kw):
+        calls.append(path)
+        rows = real(path, **kw)
+        return rows[:-1] if len(calls) == 2 else rows
+
+    monkeypatch.setattr(stage, "mask_chunk", lossy)
+    n = len(list(read_chunk(chunks[1])))
+    with pytest.raises(stage.MaskStageError, match=rf"accounting broken in {chunks[1].name}: {n} ingested, {n - 1} status"):
+        run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "m")
+    assert len(calls) == 2 < len(chunks) and not (tmp_path / "m" / "status.parquet").exists()
+    # an ingest chunk gone missing: its images have no status row
+    monkeypatch.setattr(stage, "mask_chunk", real)
+    shutil.copytree(ingested, tmp_path / "ingest")
+    (tmp_path / "ingest" / "chunks" / chunks[0].name).unlink()
+    n = len(list(read_chunk(chunks[0])))
+    with pytest.raises(stage.MaskStageError, match=rf"{n} ingested image\(s\) of chunk {chunks[0].name} have no status"):
+        run_mask(params=MaskParams(), compute=SERIAL, in_dir=tmp_path / "ingest", out_dir=tmp_path / "m")

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from pipeline import pack
-from pipeline.config import PackParams
+from pipeline.config import ComputeParams, PackParams
 from pipeline.pack import PackError, run_pack
 from pipeline.tar_chunks import FIXED_MTIME, file_sha256, list_chunks, read_chunk
 
@@ -117,3 +117,57 @@ def test_min_images_filter_and_errors(tiny_shards, tmp_path):
         run_pack(params=PackParams(min_images_per_identity=10_000), aligned_dir=aligned, out_dir=tmp_path / "g")
     with pytest.raises(PackError, match="run the align stage"):
         run_pack(params=PackParams(), aligned_dir=tmp_path / "none", out_dir=tmp_path / "h")
+
+
+def _shard_keys(folder: Path, shards: list[dict]) -> list[str]:
+    return [s["__key__"] for sh in shards for s in _samples(folder / sh["name"])]
+
+
+def test_bucket_shuffle_is_the_same_whatever_the_workers_and_memory(tiny_shards, tmp_path, monkeypatch):
+    """Several buckets (a small BUCKET_BYTES on the tiny set): n_jobs 1 and 2 and a memory budget
+    of about one shard (buckets read again per group) give the same bytes; the train order is the
+    documented one (bucket by bucket, each a seeded permutation of its sorted keys); every kept
+    pair is packed exactly once; no fragment is left behind."""
+    aligned = tiny_shards.parent / "aligned"
+    monkeypatch.setattr(pack, "BUCKET_BYTES", 60_000)
+    params = PackParams(shard_max_count=3, seed=5)
+    a = run_pack(params=params, aligned_dir=aligned, out_dir=tmp_path / "a", compute=ComputeParams(n_jobs=1))
+    b = run_pack(params=params, aligned_dir=aligned, out_dir=tmp_path / "b", compute=ComputeParams(n_jobs=2))
+    monkeypatch.setattr(pack, "PACK_MEMORY_BYTES", 30_000)
+    c = run_pack(params=params, aligned_dir=aligned, out_dir=tmp_path / "c", compute=ComputeParams(n_jobs=2))
+    assert a == b == c and a["train"]["buckets"] >= 3
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    for other in ("b", "c"):
+        assert {p.name: p.read_bytes() for p in (tmp_path / other).iterdir()} == files
+    assert all(p.is_file() for p in (tmp_path / "a").iterdir())  # no .fragments folder left
+    classes = json.loads((tmp_path / "a" / "classes.json").read_text())
+    train_keys = [k for k in _aligned_keys(aligned, "train") if k.split("/")[0] in classes]
+    n = a["train"]["buckets"]
+    expected = [k for bucket in range(n)
+                for k in pack.bucket_order(5, bucket, [k for k in train_keys if pack.bucket_of(5, k, n) == bucket])]
+    got = _shard_keys(tmp_path / "a", a["train"]["shards"])
+    assert got == expected and len(got) == len(set(got)) == a["train"]["samples"]
+    val = _shard_keys(tmp_path / "a", a["val"]["shards"])
+    assert not set(val) & set(got)
+
+
+def test_val_takes_the_first_images_of_each_held_out_identity(tiny_shards, tmp_path):
+    """The first val_images_per_identity keys of each held-out identity over all chunks, by identity
+    then key, even when an identity's images lie in several chunks (tiny chunks here)."""
+    from pipeline.tar_chunks import write_chunk
+
+    src = tiny_shards.parent / "aligned"
+    aligned = tmp_path / "aligned"
+    samples = [s for c in list_chunks(src / "chunks", prefix="train-") for s in read_chunk(c)]
+    for i in range(0, len(samples), 3):  # 3 pairs per chunk: identities span chunks
+        write_chunk(aligned / "chunks" / f"train-{i // 3:06d}.tar", samples[i:i + 3])
+    params = PackParams(val_fraction=0.5, val_images_per_identity=2, shard_max_count=3)
+    index = run_pack(params=params, aligned_dir=aligned, out_dir=tmp_path / "s", compute=ComputeParams(n_jobs=2))
+    by_id: dict[str, list[str]] = {}
+    for key, _ in samples:
+        by_id.setdefault(key.split("/")[0], []).append(key)
+    val_ids = index["val"]["identities"]
+    assert len(val_ids) >= 2 and any(len(by_id[i]) > 2 for i in val_ids)
+    assert _shard_keys(tmp_path / "s", index["val"]["shards"]) == [k for i in val_ids for k in sorted(by_id[i])[:2]]
+    assert index["val"]["images_not_packed"] == sum(len(by_id[i]) - 2 for i in val_ids)
+    assert all(s["samples"] <= 3 for s in index["val"]["shards"])

@@ -190,6 +190,8 @@ def test_queued_experiments_and_table(tiny_project):
 def test_code_change_retrains_from_scratch(tiny_project):
     """A changed train dependency (the ArcFace init) must train anew, never "resume" the finished
     run's checkpoint and keep the old model under the new code's hash (issue: stale model)."""
+    import json
+
     losses = tiny_project / "pipeline" / "losses.py"
     source = losses.read_text()
     before = lock_hashes(tiny_project)["train"]["models"]
@@ -198,7 +200,10 @@ def test_code_change_retrains_from_scratch(tiny_project):
     try:
         out = dvc("repro", "train", cwd=tiny_project).stdout
         assert "Running stage 'train'" in out and "resuming" not in out, out
-        assert lock_hashes(tiny_project)["train"]["models"] != before
+        # the stale-model bug trained 0 steps; a fresh run trains every step of its epochs (model.pt
+        # itself may be the untrained point when a tiny run never beats it on validation)
+        summary = json.loads(next(ln for ln in out.splitlines() if ln.startswith('{"epochs"')))
+        assert not summary["resumed"] and summary["steps"] >= 1, summary
     finally:
         losses.write_text(source)
         dvc("repro", "train", cwd=tiny_project)  # the old code's model, from DVC's run cache

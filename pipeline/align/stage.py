@@ -5,12 +5,21 @@ chunk through :func:`pipeline.parallel.map_chunks`, and writes ``chunks/<same na
 ``raw.jpg``, ``masked.jpg`` and ``json`` per image, ``status.parquet`` (one row per ingested
 image: route, eyes found, alignment error against the dlib eyes, reason), ``summary.json`` and
 ``contact_sheet.png``. The stage asserts aligned + rejected = ingested.
+
+The parent streams: each chunk's status rows are checked against the ingest manifest, appended to
+``status.parquet`` (chunk order, ids sorted within a chunk: see :mod:`pipeline.stage_report`),
+counted into the summary and offered to the contact-sheet picks, then dropped. The only per-image
+state kept is one float per aligned image with a dlib eye error (8 bytes, for the exact median and
+p95 in summary.json). A task carries its chunk's name only: a worker looks up the mask stage's
+reason for an image without a twin in ``status.parquet`` itself.
 """
 from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
+from array import array
+from collections import Counter, defaultdict
+from contextlib import closing
 from pathlib import Path
 
 import cv2
@@ -21,12 +30,12 @@ import pyarrow.parquet as pq
 from pipeline.align import detection as al
 from pipeline.align import geometry as geo
 from pipeline.config import AlignParams, ComputeParams
-from pipeline.ingest import accepted_image_ids
+from pipeline.ingest import accepted_ids_by_chunk
 from pipeline.images import decode_gray, decode_rgb, encode_jpeg
 from pipeline.mask.overlay import apply_overlay
-from pipeline.parallel import map_chunks
+from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
-from pipeline.stage_report import check_accounting, draw_sheet, write_png, write_status
+from pipeline.stage_report import Accounting, SmallestK, StatusWriter, draw_sheet, write_png
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -69,14 +78,25 @@ def align_pair(raw: np.ndarray, masked: np.ndarray, mask: np.ndarray | None, lan
     return out
 
 
-def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask_reasons: dict[str, str],
+def mask_reasons(mask_status: str | Path, image_ids: list[str]) -> dict[str, str]:
+    """The mask stage's reason (or status) for each of ``image_ids`` it did not mask, read from its
+    status table: only these ids' rows (a filtered read), so a task never carries the data set's."""
+    if not image_ids:
+        return {}
+    t = pq.read_table(mask_status, columns=["image_id", "status", "reason"],
+                      filters=[("image_id", "in", sorted(set(image_ids)))])
+    return {i: r or s for i, s, r in zip(*(t.column(c).to_pylist() for c in ("image_id", "status", "reason")))
+            if s != "masked"}
+
+
+def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask_status: str,
                 params: AlignParams, out_chunks: str, assume_aligned: bool = False) -> list[dict]:
     """Align every image of one ingest chunk; write out_chunks/<same name>; return status rows."""
     twins: dict[str, dict[str, bytes]] = {}
     masked_path = Path(masked_chunks) / chunk_name
     if masked_path.is_file():
         twins = dict(read_chunk(masked_path))
-    rows, samples = [], []
+    rows, samples, no_twin = [], [], []
     for key, members in read_chunk(Path(ingest_chunks) / chunk_name):
         meta = json.loads(members.get("json", b"{}"))
         image_id = meta.get("image_id", key)
@@ -87,8 +107,7 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
         rows.append(row)
         twin = twins.get(key)
         if twin is None:
-            why = mask_reasons.get(image_id, "not in the mask stage output")
-            row["reason"] = f"no masked twin (mask stage: {why})"
+            no_twin.append(row)
             continue
         data = members.get("jpg", members.get("png"))
         raw = decode_rgb(data) if data else None
@@ -117,56 +136,113 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
         samples.append((key, {"raw.jpg": encode_jpeg(res["raw"], params.jpeg_quality),
                               "masked.jpg": encode_jpeg(res["masked"], params.jpeg_quality),
                               "json": dumps_json(info)}))
+    reasons = mask_reasons(mask_status, [r["image_id"] for r in no_twin])
+    for row in no_twin:
+        why = reasons.get(row["image_id"], "not in the mask stage output")
+        row["reason"] = f"no masked twin (mask stage: {why})"
     if samples:
         write_chunk(Path(out_chunks) / chunk_name, samples)
     return rows
 
 
+class AlignSummary:
+    """summary.json from running counters; per image only the eye errors (one float each, for
+    the exact median / p95) and the mask lower-half shares."""
+
+    def __init__(self, params: AlignParams):
+        self.method = params.method
+        self.inputs = self.aligned = self.cascade = 0
+        self.routes: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.splits: dict[str, Counter] = {}
+        self.errs = array("d")
+        self.err_routes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # route -> [within 4 px, n]
+        self.lower_n = self.lower_90 = 0
+        self.lower_sum = 0.0
+
+    def add(self, rows: list[dict]) -> None:
+        self.inputs += len(rows)
+        for r in rows:
+            split = self.splits.setdefault(r["split"], Counter())
+            split["images"] += 1
+            if r["status"] != "aligned":
+                self.reasons[r["reason"]] += 1
+                continue
+            split["aligned"] += 1
+            self.aligned += 1
+            self.cascade += r["route"] in al.ROUTES_CASCADE
+            self.routes[r["route"]] += 1
+            if r["eye_error_px"] is not None:
+                self.errs.append(r["eye_error_px"])
+                by_route = self.err_routes[r["route"]]
+                by_route[0] += r["eye_error_px"] <= 4
+                by_route[1] += 1
+            if r["mask_lower_share"] is not None:
+                self.lower_n += 1
+                self.lower_sum += r["mask_lower_share"]
+                self.lower_90 += r["mask_lower_share"] >= 0.9
+
+    def result(self) -> dict:
+        n = max(self.inputs, 1)
+        errs = np.frombuffer(self.errs, dtype=np.float64) if len(self.errs) else np.zeros(0)
+        return {
+            "method": self.method,
+            "inputs": self.inputs, "aligned": self.aligned, "rejected": self.inputs - self.aligned,
+            "aligned_share": round(self.aligned / n, 6),
+            "cascade_share": round(self.cascade / n, 6),
+            "routes": dict(sorted(self.routes.items())),
+            "rejection_reasons": dict(sorted(self.reasons.items())),
+            "splits": {s: {"images": c["images"], "aligned": c["aligned"]} for s, c in sorted(self.splits.items())},
+            "eye_error_px": {
+                "images": int(errs.size),
+                "within_4px_share": round(float((errs <= 4).mean()), 6) if errs.size else None,
+                "median": round(float(np.median(errs)), 4) if errs.size else None,
+                "p95": round(float(np.percentile(errs, 95)), 4) if errs.size else None,
+                "within_4px_share_by_route": {route: round(float(k / m), 6)
+                                              for route, (k, m) in sorted(self.err_routes.items())},
+            },
+            "mask_lower_half": {
+                "images": self.lower_n,
+                "mean_share": round(float(self.lower_sum / self.lower_n), 6) if self.lower_n else None,
+                "share_with_90pct_below": round(float(self.lower_90 / self.lower_n), 6) if self.lower_n else None,
+            },
+        }
+
+
 def summarize(rows: list[dict], params: AlignParams) -> dict:
-    aligned = [r for r in rows if r["status"] == "aligned"]
-    errs = np.array([r["eye_error_px"] for r in aligned if r["eye_error_px"] is not None])
-    lower = np.array([r["mask_lower_share"] for r in aligned if r["mask_lower_share"] is not None])
-    n = max(len(rows), 1)
-    splits = {}
-    for split in sorted({r["split"] for r in rows}):
-        rs = [r for r in rows if r["split"] == split]
-        splits[split] = {"images": len(rs), "aligned": sum(r["status"] == "aligned" for r in rs)}
-    return {
-        "method": params.method,
-        "inputs": len(rows), "aligned": len(aligned), "rejected": len(rows) - len(aligned),
-        "aligned_share": round(len(aligned) / n, 6),
-        "cascade_share": round(sum(r["route"] in al.ROUTES_CASCADE for r in aligned) / n, 6),
-        "routes": dict(sorted(Counter(r["route"] for r in aligned).items())),
-        "rejection_reasons": dict(sorted(Counter(r["reason"] for r in rows if r["status"] != "aligned").items())),
-        "splits": splits,
-        "eye_error_px": {
-            "images": int(errs.size),
-            "within_4px_share": round(float((errs <= 4).mean()), 6) if errs.size else None,
-            "median": round(float(np.median(errs)), 4) if errs.size else None,
-            "p95": round(float(np.percentile(errs, 95)), 4) if errs.size else None,
-            "within_4px_share_by_route": {
-                route: round(float(np.mean([r["eye_error_px"] <= 4 for r in aligned
-                                            if r["route"] == route and r["eye_error_px"] is not None])), 6)
-                for route in sorted({r["route"] for r in aligned if r["eye_error_px"] is not None})},
-        },
-        "mask_lower_half": {
-            "images": int(lower.size),
-            "mean_share": round(float(lower.mean()), 6) if lower.size else None,
-            "share_with_90pct_below": round(float((lower >= 0.9).mean()), 6) if lower.size else None,
-        },
-    }
+    s = AlignSummary(params)
+    s.add(rows)
+    return s.result()
 
 
-def contact_sheet(rows: list[dict], out_dir: Path, seed: int = 0) -> np.ndarray:
+class SheetPicks:
+    """The contact sheet's pairs: a fixed pick by the smallest hash of the image id, at least two
+    of each route first, SHEET_PAIRS in all; O(routes + SHEET_PAIRS) rows held."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.by_route: dict[str, SmallestK] = {}
+        self.overall = SmallestK(SHEET_PAIRS)  # the rest come from the overall smallest
+
+    def add(self, rows: list[dict]) -> None:
+        for r in rows:
+            if r["status"] == "aligned":
+                key = rank_key(self.seed, r["image_id"])
+                self.by_route.setdefault(r["route"], SmallestK(2)).add(key, r)
+                self.overall.add(key, r)
+
+    def picks(self) -> list[dict]:
+        picks: list[dict] = []
+        for route in sorted(self.by_route):
+            picks += self.by_route[route].items()
+        chosen = {r["image_id"] for r in picks}
+        picks += [r for r in self.overall.items() if r["image_id"] not in chosen][:max(0, SHEET_PAIRS - len(picks))]
+        return sorted(picks[:SHEET_PAIRS], key=lambda r: r["image_id"])
+
+
+def contact_sheet(picks: list[dict], out_dir: Path) -> np.ndarray:
     """Aligned pairs (raw | masked), a green dot on each template eye position so misalignment
-    shows at a glance. A fixed pick (smallest hash of the image id), every route represented."""
-    aligned = [r for r in rows if r["status"] == "aligned"]
-    ranked = sorted(aligned, key=lambda r: rank_key(seed, r["image_id"]))
-    picks: list[dict] = []
-    for route in sorted({r["route"] for r in aligned}):  # at least two of each route first
-        picks += [r for r in ranked if r["route"] == route][:2]
-    picks += [r for r in ranked if r not in picks][:max(0, SHEET_PAIRS - len(picks))]
-    picks = sorted(picks[:SHEET_PAIRS], key=lambda r: r["image_id"])
+    shows at a glance (``picks`` from :class:`SheetPicks`)."""
     wanted = {r["image_id"]: r for r in picks}
     crops: dict[str, dict[str, bytes]] = {}
     for chunk in sorted({r["chunk"] for r in picks}):
@@ -186,14 +262,6 @@ def contact_sheet(rows: list[dict], out_dir: Path, seed: int = 0) -> np.ndarray:
                       font_scale=0.32)
 
 
-def _mask_reasons(masked_dir: Path) -> dict[str, str]:
-    status = masked_dir / "status.parquet"
-    if not status.is_file():
-        raise AlignStageError(f"{status} not found: run the mask stage first")
-    t = pq.read_table(status, columns=["image_id", "status", "reason"]).to_pylist()
-    return {r["image_id"]: r["reason"] or r["status"] for r in t if r["status"] != "masked"}
-
-
 def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | Path, masked_dir: str | Path,
               out_dir: str | Path, assume_aligned: bool = False) -> dict:
     """Align every ingested image with its masked twin; write chunks/, status.parquet,
@@ -203,17 +271,26 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
     chunks = list_chunks(ingest_dir / "chunks")
     if not chunks:
         raise AlignStageError(f"no ingest chunks in {ingest_dir / 'chunks'} (run the ingest stage first)")
-    mask_reasons = _mask_reasons(masked_dir)
+    mask_status = masked_dir / "status.parquet"
+    if not mask_status.is_file():
+        raise AlignStageError(f"{mask_status} not found: run the mask stage first")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "chunks").mkdir(parents=True)
-    results = map_chunks(align_chunk, [c.name for c in chunks], compute, desc="align", assume_aligned=assume_aligned,
-                         ingest_chunks=str(ingest_dir / "chunks"), masked_chunks=str(masked_dir / "chunks"),
-                         mask_reasons=mask_reasons, params=params, out_chunks=str(out_dir / "chunks"))
-    rows = sorted((r for chunk_rows in results for r in chunk_rows), key=lambda r: r["image_id"])
-    check_accounting(rows, accepted_image_ids(ingest_dir), "aligned", AlignStageError)
-    write_status(rows, STATUS_SCHEMA, out_dir / "status.parquet")
-    summary = summarize(rows, params)
-    write_json(out_dir / "summary.json", summary)
-    write_png(out_dir / "contact_sheet.png", contact_sheet(rows, out_dir))
-    return summary
+    accounting = Accounting(accepted_ids_by_chunk(ingest_dir), "aligned", AlignStageError)
+    summary, picks = AlignSummary(params), SheetPicks()
+    results = iter_chunks(align_chunk, [c.name for c in chunks], compute, desc="align", assume_aligned=assume_aligned,
+                          ingest_chunks=str(ingest_dir / "chunks"), masked_chunks=str(masked_dir / "chunks"),
+                          mask_status=str(mask_status), params=params, out_chunks=str(out_dir / "chunks"))
+    with closing(results), StatusWriter(out_dir / "status.parquet", STATUS_SCHEMA) as status:
+        for chunk, rows in zip(chunks, results):
+            rows.sort(key=lambda r: r["image_id"])
+            accounting.chunk(chunk.name, rows)
+            status.write(rows)
+            summary.add(rows)
+            picks.add(rows)
+        accounting.finish()
+    result = summary.result()
+    write_json(out_dir / "summary.json", result)
+    write_png(out_dir / "contact_sheet.png", contact_sheet(picks.picks(), out_dir))
+    return result

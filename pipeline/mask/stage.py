@@ -4,26 +4,31 @@ Per ingest chunk (parallel with :func:`pipeline.parallel.map_chunks`), each imag
 (:mod:`pipeline.mask.landmarks`), a mask type / colour / texture drawn from an RNG seeded by
 (mask.seed, image_id) and an overlay (:mod:`pipeline.mask.overlay`). Outputs depend on the data and
 ``mask`` params only, never on the compute backend, worker count or chunk order.
+
+The parent streams: each chunk's status rows are checked against the ingest manifest, appended to
+``status.parquet`` (chunk order, ids sorted within a chunk: see :mod:`pipeline.stage_report`),
+counted into the summary and offered to the contact-sheet picks, then dropped.
 """
 from __future__ import annotations
 
 import json
 import shutil
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import MASK_TEXTURES, MASK_TYPES, ComputeParams, MaskParams
-from pipeline.ingest import accepted_image_ids
+from pipeline.ingest import accepted_ids_by_chunk
 from pipeline.mask.landmarks import ROUTES, LandmarkDetector, check_predictor
 from pipeline.mask.overlay import apply_overlay, overlay_mask, overlay_patch
 from pipeline.mask.templates import N_VARIANTS, PALETTES, get_template
 from pipeline.images import decode_rgb, encode_png
-from pipeline.parallel import map_chunks
+from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, rank_key
-from pipeline.stage_report import check_accounting, draw_sheet, fit_tile, write_png, write_status
+from pipeline.stage_report import Accounting, SmallestK, StatusWriter, draw_sheet, fit_tile, write_png
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -133,45 +138,80 @@ def _load_meta(data: bytes) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
+class MaskSummary:
+    """summary.json from running counters (O(routes + styles + reasons), never the rows)."""
+
+    def __init__(self) -> None:
+        self.inputs = self.masked = self.landmark_routes = self.multi_face = 0
+        self.routes: Counter = Counter()
+        self.types: Counter = Counter()
+        self.colours: Counter = Counter()
+        self.textures: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.splits: dict[str, Counter] = {}
+
+    def add(self, rows: list[dict]) -> None:
+        self.inputs += len(rows)
+        for r in rows:
+            split = self.splits.setdefault(r["split"], Counter())
+            split["images"] += 1
+            if r["status"] != "masked":
+                self.reasons[r["reason"].split(":")[0]] += 1
+                continue
+            split["masked"] += 1
+            self.masked += 1
+            self.landmark_routes += r["route"] != "canonical"
+            self.routes[r["route"]] += 1
+            self.multi_face += r["n_faces"] > 1
+            self.types[r["mask_type"]] += 1
+            self.colours[f"{r['mask_type']}/{r['colour']}"] += 1
+            self.textures[r["texture"]] += 1
+
+    def result(self) -> dict:
+        n = max(self.inputs, 1)
+        return {
+            "inputs": self.inputs, "masked": self.masked, "rejected": self.inputs - self.masked,
+            "masked_share": round(self.masked / n, 6),
+            "landmark_route_share": round(self.landmark_routes / n, 6),
+            "routes": {k: self.routes[k] for k in ROUTES},
+            "multi_face_images": self.multi_face,
+            "mask_types": dict(sorted(self.types.items())),
+            "colours": dict(sorted(self.colours.items())),
+            "textures": dict(sorted(self.textures.items())),
+            "rejection_reasons": dict(sorted(self.reasons.items())),
+            "splits": {s: {"images": c["images"], "masked": c["masked"]} for s, c in sorted(self.splits.items())},
+        }
+
+
 def summarize(rows: list[dict]) -> dict:
-    masked = [r for r in rows if r["status"] == "masked"]
-    landmark_routes = sum(1 for r in masked if r["route"] != "canonical")
-    per_split = {}
-    for split in sorted({r["split"] for r in rows}):
-        rs = [r for r in rows if r["split"] == split]
-        per_split[split] = {"images": len(rs), "masked": sum(r["status"] == "masked" for r in rs)}
-    return {
-        "inputs": len(rows), "masked": len(masked), "rejected": len(rows) - len(masked),
-        "masked_share": round(len(masked) / max(len(rows), 1), 6),
-        "landmark_route_share": round(landmark_routes / max(len(rows), 1), 6),
-        "routes": {k: sum(1 for r in masked if r["route"] == k) for k in ROUTES},
-        "multi_face_images": sum(1 for r in masked if r["n_faces"] > 1),
-        "mask_types": dict(sorted(Counter(r["mask_type"] for r in masked).items())),
-        "colours": dict(sorted(Counter(f"{r['mask_type']}/{r['colour']}" for r in masked).items())),
-        "textures": dict(sorted(Counter(r["texture"] for r in masked).items())),
-        "rejection_reasons": dict(sorted(Counter(r["reason"].split(":")[0] for r in rows
-                                                 if r["status"] != "masked").items())),
-        "splits": per_split,
-    }
+    s = MaskSummary()
+    s.add(rows)
+    return s.result()
 
 
-def contact_sheet(rows: list[dict], in_dir: Path, out_dir: Path, params: MaskParams) -> np.ndarray:
-    """One row per mask type: originals beside their masked versions. The images shown are the
-    masked ones with the smallest hash of (seed, image_id): a fixed, spread-out pick."""
-    per = params.contact_sheet_per_type
-    picks: dict[str, list[dict]] = {t: [] for t in MASK_TYPES}
-    ranked = sorted((r for r in rows if r["status"] == "masked"),
-                    key=lambda r: rank_key(params.seed, r["image_id"]))
-    for r in ranked:
-        if len(picks[r["mask_type"]]) < per:
-            picks[r["mask_type"]].append(r)
+class SheetPicks:
+    """The contact sheet's images: per mask type, the ``per`` masked images with the smallest hash
+    of (seed, image_id), a fixed, spread-out pick; O(types x per) rows held."""
+
+    def __init__(self, params: MaskParams):
+        self.seed = params.seed
+        self.picks = {t: SmallestK(params.contact_sheet_per_type) for t in MASK_TYPES}
+
+    def add(self, rows: list[dict], chunk: str) -> None:
+        for r in rows:
+            if r["status"] == "masked":
+                self.picks[r["mask_type"]].add(rank_key(self.seed, r["image_id"]), {**r, "_chunk": chunk})
+
+    def by_type(self) -> dict[str, list[dict]]:
+        return {t: k.items() for t, k in self.picks.items()}
+
+
+def contact_sheet(picks: dict[str, list[dict]], in_dir: Path, out_dir: Path) -> np.ndarray:
+    """One row per mask type: originals beside their masked versions (``picks``: per type, rows
+    with their ``_chunk``, from :class:`SheetPicks`)."""
     wanted = {r["image_id"]: r for rs in picks.values() for r in rs}
-    chunk_of: dict[str, str] = {}
-    for r in rows:
-        if r["image_id"] in wanted:
-            chunk_of[r["image_id"]] = r["_chunk"]
     thumbs: dict[tuple[str, str], np.ndarray] = {}
-    for chunk in sorted(set(chunk_of.values())):
+    for chunk in sorted({r["_chunk"] for r in wanted.values()}):
         raws = {k: m for k, m in read_chunk(in_dir / "chunks" / chunk) if k in wanted}
         for key, members in read_chunk(out_dir / "chunks" / chunk):
             if key in wanted and key in raws:
@@ -190,8 +230,9 @@ def contact_sheet(rows: list[dict], in_dir: Path, out_dir: Path, params: MaskPar
 def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path, out_dir: str | Path,
              assume_aligned: bool = False) -> dict:
     """Mask every image of the ingest output; write chunks/, status.parquet, summary.json and
-    contact_sheet.png to out_dir. Asserts masked + rejected = ingested. ``assume_aligned``: the
-    images are 112x112 crops (the data set's flag): HOG, then the canonical shape."""
+    contact_sheet.png to out_dir. Asserts masked + rejected = ingested, chunk by chunk.
+    ``assume_aligned``: the images are 112x112 crops (the data set's flag): HOG, then the
+    canonical shape."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     predictor = check_predictor(params.landmarks_dat, params.landmarks_sha256)  # fail before any work
     chunks = list_chunks(in_dir / "chunks")
@@ -200,18 +241,20 @@ def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path, 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "chunks").mkdir(parents=True)
-    results = map_chunks(mask_chunk, [str(c) for c in chunks], compute, desc="mask", params=params,
-                         assume_aligned=assume_aligned,
-                         predictor_path=str(predictor), out_dir=str(out_dir / "chunks"))
-    rows = []
-    for chunk, chunk_rows in zip(chunks, results):
-        for r in chunk_rows:
-            r["_chunk"] = chunk.name
-            rows.append(r)
-    rows.sort(key=lambda r: r["image_id"])
-    check_accounting(rows, accepted_image_ids(in_dir), "masked", MaskStageError)
-    write_status(rows, STATUS_SCHEMA, out_dir / "status.parquet")
-    summary = summarize(rows)
-    write_json(out_dir / "summary.json", summary)
-    write_png(out_dir / "contact_sheet.png", contact_sheet(rows, in_dir, out_dir, params))
-    return summary
+    accounting = Accounting(accepted_ids_by_chunk(in_dir), "masked", MaskStageError)
+    summary, picks = MaskSummary(), SheetPicks(params)
+    results = iter_chunks(mask_chunk, [str(c) for c in chunks], compute, desc="mask", params=params,
+                          assume_aligned=assume_aligned,
+                          predictor_path=str(predictor), out_dir=str(out_dir / "chunks"))
+    with closing(results), StatusWriter(out_dir / "status.parquet", STATUS_SCHEMA) as status:
+        for chunk, rows in zip(chunks, results):
+            rows.sort(key=lambda r: r["image_id"])
+            accounting.chunk(chunk.name, rows)
+            status.write(rows)
+            summary.add(rows)
+            picks.add(rows, chunk.name)
+        accounting.finish()
+    result = summary.result()
+    write_json(out_dir / "summary.json", result)
+    write_png(out_dir / "contact_sheet.png", contact_sheet(picks.by_type(), in_dir, out_dir))
+    return result
