@@ -16,6 +16,7 @@ streams, chunk by chunk, so a stage's parent holds O(one chunk) of rows whatever
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -210,3 +211,39 @@ def draw_sheet(rows: Sequence[Sequence[tuple[str, Sequence[np.ndarray]]]], side:
 def write_png(path: Path, rgb: np.ndarray) -> None:
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 6]):
         raise OSError(f"could not write {path}")
+
+
+class StatusCounts:
+    """Running counts of a stage's status rows (never the rows themselves): inputs, done (status
+    ``DONE``), routes, rejection reasons and per-split counts. Stages add what else they report in
+    :meth:`count_done`."""
+
+    DONE = "done"
+
+    def __init__(self) -> None:
+        self.inputs = self.done = 0
+        self.routes: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.splits: dict[str, Counter] = {}
+
+    def reason_key(self, reason: str) -> str:
+        return reason
+
+    def count_done(self, row: dict) -> None:
+        """Per-stage extras for one row whose status is ``DONE``."""
+
+    def add(self, rows: list[dict]) -> None:
+        self.inputs += len(rows)
+        for r in rows:
+            split = self.splits.setdefault(r["split"], Counter())
+            split["images"] += 1
+            if r["status"] != self.DONE:
+                self.reasons[self.reason_key(r["reason"])] += 1
+                continue
+            split[self.DONE] += 1
+            self.done += 1
+            self.routes[r["route"]] += 1
+            self.count_done(r)
+
+    def split_counts(self) -> dict:
+        return {s: {"images": c["images"], self.DONE: c[self.DONE]} for s, c in sorted(self.splits.items())}

@@ -35,7 +35,7 @@ from pipeline.images import decode_gray, decode_rgb, encode_jpeg
 from pipeline.mask.overlay import apply_overlay
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
-from pipeline.stage_report import Accounting, SmallestK, StatusWriter, draw_sheet, write_png
+from pipeline.stage_report import Accounting, SmallestK, StatusCounts, StatusWriter, draw_sheet, write_png
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -145,54 +145,44 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
     return rows
 
 
-class AlignSummary:
+class AlignSummary(StatusCounts):
     """summary.json from running counters; per image only the eye errors (one float each, for
     the exact median / p95) and the mask lower-half shares."""
 
+    DONE = "aligned"
+
     def __init__(self, params: AlignParams):
+        super().__init__()
         self.method = params.method
-        self.inputs = self.aligned = self.cascade = 0
-        self.routes: Counter = Counter()
-        self.reasons: Counter = Counter()
-        self.splits: dict[str, Counter] = {}
+        self.cascade = 0
         self.errs = array("d")
         self.err_routes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # route -> [within 4 px, n]
         self.lower_n = self.lower_90 = 0
         self.lower_sum = 0.0
 
-    def add(self, rows: list[dict]) -> None:
-        self.inputs += len(rows)
-        for r in rows:
-            split = self.splits.setdefault(r["split"], Counter())
-            split["images"] += 1
-            if r["status"] != "aligned":
-                self.reasons[r["reason"]] += 1
-                continue
-            split["aligned"] += 1
-            self.aligned += 1
-            self.cascade += r["route"] in al.ROUTES_CASCADE
-            self.routes[r["route"]] += 1
-            if r["eye_error_px"] is not None:
-                self.errs.append(r["eye_error_px"])
-                by_route = self.err_routes[r["route"]]
-                by_route[0] += r["eye_error_px"] <= 4
-                by_route[1] += 1
-            if r["mask_lower_share"] is not None:
-                self.lower_n += 1
-                self.lower_sum += r["mask_lower_share"]
-                self.lower_90 += r["mask_lower_share"] >= 0.9
+    def count_done(self, r: dict) -> None:
+        self.cascade += r["route"] in al.ROUTES_CASCADE
+        if r["eye_error_px"] is not None:
+            self.errs.append(r["eye_error_px"])
+            by_route = self.err_routes[r["route"]]
+            by_route[0] += r["eye_error_px"] <= 4
+            by_route[1] += 1
+        if r["mask_lower_share"] is not None:
+            self.lower_n += 1
+            self.lower_sum += r["mask_lower_share"]
+            self.lower_90 += r["mask_lower_share"] >= 0.9
 
     def result(self) -> dict:
         n = max(self.inputs, 1)
         errs = np.frombuffer(self.errs, dtype=np.float64) if len(self.errs) else np.zeros(0)
         return {
             "method": self.method,
-            "inputs": self.inputs, "aligned": self.aligned, "rejected": self.inputs - self.aligned,
-            "aligned_share": round(self.aligned / n, 6),
+            "inputs": self.inputs, "aligned": self.done, "rejected": self.inputs - self.done,
+            "aligned_share": round(self.done / n, 6),
             "cascade_share": round(self.cascade / n, 6),
             "routes": dict(sorted(self.routes.items())),
             "rejection_reasons": dict(sorted(self.reasons.items())),
-            "splits": {s: {"images": c["images"], "aligned": c["aligned"]} for s, c in sorted(self.splits.items())},
+            "splits": self.split_counts(),
             "eye_error_px": {
                 "images": int(errs.size),
                 "within_4px_share": round(float((errs <= 4).mean()), 6) if errs.size else None,

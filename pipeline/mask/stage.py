@@ -28,7 +28,7 @@ from pipeline.mask.templates import N_VARIANTS, PALETTES, get_template
 from pipeline.images import decode_rgb, encode_png
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, rank_key
-from pipeline.stage_report import Accounting, SmallestK, StatusWriter, draw_sheet, fit_tile, write_png
+from pipeline.stage_report import Accounting, SmallestK, StatusCounts, StatusWriter, draw_sheet, fit_tile, write_png
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -138,40 +138,33 @@ def _load_meta(data: bytes) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-class MaskSummary:
+class MaskSummary(StatusCounts):
     """summary.json from running counters (O(routes + styles + reasons), never the rows)."""
 
+    DONE = "masked"
+
     def __init__(self) -> None:
-        self.inputs = self.masked = self.landmark_routes = self.multi_face = 0
-        self.routes: Counter = Counter()
+        super().__init__()
+        self.landmark_routes = self.multi_face = 0
         self.types: Counter = Counter()
         self.colours: Counter = Counter()
         self.textures: Counter = Counter()
-        self.reasons: Counter = Counter()
-        self.splits: dict[str, Counter] = {}
 
-    def add(self, rows: list[dict]) -> None:
-        self.inputs += len(rows)
-        for r in rows:
-            split = self.splits.setdefault(r["split"], Counter())
-            split["images"] += 1
-            if r["status"] != "masked":
-                self.reasons[r["reason"].split(":")[0]] += 1
-                continue
-            split["masked"] += 1
-            self.masked += 1
-            self.landmark_routes += r["route"] != "canonical"
-            self.routes[r["route"]] += 1
-            self.multi_face += r["n_faces"] > 1
-            self.types[r["mask_type"]] += 1
-            self.colours[f"{r['mask_type']}/{r['colour']}"] += 1
-            self.textures[r["texture"]] += 1
+    def reason_key(self, reason: str) -> str:
+        return reason.split(":")[0]
+
+    def count_done(self, r: dict) -> None:
+        self.landmark_routes += r["route"] != "canonical"
+        self.multi_face += r["n_faces"] > 1
+        self.types[r["mask_type"]] += 1
+        self.colours[f"{r['mask_type']}/{r['colour']}"] += 1
+        self.textures[r["texture"]] += 1
 
     def result(self) -> dict:
         n = max(self.inputs, 1)
         return {
-            "inputs": self.inputs, "masked": self.masked, "rejected": self.inputs - self.masked,
-            "masked_share": round(self.masked / n, 6),
+            "inputs": self.inputs, "masked": self.done, "rejected": self.inputs - self.done,
+            "masked_share": round(self.done / n, 6),
             "landmark_route_share": round(self.landmark_routes / n, 6),
             "routes": {k: self.routes[k] for k in ROUTES},
             "multi_face_images": self.multi_face,
@@ -179,7 +172,7 @@ class MaskSummary:
             "colours": dict(sorted(self.colours.items())),
             "textures": dict(sorted(self.textures.items())),
             "rejection_reasons": dict(sorted(self.reasons.items())),
-            "splits": {s: {"images": c["images"], "masked": c["masked"]} for s, c in sorted(self.splits.items())},
+            "splits": self.split_counts(),
         }
 
 
