@@ -199,11 +199,6 @@ class AlignSummary(StatusCounts):
         }
 
 
-def summarize(rows: list[dict], params: AlignParams) -> dict:
-    s = AlignSummary(params)
-    s.add(rows)
-    return s.result()
-
 
 class SheetPicks:
     """The contact sheet's pairs: a fixed pick by the smallest hash of the image id, at least two

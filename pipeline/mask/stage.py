@@ -176,11 +176,6 @@ class MaskSummary(StatusCounts):
         }
 
 
-def summarize(rows: list[dict]) -> dict:
-    s = MaskSummary()
-    s.add(rows)
-    return s.result()
-
 
 class SheetPicks:
     """The contact sheet's images: per mask type, the ``per`` masked images with the smallest hash
