@@ -1,8 +1,10 @@
 """Evaluation throughput: embedding (trained-model architecture, dlib reference) and scoring.
 
 Prints one JSON line: crops/s of a ResNet18 embedding model and of dlib's ResNet on real aligned
-LFW crops, 10-fold verification on View 2's size (6,000 pairs) and gallery identification on
-View 1 test's size (496 identities, 1,997 probes), plus peak RSS.
+LFW crops, the latter both through its torch port (what embed_reference runs) and through dlib
+itself (``dlib_port_speedup`` = their ratio, same crops, same run), 10-fold verification on View
+2's size (6,000 pairs) and gallery identification on View 1 test's size (496 identities, 1,997
+probes), plus peak RSS.
 
     python benchmarks/evaluate.py [--crops 64] [--model models/model.pt]
 """
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align.detection import align_standalone  # noqa: E402
-from pipeline.embedders import DlibEmbedder, TorchEmbedder  # noqa: E402
+from pipeline.embedders import DlibEmbedder, DlibLibraryEmbedder, TorchEmbedder  # noqa: E402
 from pipeline.metrics import cmc, identification_ranks, l2_normalize, verification_metrics  # noqa: E402
 from pipeline.models import EmbeddingNet  # noqa: E402
 
@@ -48,7 +50,7 @@ def rate(fn, n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--crops", type=int, default=64)
+    ap.add_argument("--crops", type=int, default=128)
     ap.add_argument("--model", help="a trained checkpoint; default: an untrained ResNet18 (same cost)")
     args = ap.parse_args()
     crops = real_crops(args.crops)
@@ -63,9 +65,11 @@ def main() -> None:
     out = {"crops": len(crops), "torch_threads": torch.get_num_threads(),
            "model_crops_per_s": rate(lambda: emb.embed(crops, batch_size=64), len(crops)),
            "model_flip_crops_per_s": rate(lambda: emb.embed(crops, flip=True, batch_size=64), len(crops))}
-    dl = DlibEmbedder()
-    k = min(len(crops), 16)
-    out["dlib_crops_per_s"] = rate(lambda: dl.embed(crops[:k]), k)
+    port, library = DlibEmbedder(), DlibLibraryEmbedder()
+    port.embed(crops[:8]), library.embed(crops[:2])  # warm-up
+    out["dlib_port_crops_per_s"] = rate(lambda: port.embed(crops, batch_size=128), len(crops))
+    out["dlib_library_crops_per_s"] = rate(lambda: library.embed(crops), len(crops))
+    out["dlib_port_speedup"] = out["dlib_port_crops_per_s"] / out["dlib_library_crops_per_s"]
 
     rng = np.random.default_rng(0)
     n = 6000

@@ -98,7 +98,7 @@ def main() -> None:
     full, bare_t = statistics.median(times["full"]), statistics.median(times["bare"])
     figures = {"stage": "train_step", "device": str(device), "batch_pairs": args.batch,
                "images_per_step": 2 * args.batch, "threads": torch.get_num_threads(),
-               "backbone": params.backbone, "embedding_dim": params.embedding_dim,
+               "backbone": params.backbone, "embedding_dim": model.net.config["embedding_dim"],
                "full_pairs_per_s": round(args.batch / full, 2), "bare_pairs_per_s": round(args.batch / bare_t, 2),
                "full_images_per_s": round(2 * args.batch / full, 1), "bare_images_per_s": round(2 * args.batch / bare_t, 1),
                "overhead": round(full / bare_t - 1.0, 4), "loader_workers": workers, "steps_timed": len(times["full"]),

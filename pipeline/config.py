@@ -20,6 +20,15 @@ class ParamsError(ValueError):
     """Raised when params.yaml is missing, unreadable or invalid. The message names every bad key."""
 
 
+# The network names of pipeline.models (which imports these; a test checks they agree) and the
+# `pretrained` starts each can take.
+DLIB_BACKBONE = "dlib_resnet"
+TORCHVISION_BACKBONES = ("resnet18", "resnet18_hr", "resnet34", "resnet50")
+BACKBONE_NAMES = (*TORCHVISION_BACKBONES, DLIB_BACKBONE)
+PRETRAINED_FOR_BACKBONE = {**{b: ("none", "imagenet") for b in TORCHVISION_BACKBONES},
+                           DLIB_BACKBONE: ("none", "dlib")}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -95,7 +104,9 @@ class AlignParams(Section):
 
 class PackParams(Section):
     seed: int = Field(0, ge=0)
-    min_images_per_identity: int = Field(2, ge=1)
+    # 1 = every train person: the frozen-teacher loss needs no second image (ArcFace from
+    # scratch on a big set: 2 or more, so every class has two photos)
+    min_images_per_identity: int = Field(1, ge=1)
     shard_max_bytes: int = Field(16_000_000, ge=10_000)
     shard_max_count: int = Field(10_000, ge=1)
     # Held-out TRAIN identities for model selection, written as val-*.tar shards.
@@ -105,18 +116,26 @@ class PackParams(Section):
 
 
 class ArcFaceParams(Section):
-    """CPU defaults for a short from-scratch run; the report's GPU values are s=64, m=0.5."""
+    """CPU defaults; the report's GPU values are s=64, m=0.5."""
 
     s: float = Field(32.0, gt=0.0)  # logit scale
     m: float = Field(0.2, ge=0.0, lt=1.6)  # additive angular margin, radians
+    # weight of CE(raw) + CE(masked); 0 = no classification term (the CPU default: fine-tuning a
+    # pretrained network on LFW's ~1k train classes overwrites what millions of faces taught it)
+    weight: float = Field(0.0, ge=0.0)
 
 
 class DistillParams(Section):
     kind: Literal["none", "mse", "cosine", "margin_cosine"] = "cosine"
     beta: float = Field(1.0, ge=0.0)
     margin: float = Field(0.1, ge=0.0, lt=3.15)  # m_d of margin_cosine, radians
-    dynamic: bool = True  # only pairs whose raw AND masked branches are classified correctly
+    dynamic: bool = False  # only pairs whose raw AND masked branches are classified correctly
     stop_grad: Literal["none", "raw"] = "none"
+    # self: the report's twin distillation, student(masked) <-> student(raw); frozen: a frozen copy
+    # of the starting network embeds the raw twin and pulls the student's masked AND raw
+    # embeddings towards it (template-level distillation, Huber et al., FG 2021)
+    teacher: Literal["self", "frozen"] = "frozen"
+    raw_weight: float = Field(2.0, ge=0.0)  # frozen teacher: weight of the student(raw) term
 
 
 class AugmentParams(Section):
@@ -129,23 +148,33 @@ class AugmentParams(Section):
 
 
 class TrainParams(Section):
-    """The train stage; defaults fit full LFW on 2 CPU cores (README gives the GPU values)."""
+    """The train stage. Defaults: dlib's face ResNet fine-tuned for masks towards a frozen copy of
+    itself, sized for full LFW on 2 CPU cores; README gives the from-scratch / ImageNet GPU recipe."""
 
-    backbone: str = "resnet18"  # a name in pipeline.models.BACKBONES (resnet18, resnet18_hr, ...)
-    pretrained: Literal["none", "imagenet"] = "none"
-    pretrained_path: Optional[str] = None  # local torchvision .pth; None = torch.hub cache / download
-    embedding_dim: int = Field(512, ge=8, le=4096)
+    # pipeline.models: resnet18 | resnet18_hr | resnet34 | resnet50 (torchvision + embedding head)
+    # | dlib_resnet (dlib's face ResNet, 128-D)
+    backbone: Literal[BACKBONE_NAMES] = "dlib_resnet"
+    # none (random init) | imagenet (torchvision backbones) | dlib (dlib_resnet: dlib's weights)
+    pretrained: Literal["none", "imagenet", "dlib"] = "dlib"
+    # imagenet: a local torchvision .pth (None = torch.hub cache / download); dlib: the .dat file
+    # (None = the copy in face-recognition-models)
+    pretrained_path: Optional[str] = None
+    embedding_dim: Optional[int] = Field(None, ge=8, le=4096)  # None = the backbone's own (512; dlib 128)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # in the embedding head
     arcface: ArcFaceParams = ArcFaceParams()
     distill: DistillParams = DistillParams()
     augment: AugmentParams = AugmentParams()
-    lr: float = Field(2e-4, gt=0.0, le=1.0)  # Adam
-    weight_decay: float = Field(5e-4, ge=0.0)
-    warmup_steps: int = Field(50, ge=0)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)  # Adam (from scratch, the report's: 2e-4)
+    # the pretrained network's parameters train at lr * this (new parameters at lr); 1 = same lr
+    backbone_lr_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    # dlib_resnet: its folded BatchNorm layers (per-channel affine) stay as trained on 3M faces
+    freeze_affine: bool = True
+    weight_decay: float = Field(0.0, ge=0.0)  # from scratch: 5e-4 (towards 0 = away from the start)
+    warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)  # cosine ends at lr * this
     grad_clip: float = Field(5.0, ge=0.0)  # max global grad norm; 0 = off
     batch_size: int = Field(64, ge=2)  # pairs per step over all DDP ranks (GPU: 512)
-    epochs: int = Field(2, ge=1)  # ~8.5 min on full LFW with 2 idle CPU cores
+    epochs: int = Field(3, ge=1)
     seed: int = Field(0, ge=0)
     val_max_pairs: int = Field(4000, ge=20)  # same + different verification pairs among them
     val_every: int = Field(50, ge=0)  # steps between validations (and at each epoch end); 0 = epoch ends only
@@ -154,6 +183,28 @@ class TrainParams(Section):
     shuffle_buffer: int = Field(1000, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (CPU runs in fp32)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "TrainParams":
+        allowed = PRETRAINED_FOR_BACKBONE[self.backbone]
+        if self.pretrained not in allowed:
+            raise ValueError(f"train.pretrained={self.pretrained!r} does not fit train.backbone="
+                             f"{self.backbone!r}; allowed: {list(allowed)}")
+        if self.backbone == DLIB_BACKBONE and self.embedding_dim not in (None, 128):
+            raise ValueError(f"train.embedding_dim: dlib_resnet embeds to 128 dimensions (or null), "
+                             f"got {self.embedding_dim}")
+        if self.backbone == DLIB_BACKBONE and self.dropout:
+            raise ValueError("train.dropout: dlib_resnet has no dropout layer; allowed: 0")
+        if self.arcface.weight == 0 and self.distill.dynamic and self.distill.kind != "none":
+            raise ValueError("train.distill.dynamic needs the classifier (train.arcface.weight > 0); "
+                             "allowed with arcface.weight 0: dynamic false")
+        if self.distill.teacher == "frozen" and self.pretrained == "none":
+            raise ValueError("train.distill.teacher: frozen copies the starting network, which with "
+                             "train.pretrained none is random; allowed there: self")
+        if self.arcface.weight == 0 and (self.distill.kind == "none" or self.distill.beta == 0):
+            raise ValueError("train.arcface.weight 0 and no distillation (train.distill.kind none or "
+                             "beta 0) leaves nothing to train")
+        return self
 
 
 class EvaluateParams(Section):

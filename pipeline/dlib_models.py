@@ -10,6 +10,9 @@ from pathlib import Path
 SHAPE_68 = "shape_predictor_68_face_landmarks.dat"
 FACE_RESNET = "dlib_face_recognition_resnet_model_v1.dat"
 CNN_DETECTOR = "mmod_human_face_detector.dat"
+# sha256 of the face ResNet as shipped by face-recognition-models 0.3.0 (the pretrained start of
+# the default fine-tuning: the package pin plus this hash pin the weights DVC cannot track)
+FACE_RESNET_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
 
 
 def dlib_models_dir() -> Path:

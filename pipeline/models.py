@@ -1,4 +1,5 @@
-"""Face embedding networks: a torchvision backbone looked up by name + an embedding head.
+"""Face embedding networks, looked up by name: torchvision ResNets + an embedding head, or dlib's
+pretrained face ResNet (``dlib_resnet``, :mod:`pipeline.dlib_resnet`).
 
 The backbone is torchvision's ResNet as is (so ImageNet weights load unchanged); the adaptation to
 112x112 faces is the head: ResNet18 leaves a 512 x 4 x 4 map at 112 px, and instead of averaging it
@@ -6,6 +7,9 @@ away (which discards where on the face a feature is, the part a mask hides) the 
 insightface's output layer: BN -> dropout -> flatten -> linear -> BN. "*_hr" backbones drop the max
 pool (7 x 7 map, 4x the compute: for GPUs). The ArcFace head lives in pipeline/losses.py and is not
 part of the saved embedding model.
+
+``dlib_resnet`` is dlib's 128-D network with its weights read from the .dat file
+(``pretrained: dlib``); it resamples the 112 crop to its own 150 px chip inside its forward.
 
 Input everywhere: B x 3 x 112 x 112 RGB scaled to [-1, 1]; output: B x D embeddings (not
 normalised; compare them by cosine).
@@ -19,6 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torchvision import models as tvm
+
+from pipeline.config import BACKBONE_NAMES, DLIB_BACKBONE, PRETRAINED_FOR_BACKBONE, TORCHVISION_BACKBONES
+from pipeline.dlib_resnet import DlibEmbeddingNet
 
 IMAGE_SIZE = 112
 
@@ -43,10 +50,25 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+
+
 def _spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}; known: {list(BACKBONE_NAMES)}")
     return BACKBONES[name]
+
+
+def default_embedding_dim(backbone: str) -> int:
+    """The backbone's own embedding size: dlib's 128, else the insightface-style head's 512."""
+    return 128 if backbone == DLIB_BACKBONE else 512
+
+
+def make_net(backbone: str, embedding_dim: int | None = None, dropout: float = 0.0) -> nn.Module:
+    """The untrained network called ``backbone`` (random weights); ``.config`` rebuilds it."""
+    dim = default_embedding_dim(backbone) if embedding_dim is None else int(embedding_dim)
+    if backbone == DLIB_BACKBONE:
+        return DlibEmbeddingNet(dim, dropout)
+    return EmbeddingNet(backbone, dim, dropout)
 
 
 def feature_map_size(name: str, image_size: int = IMAGE_SIZE) -> int:
@@ -142,13 +164,20 @@ def load_imagenet_weights(net: EmbeddingNet, path: str | Path | None = None) -> 
     return net
 
 
-def build_embedding_net(backbone: str, embedding_dim: int, dropout: float = 0.0,
-                        pretrained: str = "none", pretrained_path: str | None = None) -> EmbeddingNet:
-    net = EmbeddingNet(backbone, embedding_dim, dropout)
+def build_embedding_net(backbone: str, embedding_dim: int | None = None, dropout: float = 0.0,
+                        pretrained: str = "none", pretrained_path: str | None = None) -> nn.Module:
+    """The network, with ImageNet weights in a torchvision trunk or dlib's weights in dlib_resnet."""
+    allowed = PRETRAINED_FOR_BACKBONE.get(backbone)
+    if allowed is None:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {list(BACKBONE_NAMES)}")
+    if pretrained not in allowed:
+        raise ValueError(f"train.pretrained={pretrained!r} does not fit train.backbone={backbone!r}; "
+                         f"allowed: {list(allowed)}")
+    net = make_net(backbone, embedding_dim, dropout)
     if pretrained == "imagenet":
         load_imagenet_weights(net, pretrained_path)
-    elif pretrained != "none":
-        raise ValueError(f"pretrained must be 'none' or 'imagenet', got {pretrained!r}")
+    elif pretrained == "dlib":
+        net.load_dat(pretrained_path)
     return net
 
 
@@ -161,6 +190,6 @@ def load_embedding_model(path: str | Path, device: str | torch.device = "cpu") -
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: not a model checkpoint (expected keys 'model' and 'config')")
     cfg = ckpt["config"]
-    net = EmbeddingNet(cfg["backbone"], cfg["embedding_dim"], cfg.get("dropout", 0.0))
+    net = make_net(cfg["backbone"], cfg["embedding_dim"], cfg.get("dropout", 0.0))
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval()

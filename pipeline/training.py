@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 from pipeline.config import TrainParams
 from pipeline.devices import select_device
+from pipeline.dlib_resnet import Affine
 from pipeline.losses import ArcFace, PairLoss, pair_loss
 from pipeline.metrics import auc, kfold_accuracy, roc_curve
-from pipeline.models import build_embedding_net
+from pipeline.models import build_embedding_net, make_net
 from pipeline.pair_loader import check_shard_count, make_pair_loader
 from pipeline.tar_chunks import dumps_json, file_sha256, list_chunks
 
@@ -199,32 +200,65 @@ class PairModel(nn.Module):
     """Embedding net + ArcFace head; one forward = both twins through the net in one batch (shared
     BN statistics, one kernel launch) and the pair loss. DDP wraps this."""
 
-    def __init__(self, net: nn.Module, head: ArcFace, params: TrainParams):
+    def __init__(self, net: nn.Module, head: ArcFace, params: TrainParams, teacher: nn.Module | None = None):
         super().__init__()
-        self.net, self.head, self.p = net, head, params.distill
+        self.net, self.head, self.p, self.ce_weight = net, head, params.distill, params.arcface.weight
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "PairModel":
+        super().train(mode)
+        if self.teacher is not None:  # the frozen teacher always embeds as at inference
+            self.teacher.eval()
+        return self
 
     def forward(self, raw: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor) -> PairLoss:
         emb = self.net(torch.cat([raw, masked]))
         e_raw, e_masked = emb.float().chunk(2)
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = self.teacher(raw).float()
         with torch.autocast(emb.device.type, enabled=False):  # margins and cosines in fp32
             return pair_loss(self.head, e_raw, e_masked, labels, kind=self.p.kind, beta=self.p.beta,
-                             margin=self.p.margin, dynamic=self.p.dynamic, stop_grad=self.p.stop_grad)
+                             margin=self.p.margin, dynamic=self.p.dynamic, stop_grad=self.p.stop_grad,
+                             ce_weight=self.ce_weight, teacher=teacher, raw_weight=self.p.raw_weight)
 
 
 def build_pair_model(params: TrainParams, num_classes: int,
                      device: torch.device) -> tuple[PairModel, torch.optim.Optimizer]:
-    """Seeded embedding net + ArcFace head on ``device`` (channels_last where it helps) and its Adam."""
+    """Seeded embedding net + ArcFace head (+ the frozen teacher: a copy of the starting net) on
+    ``device`` (channels_last where it helps) and its Adam: the pretrained network's parameters at
+    ``lr * backbone_lr_ratio``, the new ones (ArcFace centres; a torchvision net's new head) at
+    ``lr``; dlib_resnet's folded BatchNorm (affine) layers frozen with ``freeze_affine``."""
     torch.manual_seed(params.seed)
     net = build_embedding_net(params.backbone, params.embedding_dim, params.dropout,
                               params.pretrained, params.pretrained_path)
-    head = ArcFace(params.embedding_dim, num_classes, params.arcface.s, params.arcface.m)
-    model = PairModel(net, head, params).to(device)
+    dim = net.config["embedding_dim"]
+    head = ArcFace(dim, num_classes, params.arcface.s, params.arcface.m)
+    teacher = None
+    if params.distill.teacher == "frozen":  # a second copy of the starting weights
+        teacher = make_net(net.config["backbone"], net.config["embedding_dim"], net.config["dropout"])
+        teacher.load_state_dict(net.state_dict())
+    model = PairModel(net, head, params, teacher).to(device)
     if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
+    if params.freeze_affine:
+        for m in net.modules():
+            if isinstance(m, Affine):
+                m.requires_grad_(False)
+    pretrained, new = [], list(head.parameters())
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            fresh = params.pretrained == "imagenet" and name.startswith("head.")
+            (new if fresh or params.pretrained == "none" else pretrained).append(p)
+    groups = [{"params": new, "lr_ratio": 1.0}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr_ratio": params.backbone_lr_ratio})
     # fused Adam: one kernel over all tensors; the per-tensor loop costs ~7% of a CPU step
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay,
-                                 fused=fused or None)
+    optimizer = torch.optim.Adam(groups, lr=params.lr, weight_decay=params.weight_decay, fused=fused or None)
     return model, optimizer
 
 
@@ -236,7 +270,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, *, lr:
         raw = raw.contiguous(memory_format=torch.channels_last)
         masked = masked.contiguous(memory_format=torch.channels_last)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
     with autocast():
         out = model(raw, masked, labels)
     optimizer.zero_grad(set_to_none=True)

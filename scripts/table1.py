@@ -60,12 +60,20 @@ def experiments(exp_show: list) -> list[dict]:
 
 
 def method_label(params: dict) -> str:
-    kind = params.get("train.distill.kind", "none")
-    beta = params.get("train.distill.beta", 0)
-    if kind == "none" or not beta:
-        return "ArcFace"
-    extra = ", dynamic" if params.get("train.distill.dynamic") else ""
-    return f"ArcFace + distill ({kind}, beta={beta:g}{extra})"
+    """What a run trained: its start, then its loss terms ("ArcFace" alone = no distillation).
+    Older experiments (before these params existed) read as ArcFace from scratch."""
+    start = {"dlib": "dlib fine-tuned", "imagenet": "ImageNet start", "none": "from scratch"}.get(
+        params.get("train.pretrained", "none"), params.get("train.pretrained"))
+    arcface = params.get("train.arcface.weight", 1.0)
+    kind, beta = params.get("train.distill.kind", "none"), params.get("train.distill.beta", 0)
+    terms = ["ArcFace"] if arcface else []
+    if kind != "none" and beta:
+        if params.get("train.distill.teacher", "self") == "frozen":
+            terms.append(f"frozen teacher ({kind}, beta={beta:g}, raw={params.get('train.distill.raw_weight', 1.0):g})")
+        else:
+            extra = ", dynamic" if params.get("train.distill.dynamic") else ""
+            terms.append(f"self distillation ({kind}, beta={beta:g}{extra})")
+    return f"{start}: " + (" + ".join(terms) or "nothing")
 
 
 def _freeze(v):
@@ -88,7 +96,7 @@ def group(records: list[dict]) -> list[tuple[str, list[dict]]]:
                             {p for t in twins for p in mine if p not in dict(t)})
             label += " [" + ", ".join(f"{p}={json.loads(mine[p]) if p in mine else '-'}" for p in differ) + "]"
         out.append((label, rs))
-    return sorted(out, key=lambda x: (x[0] != "ArcFace", x[0]))
+    return sorted(out, key=lambda x: ("distill" in x[0] or "teacher" in x[0], x[0]))
 
 
 def cell(values: list[float]) -> str:

@@ -1,7 +1,8 @@
-"""DVC stage `embed_reference`: dlib's pretrained ResNet embeds the aligned test pairs once.
+"""DVC stage `embed_reference`: dlib's pretrained ResNet (its torch port) embeds the evaluated
+aligned LFW twins once.
 
-Separate from `evaluate` because it does not depend on the trained model and takes minutes on a
-CPU: DVC caches it, so changing a training parameter reruns only train and evaluate.
+Separate from `evaluate` because it does not depend on the trained model: DVC caches it, so
+changing a training parameter reruns only train and evaluate.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ def main() -> None:
     ap.add_argument("--out", default="data/reference/dlib.parquet")
     args = ap.parse_args()
     params = load_params(args.params)
-    summary = run_embed_reference(params=params.evaluate, compute=params.compute,
-                                  all_lfw=read_scope(args.scope),
+    summary = run_embed_reference(params=params.evaluate, all_lfw=read_scope(args.scope),
                                   aligned_dir=args.aligned, out_path=args.out)
     print(json.dumps(summary))
 

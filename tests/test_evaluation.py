@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ComputeParams, EvaluateParams
+from pipeline.config import EvaluateParams
 from pipeline.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned,
                                  load_embeddings, portion_key, read_train_identities,
                                  run_embed_reference, run_evaluate, score_embeddings, score_gallery,
@@ -37,7 +37,7 @@ def tiny(tmp_path_factory, lfw_small, tiny_shards):
     net = EmbeddingNet("resnet18", 32).eval()
     torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, d / "model.pt")
     params = EvaluateParams(device="cpu", batch_size=16)
-    run_embed_reference(params=params, compute=ComputeParams(n_jobs=1), aligned_dir=d / "aligned",
+    run_embed_reference(params=params, aligned_dir=d / "aligned",
                         out_path=d / "reference" / "dlib.parquet")
     return d
 

@@ -59,3 +59,30 @@ def test_checkpoint_round_trip_is_weights_only_and_eval_mode(tmp_path):
     torch.save({"weights": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a model checkpoint"):
         load_embedding_model(tmp_path / "bad.pt")
+
+
+def test_registry_names_match_the_params_choices():
+    from pipeline.config import BACKBONE_NAMES, TORCHVISION_BACKBONES
+
+    assert set(BACKBONES) == set(TORCHVISION_BACKBONES) and "dlib_resnet" in BACKBONE_NAMES
+
+
+def test_dlib_resnet_starts_from_dlibs_weights_and_round_trips(tmp_path):
+    from pipeline.dlib_resnet import load_dlib_resnet
+
+    net = build_embedding_net("dlib_resnet", pretrained="dlib").eval()
+    assert net.config["embedding_dim"] == 128
+    assert torch.equal(net.net.conv1.weight, load_dlib_resnet().conv1.weight)
+    path = tmp_path / "model.pt"
+    torch.save({"model": net.state_dict(), "config": dict(net.config), "meta": {}}, path)
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(load_embedding_model(path)(x), net(x))
+    untrained = build_embedding_net("dlib_resnet")
+    assert not torch.equal(untrained.net.conv1.weight, net.net.conv1.weight)
+
+
+@pytest.mark.parametrize("backbone, pretrained", [("resnet18", "dlib"), ("dlib_resnet", "imagenet")])
+def test_pretrained_weights_must_fit_the_backbone(backbone, pretrained):
+    with pytest.raises(ValueError, match=r"train.pretrained=.*allowed"):
+        build_embedding_net(backbone, pretrained=pretrained)

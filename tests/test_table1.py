@@ -50,7 +50,8 @@ def exp_show(tmp_path_factory):
 def test_table_groups_seeds_and_reports_mean_and_sample_std(exp_show):
     data, _ = exp_show
     rows = table1.build_table(data)
-    assert [r["method"] for r in rows] == ["ArcFace", "ArcFace + distill (cosine, beta=1)",
+    assert [r["method"] for r in rows] == ["from scratch: ArcFace",
+                                           "from scratch: ArcFace + self distillation (cosine, beta=1)",
                                            "dlib ResNet (pretrained, mask-unaware reference)"]
     arc, dist, ref = rows
     assert arc["seeds"] == dist["seeds"] == 3 and arc["seed_values"] == [0, 1, 2]
@@ -68,7 +69,7 @@ def test_script_prints_markdown_from_dvc_itself(exp_show):
                        capture_output=True, text=True, check=True)
     lines = p.stdout.splitlines()
     assert "| method | seeds | mask_0 | mask_0.5 | mask_1.0 |" in lines
-    assert "| ArcFace | 3 | 81.0 ± 1.0 | 62.0 ± 2.0 | 40.0 ± 0.0 |" in lines
+    assert "| from scratch: ArcFace | 3 | 81.0 ± 1.0 | 62.0 ± 2.0 | 40.0 ± 0.0 |" in lines
 
 
 def test_runs_differing_in_other_params_are_not_averaged():
@@ -80,5 +81,14 @@ def test_runs_differing_in_other_params_are_not_averaged():
     data = [rec("a", 1, 0, 1, 0.5), rec("b", 1, 1, 1, 0.7), rec("c", 1, 0, 5, 0.9)]
     rows = table1.build_table(data, ("gallery.rank1.mask_0",))
     assert sorted((r["method"], r["seeds"]) for r in rows) == [
-        ("ArcFace + distill (mse, beta=1) [train.epochs=1]", 2),
-        ("ArcFace + distill (mse, beta=1) [train.epochs=5]", 1)]
+        ("from scratch: ArcFace + self distillation (mse, beta=1) [train.epochs=1]", 2),
+        ("from scratch: ArcFace + self distillation (mse, beta=1) [train.epochs=5]", 1)]
+
+
+def test_fine_tuning_rows_name_their_start_and_teacher():
+    label = table1.method_label({"train.pretrained": "dlib", "train.arcface.weight": 0.0,
+                                 "train.distill.kind": "cosine", "train.distill.beta": 1.0,
+                                 "train.distill.teacher": "frozen", "train.distill.raw_weight": 2.0})
+    assert label == "dlib fine-tuned: frozen teacher (cosine, beta=1, raw=2)"
+    assert table1.method_label({"train.pretrained": "dlib", "train.distill.kind": "none"}) == \
+        "dlib fine-tuned: ArcFace"

@@ -29,7 +29,10 @@ from pipeline.training import (build_pair_model, code_fingerprint, fingerprint, 
                                val_pairs)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(batch_size=4, embedding_dim=32, warmup_steps=2, num_workers=0, log_every=1, shuffle_buffer=8)
+# the from-scratch recipe (ResNet18, ArcFace + the report's twin distillation), at toy size
+SCRATCH = dict(backbone="resnet18", pretrained="none", arcface={"weight": 1.0},
+               distill={"teacher": "self", "dynamic": True}, lr=2e-4, weight_decay=5e-4)
+TINY = dict(SCRATCH, batch_size=4, embedding_dim=32, warmup_steps=2, num_workers=0, log_every=1, shuffle_buffer=8)
 
 
 def _keys(shards: list[Path]) -> list[str]:
@@ -80,7 +83,7 @@ def test_fingerprint_covers_params_data_world_and_code_not_workers(tmp_path):
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("kind", ["none", "mse", "cosine", "margin_cosine"])
 def test_every_distill_variant_trains_on_real_shards(tiny_shards, kind, dynamic):
-    params = TrainParams(**TINY, distill=DistillParams(kind=kind, dynamic=dynamic, beta=1.0))
+    params = TrainParams(**{**TINY, "distill": DistillParams(kind=kind, dynamic=dynamic, beta=1.0, teacher="self")})
     classes = json.loads((tiny_shards / "classes.json").read_text())
     model, opt = build_pair_model(params, len(classes), torch.device("cpu"))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -289,3 +292,50 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(tiny_shards, tmp_path):
     res = _run_ddp(tiny_shards, tmp_path / "nan", poison_rank=1, epochs=1, val_every=0, log_every=1)
     assert [r.get("error") for r in res] == ["FloatingPointError", "FloatingPointError"], res
     assert "non-finite loss" in res[0]["message"]
+
+
+FINE_TUNE = dict(backbone="dlib_resnet", pretrained="dlib", embedding_dim=None, batch_size=4, warmup_steps=0,
+                 num_workers=0, log_every=1, shuffle_buffer=8, backbone_lr_ratio=0.5, freeze_affine=True,
+                 arcface={"weight": 0.0},
+                 distill={"kind": "cosine", "teacher": "frozen", "dynamic": False, "beta": 1.0, "raw_weight": 2.0})
+
+
+def test_frozen_teacher_fine_tuning_trains_the_student_only(tiny_shards):
+    """dlib's network fine-tuned towards a frozen copy of itself: at the first step student ==
+    teacher, so the loss is exactly mean(1 - cos(teacher(masked), teacher(raw))); the teacher and the
+    folded BatchNorms stay, the convolutions move at lr * backbone_lr_ratio."""
+    from pipeline.dlib_resnet import Affine
+
+    params = TrainParams(**FINE_TUNE)
+    classes = json.loads((tiny_shards / "classes.json").read_text())
+    model, opt = build_pair_model(params, len(classes), torch.device("cpu"))
+    assert [g["lr_ratio"] for g in opt.param_groups] == [1.0, 0.5]
+    assert not any(p.requires_grad for m in model.net.modules() if isinstance(m, Affine) for p in m.parameters())
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batch = next(iter(make_pair_loader(list_chunks(tiny_shards, "train-"), batch_size=4,
+                                       augment=params.augment, seed=0, shuffle_buffer=8)))
+    with torch.no_grad():
+        t_raw, t_masked = model.teacher(batch[0]), model.teacher(batch[1])
+    expected = (1 - torch.nn.functional.cosine_similarity(t_raw, t_masked)).mean()
+    out = train_step(model, opt, batch, lr=1e-3, grad_clip=5.0, device=torch.device("cpu"))
+    assert out.distill.item() == pytest.approx(expected.item(), rel=1e-4) and expected.item() > 0.01
+    assert out.total.item() == pytest.approx(out.distill.item(), rel=1e-6)  # arcface.weight 0
+    assert out.fraction.item() == 1.0
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("teacher."))
+    assert all(torch.equal(after[k], before[k]) for k in before if ".aff" in k and k.startswith("net."))
+    assert not torch.equal(after["net.net.conv1.weight"], before["net.net.conv1.weight"])
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5e-3)
+    model.train()
+    assert model.net.training and not model.teacher.training
+
+
+def test_fine_tuning_params_are_checked_against_the_backbone():
+    from pipeline.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match="train.pretrained='dlib' does not fit train.backbone='resnet18'"):
+        parse_params({"train": {"backbone": "resnet18", "pretrained": "dlib"}})
+    with pytest.raises(ParamsError, match="dynamic needs the classifier"):
+        parse_params({"train": {"arcface": {"weight": 0}, "distill": {"dynamic": True}}})
+    with pytest.raises(ParamsError, match="128"):
+        parse_params({"train": {"backbone": "dlib_resnet", "embedding_dim": 512}})
