@@ -84,7 +84,7 @@ def _read_details(r: DlibReader, layer: Layer) -> None:
         version = r.expect_str(("con_4", "con_5", "con_6"), "version")
         params = r.tensor()
         got = tuple(r.int() for _ in range(7))  # filters, nr, nc, stride y/x, padding y/x
-        filters, biases = r.alias(), r.alias()
+        filters, _biases = r.alias(), r.alias()
         _ = [r.float() for _ in range(4)]  # learning-rate and weight-decay multipliers
         use_bias = r.bool() if version in ("con_5", "con_6") else True
         use_relu = r.bool() if version == "con_6" else False
@@ -130,14 +130,14 @@ def _read_details(r: DlibReader, layer: Layer) -> None:
         version = r.expect_str(("fc_2", "fc_3"), "version")
         outputs, inputs = r.int(), r.int()
         params = r.tensor()
-        weights, biases = r.alias(), r.alias()
-        bias_mode = r.int()
-        _ = [r.float() for _ in range(4)]
-        use_bias = r.bool() if version == "fc_3" else True
+        weights, _biases = r.alias(), r.alias()
+        bias_mode = r.int()  # 1 = FC_NO_BIAS
+        _ = [r.float() for _ in range(4)]  # learning-rate and weight-decay multipliers
+        if version == "fc_3":
+            r.bool()  # use_bias: without effect in no-bias mode
         if outputs != layer.filters or bias_mode != 1 or weights[:2] != (inputs, outputs):
             raise r.fail(f"fc {inputs}->{outputs} (weights {weights}, bias mode {bias_mode}); "
                          f"expected fc_no_bias to {layer.filters}")
-        del use_bias, biases
         layer.data = {"weight": params.reshape(-1)[:inputs * outputs].reshape(inputs, outputs).copy()}
     elif kind == "loss":
         r.expect_str(("loss_metric_2",), "version")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from pipeline.config import BACKBONE_NAMES, DLIB_BACKBONE, PRETRAINED_FOR_BACKBONE, TORCHVISION_BACKBONES
+from pipeline.config import BACKBONE_NAMES, DLIB_BACKBONE, PRETRAINED_FOR_BACKBONE
 from pipeline.dlib_resnet import DlibEmbeddingNet
 
 IMAGE_SIZE = 112
@@ -48,8 +48,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet34": BackboneSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, 512),
     "resnet50": BackboneSpec(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, 2048),
 }
-
-
 
 
 def _spec(name: str) -> BackboneSpec:
