@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from contextlib import closing
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -247,3 +248,18 @@ class StatusCounts:
 
     def split_counts(self) -> dict:
         return {s: {"images": c["images"], self.DONE: c[self.DONE]} for s, c in sorted(self.splits.items())}
+
+
+def collect_chunk_rows(chunks: Sequence[Path], results: Iterator[list[dict]], *, accounting: Accounting,
+                       status_path: Path, schema: pa.Schema,
+                       on_rows: Callable[[Path, list[dict]], None]) -> None:
+    """The per-image stages' collection loop: each finished chunk's rows (sorted by image id) are
+    accounted, appended to the status table and handed to ``on_rows`` (running summary, sheet
+    picks); at the end every ingested image must have a row. ``results`` yields in chunk order."""
+    with closing(results), StatusWriter(status_path, schema) as status:
+        for chunk, rows in zip(chunks, results):
+            rows.sort(key=lambda r: r["image_id"])
+            accounting.chunk(chunk.name, rows)
+            status.write(rows)
+            on_rows(chunk, rows)
+        accounting.finish()

@@ -19,7 +19,6 @@ import json
 import shutil
 from array import array
 from collections import Counter, defaultdict
-from contextlib import closing
 from pathlib import Path
 
 import cv2
@@ -35,7 +34,8 @@ from pipeline.images import decode_gray, decode_rgb, encode_jpeg
 from pipeline.mask.overlay import apply_overlay
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
-from pipeline.stage_report import Accounting, SmallestK, StatusCounts, StatusWriter, draw_sheet, write_png
+from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,
+                                   write_png)
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -267,14 +267,8 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
     results = iter_chunks(align_chunk, [c.name for c in chunks], compute, desc="align", assume_aligned=assume_aligned,
                           ingest_chunks=str(ingest_dir / "chunks"), masked_chunks=str(masked_dir / "chunks"),
                           mask_status=str(mask_status), params=params, out_chunks=str(out_dir / "chunks"))
-    with closing(results), StatusWriter(out_dir / "status.parquet", STATUS_SCHEMA) as status:
-        for chunk, rows in zip(chunks, results):
-            rows.sort(key=lambda r: r["image_id"])
-            accounting.chunk(chunk.name, rows)
-            status.write(rows)
-            summary.add(rows)
-            picks.add(rows)
-        accounting.finish()
+    collect_chunk_rows(chunks, results, accounting=accounting, status_path=out_dir / "status.parquet",
+                       schema=STATUS_SCHEMA, on_rows=lambda _chunk, rows: (summary.add(rows), picks.add(rows)))
     result = summary.result()
     write_json(out_dir / "summary.json", result)
     write_png(out_dir / "contact_sheet.png", contact_sheet(picks.picks(), out_dir))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ from pipeline.mask.templates import N_VARIANTS, PALETTES, get_template
 from pipeline.images import decode_rgb, encode_png
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, rank_key
-from pipeline.stage_report import Accounting, SmallestK, StatusCounts, StatusWriter, draw_sheet, fit_tile, write_png
+from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,
+                                   fit_tile, write_png)
 from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
@@ -234,14 +234,9 @@ def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path, 
     results = iter_chunks(mask_chunk, [str(c) for c in chunks], compute, desc="mask", params=params,
                           assume_aligned=assume_aligned,
                           predictor_path=str(predictor), out_dir=str(out_dir / "chunks"))
-    with closing(results), StatusWriter(out_dir / "status.parquet", STATUS_SCHEMA) as status:
-        for chunk, rows in zip(chunks, results):
-            rows.sort(key=lambda r: r["image_id"])
-            accounting.chunk(chunk.name, rows)
-            status.write(rows)
-            summary.add(rows)
-            picks.add(rows, chunk.name)
-        accounting.finish()
+    collect_chunk_rows(chunks, results, accounting=accounting, status_path=out_dir / "status.parquet",
+                       schema=STATUS_SCHEMA,
+                       on_rows=lambda chunk, rows: (summary.add(rows), picks.add(rows, chunk.name)))
     result = summary.result()
     write_json(out_dir / "summary.json", result)
     write_png(out_dir / "contact_sheet.png", contact_sheet(picks.by_type(), in_dir, out_dir))
