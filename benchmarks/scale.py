@@ -78,13 +78,13 @@ def _train_steps(work: Path, steps: int, params_path: str) -> dict:
     from pipeline.devices import select_device
     from pipeline.pair_loader import make_pair_loader
     from pipeline.tar_chunks import list_chunks
-    from pipeline.training import autocast_for, build_pair_model, train_step
+    from pipeline.training import autocast_for, build_pair_model, read_shard_set, train_step
 
     params = load_params(params_path).train
     device = select_device("cpu")
     shards = list_chunks(work / "shards", "train-")
-    num_classes = len(json.loads((work / "shards" / "classes.json").read_text()))
-    model, optimizer = build_pair_model(params, num_classes, device)
+    shard_set = read_shard_set(work / "shards")
+    model, optimizer = build_pair_model(params, len(shard_set.classes), device, shard_set.template)
     model.train()
     loader = make_pair_loader(shards, batch_size=params.batch_size, augment=params.augment, seed=params.seed,
                               shuffle_buffer=params.shuffle_buffer, num_workers=params.num_workers,
@@ -106,7 +106,7 @@ def _train_steps(work: Path, steps: int, params_path: str) -> dict:
         train_step(model, optimizer, next(it), lr=params.lr, grad_clip=params.grad_clip, device=device,
                    autocast=autocast)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "images": 2 * params.batch_size * steps, "classes": num_classes,
+    return {"seconds": seconds, "images": 2 * params.batch_size * steps, "classes": len(shard_set.classes),
             "batch_pairs": params.batch_size, "steps": steps}
 
 

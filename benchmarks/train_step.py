@@ -11,7 +11,6 @@ Usage: python benchmarks/train_step.py [--shards data/shards] [--batch 32] [--de
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,8 +26,9 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.pair_loader import make_pair_loader  # noqa: E402
 from pipeline.tar_chunks import list_chunks  # noqa: E402
 from pipeline.devices import select_device  # noqa: E402
+from pipeline.align.geometry import get_template  # noqa: E402
 from pipeline.training import (autocast_for, build_pair_model, channels_last,  # noqa: E402
-                               train_step)
+                               read_shard_set, train_step)
 
 
 def _sync(device: torch.device) -> None:
@@ -52,15 +52,16 @@ def main() -> None:
     nhwc = channels_last(device)  # the bare model gets the memory format the training step uses
     autocast = autocast_for(device, params.bf16)
     shards = list_chunks(args.shards, "train-")
-    num_classes = len(json.loads((Path(args.shards) / "classes.json").read_text()))
+    shard_set = read_shard_set(Path(args.shards))
+    side = get_template(shard_set.template).size
 
-    model, optimizer = build_pair_model(params, num_classes, device)
+    model, optimizer = build_pair_model(params, len(shard_set.classes), device, shard_set.template)
     model.train()
     bare = resnet18().to(device)
     if nhwc:
         bare = bare.to(memory_format=torch.channels_last)
     bare.train()
-    x_bare = torch.rand(2 * args.batch, 3, 112, 112, device=device) * 2 - 1
+    x_bare = torch.rand(2 * args.batch, 3, side, side, device=device) * 2 - 1
 
     def batches():
         epoch = 0

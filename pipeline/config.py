@@ -98,7 +98,12 @@ class MaskParams(Section):
 
 
 class AlignParams(Section):
-    method: Literal["cascade", "landmarks"] = "cascade"
+    # landmarks: the mask stage's dlib 68 points -> 5-point similarity (cascade when none);
+    # cascade: Haar face + eyes (landmark eyes when no Haar face). dlib's network on View 1:
+    # 98.4% (landmarks) vs 96.5% (cascade), scripts/dlib_geometry.py
+    method: Literal["cascade", "landmarks"] = "landmarks"
+    # the crop layout: arcface112 (insightface's 112 px, torchvision nets) | dlib150 (dlib's chip)
+    template: Literal["arcface112", "dlib150"] = "dlib150"
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.align.geometry import ARCFACE_112, CHIP_SIZE, DLIB_150, crop_to_crop_matrix, get_template
 from pipeline.dlib_models import FACE_RESNET, FACE_RESNET_SHA256, dlib_models_dir
 from pipeline.dlib_serialization import DlibFormatError, DlibReader
 
-CHIP_SIZE = 150
 EMBEDDING_DIM = 128
 # (filters, blocks, first block is a down block) from the input side: alevel4 .. alevel0
 STAGES = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
@@ -292,17 +292,10 @@ def load_dlib_resnet(path: str | Path | None = None) -> DlibFaceResNet:
     return net.eval()
 
 
-# dlib's own face chip (get_face_chip, size 150, padding 0.25) puts the eye centres here: the means
-# of its 5-point template's eye corners, ((p + 0.25) / 1.5) * 150. Mapping the ArcFace template's
-# eyes onto them turns our aligned 112 crop into the chip dlib's network was trained on.
-CHIP_EYES = ((47.7330, 47.1396), (100.2814, 47.1233))
-
-
 def crop_to_chip_matrix() -> np.ndarray:
-    """2x3 similarity: ArcFace 112 crop pixels -> dlib 150 chip pixels (eyes onto eyes)."""
-    from pipeline.align.geometry import TEMPLATE_EYES, similarity_from_eyes
-
-    return similarity_from_eyes(TEMPLATE_EYES[0], TEMPLATE_EYES[1], np.array(CHIP_EYES))
+    """2x3 similarity: ArcFace 112 crop pixels -> dlib 150 chip pixels (eyes onto eyes): turns an
+    ``arcface112`` crop into the chip dlib's network was trained on."""
+    return crop_to_crop_matrix(ARCFACE_112, DLIB_150)
 
 
 def chip_resampling_taps(crop_size: int = 112) -> tuple[np.ndarray, np.ndarray]:
@@ -346,25 +339,27 @@ def resampling_matrix(device: torch.device) -> torch.Tensor:
 
 
 class DlibEmbeddingNet(nn.Module):
-    """The pipeline's embedding-model interface around :class:`DlibFaceResNet`: B x 3 x 112 x 112
-    RGB in [-1, 1] (our aligned crops, as every model gets them) -> B x 128.
+    """The pipeline's embedding-model interface around :class:`DlibFaceResNet`: B x 3 x S x S RGB
+    in [-1, 1] (our aligned crops, as every model gets them) -> B x 128.
 
-    The crop is resampled to dlib's 150 px chip inside the forward (bilinear, edge pixels
-    replicated: our crop covers ~8 chip rows less chin; uint8 values, bit-identical to OpenCV's
-    warp, see :func:`chip_resampling_taps`), so training, validation, evaluation and the
-    reference row all see the same chips, batched on the model's device. No gradient flows to
-    the input (it is data).
+    ``dlib150`` crops are dlib's chip already. ``arcface112`` crops are resampled to the 150 px
+    chip inside the forward (bilinear, edge pixels replicated: the 112 crop covers ~8 chip rows
+    less chin; uint8 values, bit-identical to OpenCV's warp, see :func:`chip_resampling_taps`),
+    so training, validation, evaluation and the reference row all see the same chips, batched on
+    the model's device. No gradient flows to the input (it is data).
     """
 
-    def __init__(self, embedding_dim: int = EMBEDDING_DIM, dropout: float = 0.0):
+    def __init__(self, embedding_dim: int = EMBEDDING_DIM, dropout: float = 0.0, template: str = "dlib150"):
         super().__init__()
         if embedding_dim != EMBEDDING_DIM:
             raise ValueError(f"dlib_resnet embeds to {EMBEDDING_DIM} dimensions, not {embedding_dim}")
         if dropout:
             raise ValueError("dlib_resnet has no dropout layer (train.dropout must be 0)")
+        size = get_template(template).size
         self.config = {"backbone": "dlib_resnet", "embedding_dim": EMBEDDING_DIM, "dropout": 0.0,
-                       "image_size": 112, "input": "RGB, B x 3 x 112 x 112, (x/255 - 0.5)/0.5; "
-                       "resampled to dlib's 150 px chip inside"}
+                       "template": template, "image_size": size,
+                       "input": f"RGB, B x 3 x {size} x {size}, (x/255 - 0.5)/0.5"
+                                + ("" if size == CHIP_SIZE else "; resampled to dlib's 150 px chip inside")}
         self.net = DlibFaceResNet()
 
     def to_chips(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,6 +370,8 @@ class DlibEmbeddingNet(nn.Module):
         return torch.floor((acc + 16384.0) / 32768.0).reshape(x.shape[0], 3, CHIP_SIZE, CHIP_SIZE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == CHIP_SIZE:  # a dlib150 crop is the chip: back to its uint8 values
+            return self.net(torch.round(x.float() * 127.5 + 127.5).to(x.dtype))
         return self.net(self.to_chips(x).to(x.dtype))
 
     def load_dat(self, path: str | Path | None = None) -> "DlibEmbeddingNet":

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.align.geometry import ARCFACE_112, Template
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.image_check import check_image
 from pipeline.ingest import IMAGE_EXTENSIONS, _walk_files
@@ -54,8 +55,8 @@ def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
         return np.asarray(im.convert("RGB")), ""
 
 
-def align_file(path: Path, *, use_cnn: bool = False) -> tuple[np.ndarray | None, str, str]:
-    """(112x112 crop or None, route, reason)."""
+def align_file(path: Path, *, use_cnn: bool = False, template: Template = ARCFACE_112) -> tuple[np.ndarray | None, str, str]:
+    """(crop on ``template`` or None, route, reason)."""
     from pipeline.align.detection import align_standalone
 
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -63,7 +64,7 @@ def align_file(path: Path, *, use_cnn: bool = False) -> tuple[np.ndarray | None,
     image, reason = load_rgb(path)
     if image is None:
         return None, "none", reason
-    res = align_standalone(image, use_cnn=use_cnn)
+    res = align_standalone(image, use_cnn=use_cnn, template=template)
     return res.crop, res.route, res.reason
 
 
@@ -75,10 +76,11 @@ def embedder_info(embedder: Embedder, model: str, flip: bool) -> dict:
 
 def embed_paths(root: Path, rel_paths: list[str], *, embedder: Embedder, flip: bool = False,
                 batch_size: int = 64, use_cnn: bool = False) -> pa.Table:
-    """Align and embed the given files (relative to root); one row each, in the given order."""
+    """Align (to the embedder's crop template) and embed the given files (relative to root); one
+    row each, in the given order."""
     rows, crops, crop_rows = [], [], []
     for rel in tqdm(rel_paths, desc="align", unit="img", disable=len(rel_paths) < 2):
-        crop, route, reason = align_file(root / rel, use_cnn=use_cnn)
+        crop, route, reason = align_file(root / rel, use_cnn=use_cnn, template=embedder.template)
         rows.append({"path": rel.replace(os.sep, "/"), "identity": identity_of(rel),
                      "status": "rejected" if crop is None else "embedded", "reason": reason,
                      "route": route, "embedding": None})

@@ -1,4 +1,4 @@
-"""Embedders: aligned 112x112 RGB face crops -> L2-normalised embeddings.
+"""Embedders: aligned RGB face crops (on the embedder's crop template) -> L2-normalised embeddings.
 
 One interface serves the trained model and dlib's pretrained face-recognition ResNet (the reference
 row), so both go through the same evaluation code on the same aligned crops: the only difference
@@ -15,10 +15,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.align.geometry import ARCFACE_112, CHIP_SIZE, Template, get_template
 from pipeline.metrics import l2_normalize
-
-CROP_SIZE = 112
-CHIP_SIZE = 150  # dlib's face chip
 
 
 class Embedder(ABC):
@@ -26,18 +24,20 @@ class Embedder(ABC):
 
     name: str = "embedder"
     dim: int = 0
+    template: Template = ARCFACE_112  # the crop layout it takes (standalone alignment aligns to it)
 
     @abstractmethod
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        """B x 112 x 112 x 3 uint8 RGB -> B x D float32 (any scale)."""
+        """B x S x S x 3 uint8 RGB -> B x D float32 (any scale)."""
 
     def embed(self, crops: np.ndarray, *, flip: bool = False, batch_size: int = 128,
               progress: str | None = None) -> np.ndarray:
-        """B x 112 x 112 x 3 uint8 RGB crops -> B x D float32 unit vectors (``progress``: bar title)."""
+        """B x S x S x 3 uint8 RGB crops -> B x D float32 unit vectors (``progress``: bar title)."""
         crops = np.asarray(crops)
-        if crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3) or crops.dtype != np.uint8:
-            raise ValueError(f"{self.name}: expected N x {CROP_SIZE} x {CROP_SIZE} x 3 uint8 RGB crops, "
-                             f"got {crops.shape} {crops.dtype}")
+        s = self.template.size
+        if crops.ndim != 4 or crops.shape[1:] != (s, s, 3) or crops.dtype != np.uint8:
+            raise ValueError(f"{self.name}: expected N x {s} x {s} x 3 uint8 RGB crops ({self.template.name} "
+                             f"template), got {crops.shape} {crops.dtype}")
         out = np.empty((len(crops), self.dim), dtype=np.float32)
         for i in tqdm(range(0, len(crops), batch_size), desc=f"{self.name} {progress}", unit="batch",
                       disable=progress is None):
@@ -51,12 +51,13 @@ class Embedder(ABC):
         return out
 
     def describe(self) -> dict:
-        return {"name": self.name, "dim": self.dim}
+        return {"name": self.name, "dim": self.dim, "template": self.template.name}
 
 
 class TorchEmbedder(Embedder):
-    """A torch embedding network (pipeline.models' interface: B x 3 x 112 x 112 in [-1, 1]),
-    batched on ``device``: the trained model (``model_path``) or a given ``net``."""
+    """A torch embedding network (pipeline.models' interface: B x 3 x S x S in [-1, 1]), batched
+    on ``device``: the trained model (``model_path``) or a given ``net``; the crop template is the
+    network's (``config["template"]``)."""
 
     def __init__(self, model_path: str | Path | None = None, device: str = "cpu", net=None,
                  name: str = "model"):
@@ -70,8 +71,10 @@ class TorchEmbedder(Embedder):
         self.model = (load_embedding_model(model_path, device=self.device) if net is None
                       else net.to(self.device).eval())
         self.name = name
+        self.template = get_template(self.model.config.get("template", ARCFACE_112.name))
+        s = self.template.size
         with torch.inference_mode():
-            self.dim = int(self.model(torch.zeros(2, 3, CROP_SIZE, CROP_SIZE, device=self.device)).shape[1])
+            self.dim = int(self.model(torch.zeros(2, 3, s, s, device=self.device)).shape[1])
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -81,7 +84,7 @@ class TorchEmbedder(Embedder):
             return self.model(x).float().cpu().numpy()
 
     def describe(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "path": Path(self.path).name if self.path else None}
+        return {**super().describe(), "path": Path(self.path).name if self.path else None}
 
 
 def _dlib_resnet_path(model_path: str | Path | None) -> Path:
@@ -99,23 +102,21 @@ def _dlib_resnet_path(model_path: str | Path | None) -> Path:
 class DlibEmbedder(TorchEmbedder):
     """dlib's ResNet (99.38% on LFW with its own alignment) through its PyTorch port
     (:mod:`pipeline.dlib_resnet`, the same numbers as dlib, batched, on a GPU when present), fed
-    our aligned crops resampled to its 150 px chip layout. It never saw masks: it shows where a
-    strong mask-unaware model stands, and it is where fine-tuning starts (``pretrained: dlib``).
-
-    Our 112 crop covers slightly less chin than dlib's chip; the missing bottom rows (~8 px of 150)
-    are filled by edge replication.
+    our aligned crops: ``dlib150`` crops are its own chip; ``arcface112`` crops are resampled to
+    it (they cover slightly less chin: the missing bottom rows, ~8 px of 150, are filled by edge
+    replication). It never saw masks: it shows where a strong mask-unaware model stands, and it
+    is where fine-tuning starts (``pretrained: dlib``).
     """
 
-    def __init__(self, model_path: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, model_path: str | Path | None = None, device: str = "cpu", template: str = "dlib150"):
         from pipeline.dlib_resnet import DlibEmbeddingNet
 
         path = _dlib_resnet_path(model_path)  # the shipped copy (None) is also checked by hash
-        super().__init__(device=device, net=DlibEmbeddingNet().load_dat(model_path), name="dlib")
+        super().__init__(device=device, net=DlibEmbeddingNet(template=template).load_dat(model_path), name="dlib")
         self.path = str(path)
 
     def describe(self) -> dict:
-        return {**super().describe(), "runtime": "torch port",
-                "input": "our aligned 112 crop resampled to dlib's 150 px chip"}
+        return {**super().describe(), "runtime": "torch port"}
 
 
 _DLIB_LOCK = threading.Lock()
@@ -138,14 +139,17 @@ class DlibLibraryEmbedder(Embedder):
     name = "dlib_library"
     dim = 128
 
-    def __init__(self, model_path: str | Path | None = None):
+    def __init__(self, model_path: str | Path | None = None, template: str = "dlib150"):
         from pipeline.dlib_resnet import crop_to_chip_matrix
 
         self.path = _dlib_resnet_path(model_path)
         self.net = _dlib_net(self.path)
+        self.template = get_template(template)
         self.matrix = crop_to_chip_matrix()
 
     def to_chip(self, crop: np.ndarray) -> np.ndarray:
+        if crop.shape[0] == CHIP_SIZE:
+            return crop
         return cv2.warpAffine(crop, self.matrix, (CHIP_SIZE, CHIP_SIZE), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
 
@@ -154,13 +158,14 @@ class DlibLibraryEmbedder(Embedder):
         return np.array(self.net.compute_face_descriptor(chips), dtype=np.float32)
 
     def describe(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "path": self.path.name, "runtime": "dlib"}
+        return {**super().describe(), "path": self.path.name, "runtime": "dlib"}
 
 
-def make_embedder(spec: str, device: str = "cpu") -> Embedder:
-    """``"dlib"`` for the reference network, else the path of a trained model checkpoint."""
+def make_embedder(spec: str, device: str = "cpu", template: str = "dlib150") -> Embedder:
+    """``"dlib"`` for the reference network (on crops of ``template``), else the path of a trained
+    model checkpoint (its template is its own)."""
     if spec == "dlib":
-        return DlibEmbedder(device=device)
+        return DlibEmbedder(device=device, template=template)
     if not Path(spec).is_file():
         raise FileNotFoundError(f"model not found: {spec} (train it with `dvc repro train`, or pass "
                                 f"--model dlib for the pretrained reference network)")

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
@@ -80,8 +81,8 @@ def read_aligned_chunk(path: str | Path):
         masked.append(decode_rgb(m["masked.jpg"]))
     order = np.argsort(ids, kind="stable")
     return ([ids[i] for i in order], [idents[i] for i in order],
-            np.stack([raw[i] for i in order]) if ids else np.zeros((0, 112, 112, 3), np.uint8),
-            np.stack([masked[i] for i in order]) if ids else np.zeros((0, 112, 112, 3), np.uint8))
+            np.stack([raw[i] for i in order]) if ids else np.zeros((0, 0, 0, 3), np.uint8),
+            np.stack([masked[i] for i in order]) if ids else np.zeros((0, 0, 0, 3), np.uint8))
 
 
 def _embed_chunk(path, *, embedder: Embedder, flip: bool, batch_size: int):
@@ -113,13 +114,24 @@ def read_eval_identities(aligned_dir: str | Path, all_lfw: bool = False) -> set[
             for _, m in read_chunk(c)}
 
 
+def aligned_template(aligned_dir: str | Path) -> str:
+    """The crop template of an align stage output (its summary.json; older outputs: ArcFace 112)."""
+    summary = Path(aligned_dir) / "summary.json"
+    return json.loads(summary.read_text()).get("template", LEGACY_TEMPLATE) if summary.is_file() else LEGACY_TEMPLATE
+
+
 def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bool, batch_size: int,
                   device: str = "cpu", all_lfw: bool = False) -> EmbeddedSet:
     """Embed raw and masked crops of every evaluated aligned image (:func:`evaluated_splits`), in
-    batches on ``device`` (torch uses every core by itself)."""
+    batches on ``device`` (torch uses every core by itself). ``"dlib"`` runs on the crops' template;
+    a trained model must have been trained on it."""
     chunks = aligned_eval_chunks(aligned_dir, all_lfw)
+    template = aligned_template(aligned_dir)
     if isinstance(embedder, str):
-        embedder = make_embedder(embedder, device=device)
+        embedder = make_embedder(embedder, device=device, template=template)
+    if embedder.template.name != template:
+        raise EvaluationError(f"{embedder.name} takes {embedder.template.name} crops but {aligned_dir} holds "
+                              f"{template} crops (align.template): rerun align, pack and train on one template")
     parts = [_embed_chunk(c, embedder=embedder, flip=flip, batch_size=batch_size) for c in chunks]
     info = embedder.describe()
     ids = [i for p in parts for i in p[0]]

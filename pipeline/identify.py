@@ -53,7 +53,7 @@ def identify(probes: list[str], *, gallery: str, model: str, top_k: int = 5, fli
     embedder = make_embedder(model, device=device)
     info = embedder_info(embedder, model, flip)
     names, gal, gal_info = load_gallery(gallery, model=model, flip=flip, device=device, use_cnn=use_cnn)
-    for key in ("model_sha256", "flip"):
+    for key in ("model_sha256", "flip", "template"):
         if gal_info.get(key) != info.get(key):
             raise GalleryError(f"{gallery} was embedded with {key}={gal_info.get(key)!r}, the probe "
                                f"with {info.get(key)!r}: re-embed the gallery with the same model")

@@ -9,10 +9,11 @@ pool (7 x 7 map, 4x the compute: for GPUs). The ArcFace head lives in pipeline/l
 part of the saved embedding model.
 
 ``dlib_resnet`` is dlib's 128-D network with its weights read from the .dat file
-(``pretrained: dlib``); it resamples the 112 crop to its own 150 px chip inside its forward.
+(``pretrained: dlib``); it takes ``dlib150`` crops (its own chip) as they are and resamples
+``arcface112`` crops to that chip inside its forward.
 
-Input everywhere: B x 3 x 112 x 112 RGB scaled to [-1, 1]; output: B x D embeddings (not
-normalised; compare them by cosine).
+Input everywhere: B x 3 x S x S RGB scaled to [-1, 1], S the crop template's size (112 or 150,
+``config["template"]``); output: B x D embeddings (not normalised; compare them by cosine).
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from pipeline.align.geometry import LEGACY_TEMPLATE, get_template
 from pipeline.config import BACKBONE_NAMES, DLIB_BACKBONE, PRETRAINED_FOR_BACKBONE
 from pipeline.dlib_resnet import DlibEmbeddingNet
 
-IMAGE_SIZE = 112
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -61,15 +62,17 @@ def default_embedding_dim(backbone: str) -> int:
     return 128 if backbone == DLIB_BACKBONE else 512
 
 
-def make_net(backbone: str, embedding_dim: int | None = None, dropout: float = 0.0) -> nn.Module:
-    """The untrained network called ``backbone`` (random weights); ``.config`` rebuilds it."""
+def make_net(backbone: str, embedding_dim: int | None = None, dropout: float = 0.0,
+             template: str = LEGACY_TEMPLATE) -> nn.Module:
+    """The untrained network called ``backbone`` (random weights) for crops on ``template``;
+    ``.config`` rebuilds it."""
     dim = default_embedding_dim(backbone) if embedding_dim is None else int(embedding_dim)
     if backbone == DLIB_BACKBONE:
-        return DlibEmbeddingNet(dim, dropout)
-    return EmbeddingNet(backbone, dim, dropout)
+        return DlibEmbeddingNet(dim, dropout, template)
+    return EmbeddingNet(backbone, dim, dropout, template)
 
 
-def feature_map_size(name: str, image_size: int = IMAGE_SIZE) -> int:
+def feature_map_size(name: str, image_size: int) -> int:
     """Side of the last feature map (conv stride 2 and max pool round up)."""
     side = -(-image_size // 2)  # conv1
     if not _spec(name).drop_maxpool:
@@ -111,14 +114,16 @@ class EmbeddingHead(nn.Module):
 class EmbeddingNet(nn.Module):
     """Backbone + embedding head; ``config`` is everything needed to rebuild it."""
 
-    def __init__(self, backbone: str = "resnet18", embedding_dim: int = 512, dropout: float = 0.0):
+    def __init__(self, backbone: str = "resnet18", embedding_dim: int = 512, dropout: float = 0.0,
+                 template: str = LEGACY_TEMPLATE):
         super().__init__()
         spec = _spec(backbone)
+        size = get_template(template).size
         self.config = {"backbone": backbone, "embedding_dim": int(embedding_dim),
-                       "dropout": float(dropout), "image_size": IMAGE_SIZE,
-                       "input": "RGB, B x 3 x 112 x 112, (x/255 - 0.5)/0.5"}
+                       "dropout": float(dropout), "template": template, "image_size": size,
+                       "input": f"RGB, B x 3 x {size} x {size}, (x/255 - 0.5)/0.5"}
         self.trunk = Trunk(spec.build(weights=None), spec.drop_maxpool)
-        self.head = EmbeddingHead(spec.channels, feature_map_size(backbone), embedding_dim, dropout)
+        self.head = EmbeddingHead(spec.channels, feature_map_size(backbone, size), embedding_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
@@ -163,15 +168,17 @@ def load_imagenet_weights(net: EmbeddingNet, path: str | Path | None = None) -> 
 
 
 def build_embedding_net(backbone: str, embedding_dim: int | None = None, dropout: float = 0.0,
-                        pretrained: str = "none", pretrained_path: str | None = None) -> nn.Module:
-    """The network, with ImageNet weights in a torchvision trunk or dlib's weights in dlib_resnet."""
+                        pretrained: str = "none", pretrained_path: str | None = None,
+                        template: str = LEGACY_TEMPLATE) -> nn.Module:
+    """The network for crops on ``template``, with ImageNet weights in a torchvision trunk or
+    dlib's weights in dlib_resnet."""
     allowed = PRETRAINED_FOR_BACKBONE.get(backbone)
     if allowed is None:
         raise ValueError(f"unknown backbone {backbone!r}; known: {list(BACKBONE_NAMES)}")
     if pretrained not in allowed:
         raise ValueError(f"train.pretrained={pretrained!r} does not fit train.backbone={backbone!r}; "
                          f"allowed: {list(allowed)}")
-    net = make_net(backbone, embedding_dim, dropout)
+    net = make_net(backbone, embedding_dim, dropout, template)
     if pretrained == "imagenet":
         load_imagenet_weights(net, pretrained_path)
     elif pretrained == "dlib":
@@ -182,12 +189,14 @@ def build_embedding_net(backbone: str, embedding_dim: int | None = None, dropout
 def load_embedding_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the embedding network from a models/model.pt checkpoint, in eval mode.
 
-    Input B x 3 x 112 x 112 RGB in [-1, 1]; output B x D embeddings (compare by cosine).
+    Input B x 3 x S x S RGB in [-1, 1], crops on ``config["template"]``; output B x D embeddings
+    (compare by cosine).
     """
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: not a model checkpoint (expected keys 'model' and 'config')")
     cfg = ckpt["config"]
-    net = make_net(cfg["backbone"], cfg["embedding_dim"], cfg.get("dropout", 0.0))
+    net = make_net(cfg["backbone"], cfg["embedding_dim"], cfg.get("dropout", 0.0),
+                   cfg.get("template", LEGACY_TEMPLATE))
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval()

@@ -12,7 +12,7 @@ seed could not scale past LFW because of that I/O; DVC also slows to hours past 
 - ``val-NNNNNN.tar``: the held-out identities' pairs (the first ``val_images_per_identity`` of each
   in key order), by identity then key; their label is the identity's index in ``index.json``'s
   ``val.identities``.
-- ``index.json``: counts, the val identities, the number of shuffle buckets, sha256 per shard.
+- ``index.json``: counts, the crop template, the val identities, the number of shuffle buckets, sha256 per shard.
 The test split is not packed: evaluation reads the aligned test chunks with their protocol.
 
 How, in bounded memory and linear time (every pass runs chunk-parallel through
@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import ComputeParams, PackParams
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, seed_for
@@ -125,10 +126,11 @@ def bucket_order(seed: int, bucket: int, keys: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------ pass 1: scan (json members)
 
-def scan_chunk(chunk: str) -> dict[str, list[int]]:
-    """identity -> [aligned pairs, image bytes] of one aligned train chunk (checked: every sample
-    has both twins and a json saying split train)."""
+def scan_chunk(chunk: str) -> tuple[dict[str, list[int]], list[str]]:
+    """(identity -> [aligned pairs, image bytes], crop templates found) of one aligned train chunk
+    (checked: every sample has both twins and a json saying split train)."""
     out: dict[str, list[int]] = {}
+    templates: set[str] = set()
     for key, members in read_chunk(chunk):
         missing = {*IMAGE_MEMBERS, "json"} - set(members)
         if missing:
@@ -139,7 +141,8 @@ def scan_chunk(chunk: str) -> dict[str, list[int]]:
         entry = out.setdefault(info["identity"], [0, 0])
         entry[0] += 1
         entry[1] += sum(len(members[e]) for e in IMAGE_MEMBERS)
-    return out
+        templates.add(info.get("template", LEGACY_TEMPLATE))
+    return out, sorted(templates)
 
 
 # ---------------------------------------------------------------- pass 2: scatter into buckets
@@ -287,12 +290,17 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     image_bytes: Counter = Counter()
     chunk_ids: list[list[str]] = []
     names: dict[str, str] = {}  # one string per identity, shared by every chunk's list
+    templates: set[str] = set()
     with closing(iter_chunks(scan_chunk, [str(c) for c in chunks], compute, desc="pack scan")) as scans:
-        for found in scans:
+        for found, chunk_templates in scans:
+            templates.update(chunk_templates)
             chunk_ids.append([names.setdefault(i, i) for i in sorted(found)])
             for identity, (n, size) in found.items():
                 counts[identity] += n
                 image_bytes[identity] += size
+    if len(templates) != 1:
+        raise PackError(f"{aligned_dir}: crops on {len(templates)} templates {sorted(templates)}; one model "
+                        f"trains on one crop layout: rerun the align stage")
     n_aligned = sum(counts.values())
     kept_ids = sorted(i for i, c in counts.items() if c >= params.min_images_per_identity)
     if not kept_ids:
@@ -351,6 +359,7 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     write_json(out_dir / "classes.json", classes)
     index = {
         "params": params.model_dump(),
+        "template": templates.pop(),
         "classes": len(classes),
         "aligned": n_aligned,
         "filtered": {"images": filtered, "identities": len(counts) - len(kept_ids),

@@ -42,8 +42,6 @@ from pipeline.images import decode_rgb
 from pipeline.seeding import seed_for
 from pipeline.tar_chunks import read_chunk
 
-SIZE = 112
-
 # One sample: (key, raw JPEG bytes, masked JPEG bytes, label).
 Sample = tuple[str, bytes, bytes, int]
 # Where a worker's samples come from: its shard list -> samples in shard order. The default reads
@@ -53,10 +51,10 @@ SampleSource = Callable[[list[str]], Iterable[Sample]]
 
 @dataclass(frozen=True)
 class PairAugment:
-    """One draw for a pair: flip, shift (pixels), scale and colour factors."""
+    """One draw for a pair: flip, shift, scale and colour factors."""
 
     flip: bool
-    dx: float
+    dx: float  # shift, in crop sides (the same draw on a 112 or a 150 crop)
     dy: float
     scale: float
     brightness: float
@@ -68,8 +66,8 @@ class PairAugment:
         j = params.color_jitter
         return PairAugment(
             flip=bool(params.flip and rng.random() < 0.5),
-            dx=float(rng.uniform(-1, 1) * params.crop_jitter * SIZE),
-            dy=float(rng.uniform(-1, 1) * params.crop_jitter * SIZE),
+            dx=float(rng.uniform(-1, 1) * params.crop_jitter),
+            dy=float(rng.uniform(-1, 1) * params.crop_jitter),
             scale=float(1.0 + rng.uniform(-1, 1) * params.scale_jitter),
             brightness=float(1.0 + rng.uniform(-j, j)),
             contrast=float(1.0 + rng.uniform(-j, j)),
@@ -79,8 +77,8 @@ class PairAugment:
     def matrix(self, size: int) -> np.ndarray:
         """Scale about the centre, then shift; a flip mirrors the result."""
         c = (size - 1) / 2.0
-        m = np.array([[self.scale, 0.0, c - self.scale * c + self.dx],
-                      [0.0, self.scale, c - self.scale * c + self.dy]])
+        m = np.array([[self.scale, 0.0, c - self.scale * c + self.dx * size],
+                      [0.0, self.scale, c - self.scale * c + self.dy * size]])
         if self.flip:
             m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
         return m
@@ -368,8 +366,8 @@ def make_pair_loader(shards: list[str | Path], *, batch_size: int, augment: Augm
                      drop_last: bool = True, rank: int | None = None, world: int | None = None,
                      return_keys: bool = False, multiprocessing_context: str | None = None,
                      pin_memory: bool = False, source: SampleSource | None = None) -> PairLoader:
-    """Batches (raw, masked, label[, keys]): float32 B x 3 x 112 x 112 RGB in [-1, 1] (channels_last
-    memory), int64 B, and with ``return_keys`` the list of sample keys.
+    """Batches (raw, masked, label[, keys]): float32 B x 3 x S x S RGB in [-1, 1] (S: the crops'
+    side; channels_last memory), int64 B, and with ``return_keys`` the list of sample keys.
 
     ``augment`` None = evaluation: no augmentation, no shuffling, shards in the given order.
     Shards are split across DDP ranks (``rank``/``world``; default: the process group at build

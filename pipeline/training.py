@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import TrainParams
 from pipeline.devices import select_device
 from pipeline.dlib_resnet import Affine
@@ -100,6 +101,7 @@ class ShardSet:
     train_samples: int
     val_identities: list[str]
     fingerprint: str
+    template: str  # the crop layout the pairs were aligned to (align.template)
 
 
 def read_shard_set(shards_dir: Path) -> ShardSet:
@@ -110,7 +112,8 @@ def read_shard_set(shards_dir: Path) -> ShardSet:
                                 f"(run the pack stage)")
     index = json.loads(index_file.read_text())
     return ShardSet(train, val, json.loads(classes_file.read_text()), int(index["train"]["samples"]),
-                    list(index.get("val", {}).get("identities", [])), file_sha256(index_file))
+                    list(index.get("val", {}).get("identities", [])), file_sha256(index_file),
+                    index.get("template", LEGACY_TEMPLATE))
 
 
 def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
@@ -226,20 +229,20 @@ class PairModel(nn.Module):
                              ce_weight=self.ce_weight, teacher=teacher, raw_weight=self.p.raw_weight)
 
 
-def build_pair_model(params: TrainParams, num_classes: int,
-                     device: torch.device) -> tuple[PairModel, torch.optim.Optimizer]:
+def build_pair_model(params: TrainParams, num_classes: int, device: torch.device,
+                     template: str = LEGACY_TEMPLATE) -> tuple[PairModel, torch.optim.Optimizer]:
     """Seeded embedding net + ArcFace head (+ the frozen teacher: a copy of the starting net) on
     ``device`` (channels_last where it helps) and its Adam: the pretrained network's parameters at
     ``lr * backbone_lr_ratio``, the new ones (ArcFace centres; a torchvision net's new head) at
     ``lr``; dlib_resnet's folded BatchNorm (affine) layers frozen with ``freeze_affine``."""
     torch.manual_seed(params.seed)
     net = build_embedding_net(params.backbone, params.embedding_dim, params.dropout,
-                              params.pretrained, params.pretrained_path)
+                              params.pretrained, params.pretrained_path, template)
     dim = net.config["embedding_dim"]
     head = ArcFace(dim, num_classes, params.arcface.s, params.arcface.m)
     teacher = None
     if params.distill.teacher == "frozen":  # a second copy of the starting weights
-        teacher = make_net(net.config["backbone"], net.config["embedding_dim"], net.config["dropout"])
+        teacher = make_net(net.config["backbone"], net.config["embedding_dim"], net.config["dropout"], template)
         teacher.load_state_dict(net.state_dict())
     model = PairModel(net, head, params, teacher).to(device)
     if channels_last(device):
@@ -527,7 +530,7 @@ def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
     if device.type == "cpu" and world_env > 1:  # one process per core share, not all on every core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_env))
     rank = init_distributed(device)
-    model, optimizer = build_pair_model(params, len(shards.classes), device)
+    model, optimizer = build_pair_model(params, len(shards.classes), device, shards.template)
     fp = fingerprint(params, shards.fingerprint, rank.world, code_fingerprint())
     state = load_resume(resume_dir, fp, model, optimizer)
     ddp: nn.Module = model

@@ -2,7 +2,8 @@
 
 Why: to prove the pipeline (ingest of a .rec or an ImageFolder, pack, the loaders, training
 throughput, memory, DVC file counts) at 10k-160k images without WebFace, which we may not ship. The
-crops come from an align-stage output, TRAIN split only (never the LFW test people evaluation uses);
+crops come from an align-stage output, TRAIN split only (never the LFW test people evaluation uses;
+crops on dlib's 150 chip are mapped onto the ArcFace template first, as insightface's sets are);
 each source identity is reused for several pseudo-identities, each with its own seeded look (colour
 cast) and per-image jitter (rotation <= 8 deg, shift <= 4 px, scale 0.95-1.05, brightness /
 contrast / colour, horizontal flip). It proves scale, not accuracy: pseudo-identities of one person
@@ -28,11 +29,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import recordio  # noqa: E402
+from pipeline.align import geometry as geo  # noqa: E402
 from pipeline.images import decode_rgb, encode_jpeg  # noqa: E402
 from pipeline.seeding import item_rng, rank_key  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
-SIZE = 112
+SIZE = geo.ARCFACE_112.size  # insightface's sets: ArcFace 112 crops
 JPEG_QUALITY = 95
 SPLIT = "train"  # the only split used: the test people are the evaluation's
 
@@ -45,8 +47,8 @@ def identity_name(label: int) -> str:
     return f"sim_{label:07d}"
 
 
-def _train_samples(aligned_dir: Path) -> Iterator[tuple[str, str, bytes]]:
-    """(key, identity, raw.jpg) of every aligned train sample, in chunk order."""
+def _train_samples(aligned_dir: Path) -> Iterator[tuple[str, str, bytes, str]]:
+    """(key, identity, raw.jpg, crop template) of every aligned train sample, in chunk order."""
     for chunk in list_chunks(aligned_dir / "chunks", prefix=f"{SPLIT}-"):
         for key, members in read_chunk(chunk):
             meta = json.loads(members.get("json", b"{}"))
@@ -54,7 +56,7 @@ def _train_samples(aligned_dir: Path) -> Iterator[tuple[str, str, bytes]]:
                 raise SimulateError(f"{chunk}: sample {key!r} has split {meta.get('split')!r}, not {SPLIT!r}")
             if not meta.get("identity") or "raw.jpg" not in members:
                 raise SimulateError(f"{chunk}: sample {key!r} lacks an identity or raw.jpg")
-            yield key, meta["identity"], members["raw.jpg"]
+            yield key, meta["identity"], members["raw.jpg"], meta.get("template", geo.LEGACY_TEMPLATE)
 
 
 def _jitter(crop: np.ndarray, look: dict, rng: np.random.Generator) -> np.ndarray:
@@ -96,7 +98,7 @@ def simulate(aligned_dir: str | Path, n: int, images_per_identity: int = 20,
                             f"used): run the align stage on a training set first")
     counts: dict[str, int] = {}
     last: dict[str, int] = {}  # identity -> position of its last crop
-    for pos, (_, identity, _) in enumerate(_train_samples(aligned_dir)):
+    for pos, (_, identity, _, _) in enumerate(_train_samples(aligned_dir)):
         counts[identity] = counts.get(identity, 0) + 1
         last[identity] = pos
     if not counts:
@@ -110,19 +112,22 @@ def simulate(aligned_dir: str | Path, n: int, images_per_identity: int = 20,
 
 def _generate(aligned_dir: Path, n: int, per_id: int, seed: int, reps: dict[str, int],
               last: dict[str, int]) -> Iterator[tuple[str, int, bytes]]:
-    held: dict[str, list[tuple[str, bytes]]] = {}
+    held: dict[str, list[tuple[str, bytes, str]]] = {}
     label = made = 0
-    for pos, (key, identity, jpg) in enumerate(_train_samples(aligned_dir)):
+    for pos, (key, identity, jpg, template) in enumerate(_train_samples(aligned_dir)):
         if not reps[identity]:
             continue
-        held.setdefault(identity, []).append((key, jpg))
+        held.setdefault(identity, []).append((key, jpg, template))
         if pos != last[identity]:
             continue
         crops = []
-        for k, data in sorted(held.pop(identity)):  # by key: independent of chunking
+        for k, data, name in sorted(held.pop(identity)):  # by key: independent of chunking
+            t = geo.get_template(name)
             rgb = decode_rgb(data)
-            if rgb is None or rgb.shape[:2] != (SIZE, SIZE):
-                raise SimulateError(f"{aligned_dir}: {k!r} is not a decodable {SIZE}x{SIZE} crop")
+            if rgb is None or rgb.shape[:2] != (t.size, t.size):
+                raise SimulateError(f"{aligned_dir}: {k!r} is not a decodable {t.size}x{t.size} crop")
+            if t is not geo.ARCFACE_112:  # our crops on dlib's chip: onto ArcFace's template
+                rgb = geo.warp(rgb, geo.crop_to_crop_matrix(t, geo.ARCFACE_112), SIZE)
             crops.append(rgb)
         for _ in range(reps[identity]):
             name = identity_name(label)

@@ -1,4 +1,4 @@
-"""DVC stage `align@<data set>`: data/<name>/ingest + masked -> data/<name>/aligned/ (112x112 twins)."""
+"""DVC stage `align@<data set>`: data/<name>/ingest + masked -> data/<name>/aligned/ (twin crops on align.template)."""
 from __future__ import annotations
 
 import argparse

@@ -45,24 +45,31 @@ def test_every_image_accounted_and_pairs_aligned(tiny):
                                                            if r["status"] == "accepted")
     summary = json.loads((tiny / "aligned" / "summary.json").read_text())
     assert summary["aligned"] + summary["rejected"] == summary["inputs"] == len(status)
-    assert summary["cascade_share"] >= 0.9
+    # the defaults: the mask stage's landmarks, dlib's chip
+    assert summary["routes"].get("landmarks5", 0) >= 0.9 * summary["inputs"]
+    t = geo.get_template(summary["template"])
+    assert (summary["template"], summary["crop_size"]) == ("dlib150", 150)
     twins = {k: m for c in list_chunks(tiny / "masked" / "chunks") for k, m in read_chunk(c)}
     n = 0
     for chunk in list_chunks(tiny / "aligned" / "chunks"):
         for key, m in read_chunk(chunk):
             assert set(m) == {"raw.jpg", "masked.jpg", "json"}
             info = json.loads(m["json"])
-            assert set(info) == {"image_id", "identity", "split", "route", "eyes", "matrix"}
+            assert set(info) == {"image_id", "identity", "split", "route", "eyes", "matrix", "template"}
             raw, masked = _decode(m["raw.jpg"]), _decode(m["masked.jpg"])
-            assert raw.shape == masked.shape == (112, 112, 3)
+            assert raw.shape == masked.shape == (t.size, t.size, 3)
             # pixel-aligned twins: the mask stage's mask, warped with the recorded matrix, covers
             # exactly where the two crops differ, and it lies in the lower half of the crop
             mask = geo.warp(_decode(twins[key]["mask.png"], cv2.IMREAD_GRAYSCALE), np.array(info["matrix"]),
-                           interpolation=cv2.INTER_NEAREST) > 127
+                           t.size, interpolation=cv2.INTER_NEAREST) > 127
             diff = np.abs(raw.astype(int) - masked.astype(int)).max(axis=2)
             outside = ~cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             assert np.median(diff[outside]) <= 3 and np.median(diff[mask]) > 10
-            assert mask[56:].sum() >= 0.9 * mask.sum()
+            # ... in the lower half of the face (the ArcFace crop's lower half: dlib's chip shows
+            # more chin, its middle row is above the nose tip)
+            lower = geo.warp(_decode(twins[key]["mask.png"], cv2.IMREAD_GRAYSCALE),
+                             geo.retarget(np.array(info["matrix"]), t, geo.ARCFACE_112), interpolation=cv2.INTER_NEAREST) > 127
+            assert lower[56:].sum() >= 0.9 * lower.sum()
             n += 1
     assert n == summary["aligned"]
     assert (tiny / "aligned" / "contact_sheet.png").stat().st_size > 10_000
@@ -83,11 +90,13 @@ def test_twins_are_encoded_once_and_identical_outside_the_mask(tiny):
             shape = _decode(twins[key]["mask.png"], cv2.IMREAD_GRAYSCALE).shape
             changed = np.zeros(shape, np.uint8)
             changed[y0:y1, x0:x1] = 255
-            changed = geo.warp(changed, np.array(info["matrix"]), interpolation=cv2.INTER_LINEAR) > 0
+            size = raw.shape[0]
+            changed = geo.warp(changed, np.array(info["matrix"]), size, interpolation=cv2.INTER_LINEAR) > 0
             # JPEG blocks (16 px MCUs) the overlay touches differ; the decoder's chroma upsampling
-            # reaches 2 px into their neighbours; every other block must be identical
+            # reaches 2 px into their neighbours; every other whole block must be identical
             changed = cv2.dilate(changed.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-            touched = changed.reshape(7, 16, 7, 16).any(axis=(1, 3))
+            b = size // 16
+            touched = changed[:16 * b, :16 * b].reshape(b, 16, b, 16).any(axis=(1, 3))
             near = cv2.dilate(touched.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
             for by, bx in zip(*np.nonzero(~near)):
                 ys, xs = slice(16 * by, 16 * by + 16), slice(16 * bx, 16 * bx + 16)
@@ -155,10 +164,12 @@ def test_status_is_written_and_checked_chunk_by_chunk(tiny, tmp_path, monkeypatc
     assert calls == [chunks[0].name] and not (tmp_path / "a" / "status.parquet").exists()
 
 
-def test_landmarks_method_and_missing_inputs(tiny, tmp_path):
-    summary = run_align(params=AlignParams(method="landmarks"), compute=ComputeParams(n_jobs=1),
-                        ingest_dir=tiny / "ingest", masked_dir=tiny / "masked", out_dir=tmp_path / "lm")
-    assert summary["routes"] == {"landmarks5": summary["aligned"]} and summary["aligned"] > 0
+def test_cascade_method_arcface_template_and_missing_inputs(tiny, tmp_path):
+    summary = run_align(params=AlignParams(method="cascade", template="arcface112"), compute=ComputeParams(n_jobs=1),
+                        ingest_dir=tiny / "ingest", masked_dir=tiny / "masked", out_dir=tmp_path / "hc")
+    assert summary["cascade_share"] >= 0.9 and summary["aligned"] > 0 and summary["crop_size"] == 112
+    crops = [_decode(m["raw.jpg"]) for c in list_chunks(tmp_path / "hc" / "chunks") for _, m in read_chunk(c)]
+    assert len(crops) == summary["aligned"] and all(c.shape == (112, 112, 3) for c in crops)
     with pytest.raises(AlignStageError, match="run the mask stage"):
         run_align(params=AlignParams(), compute=ComputeParams(n_jobs=1), ingest_dir=tiny / "ingest",
                   masked_dir=tmp_path / "nothing", out_dir=tmp_path / "x")
@@ -174,8 +185,8 @@ def test_alignment_quality_on_300_real_lfw_images(tmp_path):
     compute = ComputeParams(n_jobs=2)
     run_ingest(params=IngestParams(), dataset=DatasetParams(path=str(lfw)), compute=compute, out_dir=tmp_path / "ingest")
     run_mask(params=MaskParams(), compute=compute, in_dir=tmp_path / "ingest", out_dir=tmp_path / "masked")
-    s = run_align(params=AlignParams(), compute=compute, ingest_dir=tmp_path / "ingest",
-                  masked_dir=tmp_path / "masked", out_dir=tmp_path / "aligned")
+    s = run_align(params=AlignParams(method="cascade", template="arcface112"), compute=compute,
+                  ingest_dir=tmp_path / "ingest", masked_dir=tmp_path / "masked", out_dir=tmp_path / "aligned")
     assert s["inputs"] >= 300
     assert s["cascade_share"] >= 0.99
     assert s["eye_error_px"]["images"] >= 300

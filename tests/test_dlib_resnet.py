@@ -128,12 +128,20 @@ def test_reference_through_the_port_gives_dlibs_numbers_on_our_crops(face_chips)
     """Our 112 crops -> chips in-network (torch) vs cv2.warpAffine + dlib itself: the same chips bit
     for bit, the same embeddings to float rounding."""
     crops = np.stack([np.ascontiguousarray(c[19:131, 19:131]) for c in face_chips[:8]])  # any 112 images
-    library = DlibLibraryEmbedder()
+    library = DlibLibraryEmbedder(template="arcface112")
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
     chips = DlibEmbeddingNet().to_chips(x).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(chips, np.stack([library.to_chip(c) for c in crops]).astype(np.float32))
-    port = DlibEmbedder().embed(crops)
+    port = DlibEmbedder(template="arcface112").embed(crops)
     assert np.abs(port - library.embed(crops)).max() < 1e-5
+
+
+def test_dlib150_crops_are_the_chip_itself(face_chips):
+    """On ``dlib150`` crops (dlib's own chips here) nothing is resampled: port == dlib."""
+    chips = np.stack(face_chips[:8])
+    port, library = DlibEmbedder(), DlibLibraryEmbedder()
+    assert port.template.size == library.template.size == 150
+    assert np.abs(port.embed(chips) - library.embed(chips)).max() < 1e-5
 
 
 def test_embedding_net_interface_and_gradients():

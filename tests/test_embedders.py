@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.align.detection import align_standalone
+from pipeline.align.geometry import DLIB_150
 from pipeline.dlib_models import dlib_models_dir
 from pipeline.embedders import DlibEmbedder, DlibLibraryEmbedder, TorchEmbedder, make_embedder
 from pipeline.models import EmbeddingNet
@@ -39,7 +40,7 @@ def tiny_model(tmp_path_factory):
 
 
 def test_dlib_reference_tells_people_apart(crops):
-    e = DlibEmbedder().embed(crops)
+    e = DlibEmbedder(template="arcface112").embed(crops)
     assert e.shape == (4, 128) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     sim = e @ e.T
     same = min(sim[0, 1], sim[2, 3])
@@ -47,9 +48,14 @@ def test_dlib_reference_tells_people_apart(crops):
     assert same > different + 0.05
 
 
-def test_dlib_on_our_crop_matches_dlib_on_its_own_chip(crops):
-    """Re-sampling our ArcFace crop to dlib's chip layout gives (nearly) dlib's own descriptor."""
-    emb = DlibEmbedder()
+@pytest.mark.parametrize("template", ["arcface112", "dlib150"])
+def test_dlib_on_our_crop_matches_dlib_on_its_own_chip(crops, template):
+    """Our ArcFace crop resampled to dlib's chip layout, or our dlib150 crop (the chip, aligned
+    from the photo), gives (nearly) dlib's own descriptor."""
+    emb = DlibEmbedder(template=template)
+    if template == "dlib150":
+        crops = np.stack([align_standalone(_image(i), template=DLIB_150).crop for i in FACES[:2]])
+        assert crops.shape == (2, 150, 150, 3) and emb.template is DLIB_150
     ours = emb.embed(crops[:2])
     folder = dlib_models_dir()
     det = dlib.get_frontal_face_detector()
@@ -61,7 +67,7 @@ def test_dlib_on_our_crop_matches_dlib_on_its_own_chip(crops):
 
 
 def test_flip_averaging_is_the_normalised_sum(crops):
-    emb = DlibEmbedder()
+    emb = DlibEmbedder(template="arcface112")
     plain, mirrored = emb.embed(crops[:1]), emb.embed(np.ascontiguousarray(crops[:1, :, ::-1]))
     both = emb.embed(crops[:1], flip=True)
     expected = (plain + mirrored) / np.linalg.norm(plain + mirrored)

@@ -34,7 +34,7 @@ def tiny(tmp_path_factory, lfw_small, tiny_shards):
     shutil.copytree(root / "ingest" / "protocol", d / "protocol")
     write_eval_pairs(lfw_small, d / "protocol")
     torch.manual_seed(0)
-    net = EmbeddingNet("resnet18", 32).eval()
+    net = EmbeddingNet("resnet18", 32, template="dlib150").eval()  # the tiny pipeline's crops
     torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, d / "model.pt")
     params = EvaluateParams(device="cpu", batch_size=16)
     run_embed_reference(params=params, aligned_dir=d / "aligned",
@@ -210,6 +210,15 @@ def test_reference_embeddings_must_match_the_settings(tiny, tmp_path):
         run_evaluate(params=EvaluateParams(device="cpu"), aligned_dir=tiny / "aligned",
                      shards_dir=tiny / "shards", protocol_dir=tiny / "protocol",
                      model_path=tiny / "model.pt", out_dir=tmp_path / "e2", reference_path=tmp_path / "no.parquet")
+
+
+def test_a_model_on_another_crop_template_is_refused(tiny, tmp_path):
+    net = EmbeddingNet("resnet18", 8, template="arcface112").eval()
+    torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, tmp_path / "m112.pt")
+    with pytest.raises(EvaluationError, match="takes arcface112 crops but .* holds dlib150 crops"):
+        run_evaluate(params=PARAMS, aligned_dir=tiny / "aligned", shards_dir=tiny / "shards",
+                     protocol_dir=tiny / "protocol", model_path=tmp_path / "m112.pt", out_dir=tmp_path / "e",
+                     reference_path=tiny / "reference" / "dlib.parquet")
 
 
 # ----------------------------------------------------------------------------------------------

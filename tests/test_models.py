@@ -12,10 +12,25 @@ from pipeline.models import (BACKBONES, PretrainedWeightsError, build_embedding_
 
 def test_resnet18_maps_112px_faces_to_embeddings():
     net = build_embedding_net("resnet18", embedding_dim=64).eval()
-    assert feature_map_size("resnet18") == 4 and feature_map_size("resnet18_hr") == 7
+    assert feature_map_size("resnet18", 112) == 4 and feature_map_size("resnet18_hr", 112) == 7
     out = net(torch.rand(3, 3, 112, 112) * 2 - 1)
     assert out.shape == (3, 64) and torch.isfinite(out).all()
     assert net.config["image_size"] == 112 and net.config["backbone"] == "resnet18"
+    assert net.config["template"] == "arcface112"
+
+
+def test_the_crop_template_sets_the_input_size_and_survives_the_checkpoint(tmp_path):
+    net = build_embedding_net("resnet18", embedding_dim=32, template="dlib150").eval()
+    assert net.config["image_size"] == 150 and feature_map_size("resnet18", 150) == 5
+    x = torch.rand(2, 3, 150, 150) * 2 - 1
+    path = tmp_path / "model.pt"
+    torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, path)
+    back = load_embedding_model(path)
+    assert back.config["template"] == "dlib150"
+    with torch.inference_mode():
+        assert torch.equal(back(x), net(x))
+    with pytest.raises(ValueError, match="arcface112"):
+        build_embedding_net("resnet18", embedding_dim=32, template="dlib112")
 
 
 def test_unknown_backbone_names_the_known_ones():

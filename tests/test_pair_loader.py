@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.align.geometry import TEMPLATES
 from pipeline.config import AugmentParams
 from pipeline.pair_loader import PairAugment, make_pair_loader, mean_grey, shard_samples, shuffled, to_batch
 from pipeline.seeding import seed_for
@@ -28,7 +29,8 @@ def test_eval_batches_shapes_range_and_order(tiny_shards):
     masked = torch.cat([b[1] for b in batches])
     labels = torch.cat([b[2] for b in batches])
     index = json.loads((tiny_shards / "index.json").read_text())
-    assert raw.shape == masked.shape == (index["train"]["samples"], 3, 112, 112)
+    side = TEMPLATES[index["template"]].size
+    assert raw.shape == masked.shape == (index["train"]["samples"], 3, side, side)
     assert raw.dtype == masked.dtype == torch.float32 and labels.dtype == torch.int64
     assert all(isinstance(b[0], torch.Tensor) and b[0].is_contiguous(memory_format=torch.channels_last)
                for b in batches)  # NHWC memory: the layout the training step uses, no copy there

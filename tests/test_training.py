@@ -4,7 +4,6 @@ resumes, DDP on 2 CPU processes reads disjoint shards and stops together (end of
 loss), too few shards fail before training."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -25,8 +24,8 @@ from pipeline.config import DistillParams, TrainParams
 from pipeline.models import load_embedding_model
 from pipeline.pair_loader import make_pair_loader
 from pipeline.tar_chunks import list_chunks, read_chunk
-from pipeline.training import (build_pair_model, code_fingerprint, fingerprint, lr_at, train, train_step,
-                               val_pairs)
+from pipeline.training import (build_pair_model, code_fingerprint, fingerprint, lr_at, read_shard_set, train,
+                               train_step, val_pairs)
 
 ROOT = Path(__file__).resolve().parents[1]
 # the from-scratch recipe (ResNet18, ArcFace + the report's twin distillation), at toy size
@@ -85,7 +84,7 @@ def test_fingerprint_covers_params_data_world_and_code_not_workers(tmp_path):
 def test_every_distill_variant_trains_on_real_shards(tiny_shards, kind, dynamic):
     params = TrainParams(**{**TINY, "distill": DistillParams(kind=kind, dynamic=dynamic, beta=1.0, teacher="self")})
     classes = json.loads((tiny_shards / "classes.json").read_text())
-    model, opt = build_pair_model(params, len(classes), torch.device("cpu"))
+    model, opt = build_pair_model(params, len(classes), torch.device("cpu"), read_shard_set(tiny_shards).template)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loader = make_pair_loader(list_chunks(tiny_shards, "train-"), batch_size=4, augment=params.augment,
                               seed=0, shuffle_buffer=8)
@@ -125,11 +124,12 @@ def test_validation_identities_never_train_and_the_model_is_written(tiny_shards,
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]  # nothing else in the output
     assert not (tmp_path / "resume").exists()  # a finished run leaves no resume state
     ckpt = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert set(ckpt) == {"model", "config", "meta"} and ckpt["config"]["image_size"] == 112
+    assert set(ckpt) == {"model", "config", "meta"} and ckpt["config"]["image_size"] == 150
+    assert ckpt["config"]["template"] == index["template"] == "dlib150"
     assert ckpt["meta"]["val_accuracy"] == s["best_val_accuracy"] == max(h["accuracy"] for h in s["history"])
     assert all(v.shape[0] != len(classes) for v in ckpt["model"].values() if v.ndim == 2)  # no ArcFace head
     net = load_embedding_model(tmp_path / "models" / "model.pt")
-    assert net(torch.zeros(2, 3, 112, 112)).shape == (2, 32)
+    assert net(torch.zeros(2, 3, 150, 150)).shape == (2, 32)
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and metrics["best_val_accuracy"] == s["best_val_accuracy"]
     for name in ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked", "lr",
@@ -308,7 +308,7 @@ def test_frozen_teacher_fine_tuning_trains_the_student_only(tiny_shards):
 
     params = TrainParams(**FINE_TUNE)
     classes = json.loads((tiny_shards / "classes.json").read_text())
-    model, opt = build_pair_model(params, len(classes), torch.device("cpu"))
+    model, opt = build_pair_model(params, len(classes), torch.device("cpu"), read_shard_set(tiny_shards).template)
     assert [g["lr_ratio"] for g in opt.param_groups] == [1.0, 0.5]
     assert not any(p.requires_grad for m in model.net.modules() if isinstance(m, Affine) for p in m.parameters())
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,4 +1,5 @@
-"""Face alignment to the ArcFace 112x112 template: Viola-Jones cascades first, dlib as fallback.
+"""Face alignment to a crop template (:mod:`pipeline.align.geometry`: ArcFace 112 or dlib's 150
+chip): Viola-Jones cascades or the mask stage's dlib landmarks, each with the other as fallback.
 
 Why cascades: they are fast, need no model download, and find the eyes, which a face mask leaves
 uncovered. The transform is a similarity (rotation + uniform scale + shift) that puts the two eye
@@ -9,9 +10,11 @@ Routes (each aligned image records one):
 - ``cascade_eyes``  Haar face + a plausible Haar eye pair in the upper face box.
 - ``cascade_box``   Haar face, no plausible eye pair: eyes predicted from the face box.
 - ``landmarks_eyes`` no Haar face: eye centres from dlib's 68 landmarks (mask stage output).
-- ``landmarks5``    ``align.method: landmarks``: least-squares 5-point similarity from the landmarks.
-- ``pre_aligned``   the data set's ``assume_aligned``: a 112x112 crop already on the template
-                    (insightface's sets), passed through unchanged (Haar on it only degrades it).
+- ``landmarks5``    ``align.method: landmarks``: least-squares 5-point similarity from the
+                    landmarks (no landmarks: the cascade routes above).
+- ``pre_aligned``   the data set's ``assume_aligned``: a 112x112 crop already on the ArcFace template
+                    (insightface's sets), passed through unchanged (Haar on it only degrades it), or
+                    mapped onto another template by the template-to-template similarity.
 Standalone mode (:func:`align_standalone`, masked photos without a twin) chains Haar face + eyes ->
 dlib HOG + 68 landmarks -> optionally dlib's CNN detector.
 
@@ -28,7 +31,7 @@ import cv2
 import numpy as np
 
 from pipeline.dlib_models import CNN_DETECTOR, SHAPE_68, dlib_models_dir
-from pipeline.align.geometry import (CROP_SIZE, TEMPLATE_5, TEMPLATE_EYES, AlignmentError,
+from pipeline.align.geometry import (ARCFACE_112, CROP_SIZE, AlignmentError, Template, crop_to_crop_matrix,
                                      eye_centres_from_landmarks, five_points_from_landmarks,
                                      similarity_from_eyes, umeyama_similarity, warp)
 
@@ -277,38 +280,38 @@ class PairAlignment:
     reason: str = ""
 
 
-def pre_aligned(image_rgb: np.ndarray) -> PairAlignment:
-    """An aligned 112x112 crop: the identity transform; any other size is rejected, not resized."""
+def pre_aligned(image_rgb: np.ndarray, template: Template = ARCFACE_112) -> PairAlignment:
+    """An ArcFace-aligned 112x112 crop: the identity transform (or the similarity onto another
+    ``template``); any other size is rejected, not resized."""
     h, w = image_rgb.shape[:2]
     if (h, w) != (CROP_SIZE, CROP_SIZE):
         return PairAlignment(None, "none", None,
                              f"assume_aligned, but the image is {w}x{h}, not {CROP_SIZE}x{CROP_SIZE}")
-    return PairAlignment(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "pre_aligned", None)
+    return PairAlignment(crop_to_crop_matrix(ARCFACE_112, template), "pre_aligned", None)
+
+
+def _eyes(left, right) -> list[list[float]]:
+    return [list(map(float, left)), list(map(float, right))]
 
 
 def estimate_pair_transform(image_rgb: np.ndarray, landmarks: Optional[np.ndarray] = None,
-                            method: str = "cascade") -> PairAlignment:
-    """The raw image's transform. ``landmarks`` (68x2, from the mask stage) are the fallback when
-    no cascade face is found, and the input of ``method='landmarks'``."""
-    if method == "landmarks":
-        if landmarks is None:
-            return PairAlignment(None, "none", None, "method landmarks: no landmarks for this image")
-        m = umeyama_similarity(five_points_from_landmarks(landmarks), TEMPLATE_5)
-        left, right = eye_centres_from_landmarks(landmarks)
-        return PairAlignment(m, "landmarks5", [list(map(float, left)), list(map(float, right))])
-    if method != "cascade":
+                            method: str = "cascade", template: Template = ARCFACE_112) -> PairAlignment:
+    """The raw image's transform into ``template``'s crop. ``method='landmarks'``: the 5-point
+    similarity from ``landmarks`` (68x2, from the mask stage), the cascade routes when there are
+    none; ``method='cascade'``: the cascade routes, the landmark eyes when no cascade face is found."""
+    if method not in ("cascade", "landmarks"):
         raise AlignmentError(f"unknown alignment method {method!r}; use 'cascade' or 'landmarks'")
+    if method == "landmarks" and landmarks is not None:
+        m = umeyama_similarity(five_points_from_landmarks(landmarks), template.points)
+        return PairAlignment(m, "landmarks5", _eyes(*eye_centres_from_landmarks(landmarks)))
     res = cascade_detect(image_rgb)
     if res.eyes is not None:
-        left, right = res.eyes
-        return PairAlignment(similarity_from_eyes(left, right), "cascade_eyes",
-                             [list(map(float, left)), list(map(float, right))])
+        return PairAlignment(similarity_from_eyes(*res.eyes, template.eyes), "cascade_eyes", _eyes(*res.eyes))
     if res.face is not None:
-        return PairAlignment(similarity_from_eyes(*box_eyes(res.face)), "cascade_box", None)
+        return PairAlignment(similarity_from_eyes(*box_eyes(res.face), template.eyes), "cascade_box", None)
     if landmarks is not None:
         left, right = eye_centres_from_landmarks(landmarks)
-        return PairAlignment(similarity_from_eyes(left, right), "landmarks_eyes",
-                             [list(map(float, left)), list(map(float, right))])
+        return PairAlignment(similarity_from_eyes(left, right, template.eyes), "landmarks_eyes", _eyes(left, right))
     return PairAlignment(None, "none", None, "no cascade face and no landmarks")
 
 
@@ -318,7 +321,7 @@ def estimate_pair_transform(image_rgb: np.ndarray, landmarks: Optional[np.ndarra
 
 @dataclass(frozen=True)
 class StandaloneResult:
-    crop: Optional[np.ndarray]  # 112x112x3 uint8 RGB, None when no face could be aligned
+    crop: Optional[np.ndarray]  # S x S x 3 uint8 RGB (the template's size), None when no face could be aligned
     route: str                  # haar_eyes | dlib_hog | dlib_cnn | none
     reason: str = ""
 
@@ -335,7 +338,8 @@ def _dlib_eyes(image_rgb: np.ndarray, rect) -> tuple[np.ndarray, np.ndarray]:
     return eye_centres_from_landmarks(lm)
 
 
-def align_standalone(image_rgb: np.ndarray, *, use_cnn: bool = False) -> StandaloneResult:
+def align_standalone(image_rgb: np.ndarray, *, use_cnn: bool = False,
+                     template: Template = ARCFACE_112) -> StandaloneResult:
     """Align one photo with no twin. Masks hide the nose and mouth but not the eyes, so every
     route ends in two eye centres: Haar face + eyes, else dlib HOG (upsample 1) + 68 landmarks,
     else (``use_cnn``) dlib's CNN face detector + 68 landmarks, which finds more masked faces at
@@ -346,7 +350,8 @@ def align_standalone(image_rgb: np.ndarray, *, use_cnn: bool = False) -> Standal
     image_rgb = np.ascontiguousarray(image_rgb)
     res = cascade_detect(image_rgb)
     if res.eyes is not None:
-        return StandaloneResult(warp(image_rgb, similarity_from_eyes(*res.eyes)), "haar_eyes")
+        return StandaloneResult(warp(image_rgb, similarity_from_eyes(*res.eyes, template.eyes), template.size),
+                                "haar_eyes")
     rects = list(_dlib("hog")(image_rgb, 1))
     route = "dlib_hog"
     if not rects and use_cnn:
@@ -356,4 +361,4 @@ def align_standalone(image_rgb: np.ndarray, *, use_cnn: bool = False) -> Standal
         tried = "Haar face+eyes, dlib HOG" + (", dlib CNN" if use_cnn else "")
         return StandaloneResult(None, "none", f"no face with two eyes found ({tried})")
     left, right = _dlib_eyes(image_rgb, _largest_central(rects, image_rgb.shape[:2]))
-    return StandaloneResult(warp(image_rgb, similarity_from_eyes(left, right)), route)
+    return StandaloneResult(warp(image_rgb, similarity_from_eyes(left, right, template.eyes), template.size), route)

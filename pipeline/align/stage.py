@@ -1,4 +1,4 @@
-"""The align stage: every ingested image and its masked twin -> a pixel-aligned 112x112 pair.
+"""The align stage: every ingested image and its masked twin -> a pixel-aligned pair of crops on the template (align.template).
 
 Reads data/ingest (raw images) and data/masked (masked twins + dlib landmarks), works chunk by
 chunk through :func:`pipeline.parallel.map_chunks`, and writes ``chunks/<same name>.tar`` with
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from array import array
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -48,7 +48,6 @@ STATUS_SCHEMA = pa.schema([
     # Share of the warped mask's pixels in the lower half of the crop.
     ("mask_lower_share", pa.float64()),
 ])
-HALF = geo.CROP_SIZE // 2
 SHEET_PAIRS = 24
 SHEET_COLS = 6
 
@@ -63,18 +62,22 @@ def align_pair(raw: np.ndarray, masked: np.ndarray, mask: np.ndarray | None, lan
     ``assume_aligned``: the crop passes through unchanged (route ``pre_aligned``)."""
     if raw.shape != masked.shape:
         return {"route": "none", "reason": f"masked twin {masked.shape} differs in size from raw {raw.shape}"}
-    est = al.pre_aligned(raw) if assume_aligned else al.estimate_pair_transform(raw, landmarks, method=params.method)
+    t = geo.get_template(params.template)
+    est = al.pre_aligned(raw, t) if assume_aligned \
+        else al.estimate_pair_transform(raw, landmarks, method=params.method, template=t)
     if est.matrix is None:
         return {"route": est.route, "reason": est.reason}
-    same = est.route == "pre_aligned"  # no resampling at all: the pixels stay the source's
+    # a pre-aligned crop on its own template: no resampling at all, the pixels stay the source's
+    same = est.route == "pre_aligned" and raw.shape[0] == t.size
     out = {"route": est.route, "reason": "", "matrix": est.matrix, "eyes": est.eyes,
-           "raw": raw if same else geo.warp(raw, est.matrix), "masked": masked if same else geo.warp(masked, est.matrix),
-           "eye_error_px": geo.eye_error_px(est.matrix, landmarks) if landmarks is not None else None,
+           "raw": raw if same else geo.warp(raw, est.matrix, t.size),
+           "masked": masked if same else geo.warp(masked, est.matrix, t.size),
+           "eye_error_px": geo.eye_error_px(est.matrix, landmarks, t) if landmarks is not None else None,
            "mask_lower_share": None}
-    if mask is not None:
-        m = geo.warp(mask, est.matrix, interpolation=cv2.INTER_NEAREST) > 127
+    if mask is not None:  # measured in the ArcFace 112 frame whatever the template
+        m = geo.warp(mask, geo.retarget(est.matrix, t, geo.ARCFACE_112), interpolation=cv2.INTER_NEAREST) > 127
         total = int(m.sum())
-        out["mask_lower_share"] = float(m[HALF:].sum() / total) if total else 0.0
+        out["mask_lower_share"] = float(m[geo.CROP_SIZE // 2:].sum() / total) if total else 0.0
     return out
 
 
@@ -131,6 +134,7 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
             row.update(eye_left_x=lx, eye_left_y=ly, eye_right_x=rx, eye_right_y=ry)
         row.update(status="aligned", eye_error_px=res["eye_error_px"], mask_lower_share=res["mask_lower_share"])
         info = {"image_id": image_id, "identity": row["identity"], "split": row["split"], "route": res["route"],
+                "template": params.template,
                 "eyes": None if res["eyes"] is None else [[round(v, 3) for v in e] for e in res["eyes"]],
                 "matrix": [[round(float(v), 6) for v in r] for r in res["matrix"]]}
         samples.append((key, {"raw.jpg": encode_jpeg(res["raw"], params.jpeg_quality),
@@ -153,7 +157,7 @@ class AlignSummary(StatusCounts):
 
     def __init__(self, params: AlignParams):
         super().__init__()
-        self.method = params.method
+        self.method, self.template = params.method, geo.get_template(params.template)
         self.cascade = 0
         self.errs = array("d")
         self.err_routes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # route -> [within 4 px, n]
@@ -176,14 +180,14 @@ class AlignSummary(StatusCounts):
         n = max(self.inputs, 1)
         errs = np.frombuffer(self.errs, dtype=np.float64) if len(self.errs) else np.zeros(0)
         return {
-            "method": self.method,
+            "method": self.method, "template": self.template.name, "crop_size": self.template.size,
             "inputs": self.inputs, "aligned": self.done, "rejected": self.inputs - self.done,
             "aligned_share": round(self.done / n, 6),
             "cascade_share": round(self.cascade / n, 6),
             "routes": dict(sorted(self.routes.items())),
             "rejection_reasons": dict(sorted(self.reasons.items())),
             "splits": self.split_counts(),
-            "eye_error_px": {
+            "eye_error_px": {  # in ArcFace-112 pixels whatever the template
                 "images": int(errs.size),
                 "within_4px_share": round(float((errs <= 4).mean()), 6) if errs.size else None,
                 "median": round(float(np.median(errs)), 4) if errs.size else None,
@@ -225,7 +229,7 @@ class SheetPicks:
         return sorted(picks[:SHEET_PAIRS], key=lambda r: r["image_id"])
 
 
-def contact_sheet(picks: list[dict], out_dir: Path) -> np.ndarray:
+def contact_sheet(picks: list[dict], out_dir: Path, template: geo.Template) -> np.ndarray:
     """Aligned pairs (raw | masked), a green dot on each template eye position so misalignment
     shows at a glance (``picks`` from :class:`SheetPicks`)."""
     wanted = {r["image_id"]: r for r in picks}
@@ -239,11 +243,11 @@ def contact_sheet(picks: list[dict], out_dir: Path) -> np.ndarray:
         tiles = []
         for ext in ("raw.jpg", "masked.jpg"):
             tile = decode_rgb(crops[r["image_id"]][ext])
-            for ex, ey in geo.TEMPLATE_EYES:  # a green dot on each template eye position
+            for ex, ey in template.eyes:  # a green dot on each template eye position
                 cv2.circle(tile, (int(round(ex)), int(round(ey))), 1, (0, 255, 0), -1)
             tiles.append(tile)
         cells.append((f"{r['image_id'].split('/')[-1][:22]} {r['route']}", tiles))
-    return draw_sheet([cells[i:i + SHEET_COLS] for i in range(0, len(cells), SHEET_COLS)], geo.CROP_SIZE,
+    return draw_sheet([cells[i:i + SHEET_COLS] for i in range(0, len(cells), SHEET_COLS)], template.size,
                       font_scale=0.32)
 
 
@@ -251,7 +255,7 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
               out_dir: str | Path, assume_aligned: bool = False) -> dict:
     """Align every ingested image with its masked twin; write chunks/, status.parquet,
     summary.json and contact_sheet.png to out_dir; return the summary. ``assume_aligned`` (the
-    data set's flag): 112x112 crops pass through unchanged."""
+    data set's flag): ArcFace 112x112 crops pass through (mapped onto another template when asked)."""
     ingest_dir, masked_dir, out_dir = Path(ingest_dir), Path(masked_dir), Path(out_dir)
     chunks = list_chunks(ingest_dir / "chunks")
     if not chunks:
@@ -271,5 +275,5 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
                        schema=STATUS_SCHEMA, on_rows=lambda _chunk, rows: (summary.add(rows), picks.add(rows)))
     result = summary.result()
     write_json(out_dir / "summary.json", result)
-    write_png(out_dir / "contact_sheet.png", contact_sheet(picks.picks(), out_dir))
+    write_png(out_dir / "contact_sheet.png", contact_sheet(picks.picks(), out_dir, geo.get_template(params.template)))
     return result
