@@ -1,15 +1,18 @@
-"""Does our crop geometry cost dlib's network accuracy? The same View 1 DevTest pairs, the same
-network (the torch port), two inputs:
+"""What does the crop geometry cost dlib's network? The same View 1 DevTest pairs, the same network
+(the torch port), five inputs made from the original photos:
 
-- ``own_chip``: dlib's own alignment: HOG face + 68 landmarks on the original photo, then
-  ``get_face_chip(size=150, padding=0.25)`` (what the network was trained on);
-- ``our_crop``: our aligned 112 crop (data/lfw/aligned, raw twin) resampled to the chip layout,
-  as the reference row and fine-tuning see it.
+- ``own_chip``: dlib's own alignment: HOG face + 68 landmarks, ``get_face_chip(size=150,
+  padding=0.25)`` (what the network was trained on);
+- ``{cascade,landmarks}_{arcface112,dlib150}``: our align routes (``align.method``: Haar face + eyes,
+  or the 5-point similarity from the same 68 landmarks) onto each crop template
+  (``align.template``); ``arcface112`` crops are resampled to the chip inside the network, as the
+  reference row and fine-tuning see them.
 
-Photos where HOG finds no face (upsample 0, then 1) fall back to our crop for ``own_chip``
-(counted). Prints one JSON line: 10-fold accuracy, AUC, EER and TAR at fixed FARs for both.
+Photos where HOG finds no face (upsample 0, then 1) or no Haar face is found use the cascade /
+landmark fallback of the align stage; their count is printed. One JSON line: 10-fold accuracy, AUC,
+EER and TAR at fixed FARs per input.
 
-    python scripts/dlib_geometry.py [--aligned data/lfw/aligned] [--lfw data/sources/lfw]
+    python scripts/dlib_geometry.py [--lfw data/sources/lfw]
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.align import geometry as geo  # noqa: E402
+from pipeline.align.detection import estimate_pair_transform  # noqa: E402
 from pipeline.dlib_models import SHAPE_68, dlib_models_dir  # noqa: E402
 from pipeline.dlib_resnet import DlibEmbeddingNet  # noqa: E402
-from pipeline.evaluation import aligned_eval_chunks, read_aligned_chunk  # noqa: E402
 from pipeline.images import decode_rgb  # noqa: E402
 from pipeline.metrics import l2_normalize, verification_metrics  # noqa: E402
 from pipeline.protocols import parse_pairs  # noqa: E402
@@ -35,53 +39,55 @@ from pipeline.protocols import parse_pairs  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--aligned", default="data/lfw/aligned")
     ap.add_argument("--lfw", default="data/sources/lfw")
     args = ap.parse_args()
     lfw = Path(args.lfw)
     pairs = parse_pairs(lfw / "pairsDevTest.txt")
-    wanted = set(pairs.a) | set(pairs.b)
-    crops = {}
-    for chunk in aligned_eval_chunks(args.aligned):
-        ids, _, raw, _ = read_aligned_chunk(chunk)
-        crops.update({i: raw[k] for k, i in enumerate(ids) if i in wanted})
-    ids = sorted(wanted & set(crops))
+    ids = sorted(set(pairs.a) | set(pairs.b))
     det = dlib.get_frontal_face_detector()
     sp = dlib.shape_predictor(str(dlib_models_dir() / SHAPE_68))
-    net = DlibEmbeddingNet().load_dat().eval()
-    own, fallback = [], 0
-    for i in tqdm(ids, desc="dlib chips", unit="img"):
+    inputs: dict[str, list[np.ndarray]] = {"own_chip": []}
+    routes: dict[str, dict[str, int]] = {}
+    no_hog = 0
+    for i in tqdm(ids, desc="photos", unit="img"):
         img = decode_rgb((lfw / "lfw-deepfunneled" / f"{i}.jpg").read_bytes())
         faces = det(img, 0) or det(img, 1)
+        shape = landmarks = None
         if faces:  # the face nearest the centre, as LFW's subject is
             c = np.array(img.shape[1::-1]) / 2
-            face = min(faces, key=lambda r: np.hypot(r.center().x - c[0], r.center().y - c[1]))
-            own.append(dlib.get_face_chip(img, sp(img, face), size=150, padding=0.25))
+            shape = sp(img, min(faces, key=lambda r: np.hypot(r.center().x - c[0], r.center().y - c[1])))
+            landmarks = np.array([[p.x, p.y] for p in shape.parts()], np.float64)
         else:
-            own.append(None)
-            fallback += 1
+            no_hog += 1
+        for method in ("cascade", "landmarks"):
+            for t in (geo.ARCFACE_112, geo.DLIB_150):
+                est = estimate_pair_transform(img, landmarks, method=method, template=t)
+                name = f"{method}_{t.name}"
+                routes.setdefault(name, {}).setdefault(est.route, 0)
+                routes[name][est.route] += 1
+                crop = geo.warp(img, est.matrix, t.size) if est.matrix is not None else None
+                inputs.setdefault(name, []).append(crop)
+        inputs["own_chip"].append(dlib.get_face_chip(img, shape, size=150, padding=0.25) if shape else None)
 
-    def embed(batch: list[np.ndarray], chips: bool) -> np.ndarray:
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float()
+    net = DlibEmbeddingNet().load_dat().eval()
+
+    def embed(crops: list[np.ndarray]) -> np.ndarray:
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.inference_mode():
-            return (net.net(x) if chips else net(x / 127.5 - 1)).numpy()
+            return net(x).numpy()
 
-    ours = np.concatenate([embed([crops[i] for i in ids[k:k + 128]], False) for k in range(0, len(ids), 128)])
-    native = ours.copy()
-    have = [k for k, c in enumerate(own) if c is not None]
-    for k in range(0, len(have), 128):
-        idx = have[k:k + 128]
-        native[idx] = embed([own[j] for j in idx], True)
-    out = {"pairs": len(pairs), "images": len(ids), "own_chip_fallbacks": fallback}
-    pos = {i: k for k, i in enumerate(ids)}
-    keep = np.array([a in pos and b in pos for a, b in zip(pairs.a, pairs.b)])
-    kept = pairs.subset(keep)
-    ia, ib = [pos[a] for a in kept.a], [pos[b] for b in kept.b]
-    for name, e in (("own_chip", native), ("our_crop", ours)):
-        e = l2_normalize(e)
-        m = verification_metrics(np.sum(e[ia] * e[ib], axis=1), kept.same, kept.fold)
-        out[name] = {k: round(float(v), 4) for k, v in m.items() if not k.startswith("pairs_")}
-    out["pairs_scored"] = len(kept)
+    out = {"pairs": len(pairs), "images": len(ids), "no_hog_face": no_hog, "routes": routes}
+    for name, crops in inputs.items():
+        have = [k for k, c in enumerate(crops) if c is not None]
+        e = l2_normalize(np.concatenate([embed([crops[j] for j in have[k:k + 128]])
+                                         for k in range(0, len(have), 128)]))
+        pos = {ids[j]: k for k, j in enumerate(have)}
+        keep = np.array([a in pos and b in pos for a, b in zip(pairs.a, pairs.b)])
+        kept = pairs.subset(keep)
+        m = verification_metrics(np.sum(e[[pos[a] for a in kept.a]] * e[[pos[b] for b in kept.b]], axis=1),
+                                 kept.same, kept.fold)
+        out[name] = {"pairs_scored": int(keep.sum()),
+                     **{k: round(float(v), 4) for k, v in m.items() if not k.startswith("pairs_")}}
     print(json.dumps(out))
 
 

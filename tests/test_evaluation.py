@@ -17,7 +17,7 @@ from pipeline.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed
 from pipeline.metrics import identification_ranks, l2_normalize
 from pipeline.models import EmbeddingNet
 from pipeline.protocols import (Gallery, IdentityOverlapError, Pairs, build_gallery,
-                                build_paper_protocol)
+                                build_paper_protocol, parse_pairs)
 from tests.conftest import write_eval_pairs
 
 VERIFICATION_KEYS = {"accuracy", "auc", "tar_at_far_1e-2", "tar_at_far_1e-3", "eer"}
@@ -107,6 +107,14 @@ def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
     # LFW's View 2 lists View 1 training people: skipped, and the metrics say why
     assert metrics["verification_view2"]["skipped"] == 1
     assert "training identities" in metrics["verification_view2"]["note"]
+    # ... but its pairs in which neither person was trained on are scored on their own
+    view2 = parse_pairs(tiny / "protocol" / "pairs.txt")
+    unseen = [x.split("/")[0] not in train and y.split("/")[0] not in train for x, y in zip(view2.a, view2.b)]
+    v2u = metrics["verification_view2_unseen"]
+    assert 0 < v2u["pairs"] == sum(unseen) < len(view2)
+    assert v2u["unmasked_unmasked"]["pairs_same"] + v2u["unmasked_unmasked"]["pairs_different"] \
+        + v2u["unmasked_unmasked"]["pairs_missing"] == sum(unseen)
+    assert metrics["reference"]["dlib"]["verification_view2_unseen"]["pairs"] == sum(unseen)
     # dlib is a strong face recogniser: on unmasked photos of 4 people it must do well
     ref = metrics["reference"]["dlib"]
     assert ref["gallery"]["rank1"]["mask_0"] >= 0.8
