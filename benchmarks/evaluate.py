@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align.detection import align_standalone  # noqa: E402
+from pipeline.align.geometry import ARCFACE_112, DLIB_150, Template  # noqa: E402
 from pipeline.embedders import DlibEmbedder, DlibLibraryEmbedder, TorchEmbedder  # noqa: E402
 from pipeline.metrics import cmc, identification_ranks, l2_normalize, verification_metrics  # noqa: E402
 from pipeline.models import EmbeddingNet  # noqa: E402
@@ -31,10 +32,10 @@ from pipeline.models import EmbeddingNet  # noqa: E402
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "lfw-deepfunneled"
 
 
-def real_crops(n: int) -> np.ndarray:
+def real_crops(n: int, template: Template) -> np.ndarray:
     crops = []
     for f in sorted(LFW.glob("*/*_0001.jpg")):
-        c = align_standalone(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)).crop
+        c = align_standalone(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB), template=template).crop
         if c is not None:
             crops.append(c)
         if len(crops) == n:
@@ -53,7 +54,8 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=128)
     ap.add_argument("--model", help="a trained checkpoint; default: an untrained ResNet18 (same cost)")
     args = ap.parse_args()
-    crops = real_crops(args.crops)
+    crops = real_crops(args.crops, ARCFACE_112)
+    chips = real_crops(args.crops, DLIB_150)  # the default template: dlib's own chip
     model = args.model
     if model is None:
         model = Path("benchmarks/out/bench_model.pt")
@@ -66,10 +68,13 @@ def main() -> None:
            "model_crops_per_s": rate(lambda: emb.embed(crops, batch_size=64), len(crops)),
            "model_flip_crops_per_s": rate(lambda: emb.embed(crops, flip=True, batch_size=64), len(crops))}
     port, library = DlibEmbedder(), DlibLibraryEmbedder()
-    port.embed(crops[:8]), library.embed(crops[:2])  # warm-up
-    out["dlib_port_crops_per_s"] = rate(lambda: port.embed(crops, batch_size=128), len(crops))
-    out["dlib_library_crops_per_s"] = rate(lambda: library.embed(crops), len(crops))
+    port.embed(chips[:8]), library.embed(chips[:2])  # warm-up
+    out["dlib_port_crops_per_s"] = rate(lambda: port.embed(chips, batch_size=128), len(chips))
+    out["dlib_library_crops_per_s"] = rate(lambda: library.embed(chips), len(chips))
     out["dlib_port_speedup"] = out["dlib_port_crops_per_s"] / out["dlib_library_crops_per_s"]
+    port112 = DlibEmbedder(template="arcface112")  # 112 crops, resampled to the chip inside
+    port112.embed(crops[:8])
+    out["dlib_port_arcface112_crops_per_s"] = rate(lambda: port112.embed(crops, batch_size=128), len(crops))
 
     rng = np.random.default_rng(0)
     n = 6000

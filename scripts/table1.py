@@ -1,4 +1,4 @@
-"""The report's Table 1 from DVC experiments: ArcFace vs ArcFace + distillation, mean +- std over seeds.
+"""The report's Table 1 from DVC experiments: with and without distillation, mean +- std over seeds.
 
     dvc exp show --json > exps.json && python scripts/table1.py exps.json
     python scripts/table1.py            # runs `dvc exp show --json` itself
@@ -7,6 +7,8 @@ Experiments are grouped by every parameter except the training seed (so runs tha
 anything else never get averaged together); each group is a row named by its method (ArcFace when
 train.distill.kind is none or beta is 0). Cells are mean +- sample std (n-1) in percent over the
 group's seeds. The dlib reference row (same for every run) is added when the metrics hold it.
+Below the table, each distillation row is compared with the row of the same start without
+distillation: difference of means and whether it exceeds 2 sample std.
 """
 from __future__ import annotations
 
@@ -17,7 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT_COLUMNS = ("gallery.rank1.mask_0", "gallery.rank1.mask_0.5", "gallery.rank1.mask_1.0")
+CONDITIONS = ("unmasked_unmasked", "masked_unmasked", "masked_masked")
+DEFAULT_COLUMNS = (("gallery.rank1.mask_0", "gallery.rank1.mask_0.5", "gallery.rank1.mask_1.0")
+                   + tuple(f"verification.{c}.accuracy" for c in CONDITIONS)
+                   + tuple(f"verification_view2_unseen.{c}.accuracy" for c in CONDITIONS))
+# short column titles for the markdown table
+TITLES = {"gallery.rank1.": "rank-1 ", "verification_view2_unseen.": "V2u ", "verification.": "V1 ",
+          "unmasked_unmasked.accuracy": "u-u", "masked_unmasked.accuracy": "m-u", "masked_masked.accuracy": "m-m"}
 SEED_KEYS = ("train.seed",)
 METRICS_FILE = "eval/metrics.json"
 
@@ -127,15 +135,64 @@ def build_table(exp_show: list, columns=DEFAULT_COLUMNS) -> list[dict]:
     return rows
 
 
+def title(column: str) -> str:
+    for long, short in TITLES.items():
+        column = column.replace(long, short)
+    return column
+
+
+def compare(rows: list[dict], columns=DEFAULT_COLUMNS) -> list[dict]:
+    """Each distillation row against the row without distillation that has the same start: per
+    column the difference of means (points) and whether it exceeds 2 sample std (the larger of
+    the two rows'), the bar for "beats no distillation"."""
+    def start(label: str) -> str:
+        return label.split(":")[0]
+
+    base = {start(r["method"]): r for r in rows if r["seeds"] > 1 and r["method"].endswith(": ArcFace")}
+    out = []
+    for r in rows:
+        b = base.get(start(r["method"]))
+        if b is None or r is b or r["seeds"] < 2 or "distillation" not in r["method"] and "teacher" not in r["method"]:
+            continue
+        cells = {}
+        for c in columns:
+            x, y = [100.0 * v for v in r[c]], [100.0 * v for v in b[c]]
+            if len(x) < 2 or len(y) < 2:
+                continue
+            diff = statistics.mean(x) - statistics.mean(y)
+            bar = 2 * max(statistics.stdev(x), statistics.stdev(y))
+            cells[c] = {"diff": round(diff, 2), "two_std": round(bar, 2), "beats": diff > bar}
+        out.append({"method": r["method"], "against": b["method"], "columns": cells})
+    return out
+
+
+def comparison_markdown(comparisons: list[dict], columns=DEFAULT_COLUMNS) -> str:
+    if not comparisons:
+        return ""
+    head = ["distillation vs none"] + [title(c) for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cmp in comparisons:
+        cells = []
+        for c in columns:
+            v = cmp["columns"].get(c)
+            cells.append("-" if v is None else f"{v['diff']:+.1f} ({'>' if v['beats'] else '<='} {v['two_std']:.1f})")
+        lines.append("| " + " | ".join([cmp["method"]] + cells) + " |")
+    return ("\nDifference of means in points against the same start without distillation; in brackets "
+            "2 sample std (the larger row's): '>' = beats no distillation by more than 2 std.\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def to_markdown(rows: list[dict], columns=DEFAULT_COLUMNS) -> str:
-    head = ["method", "seeds"] + [c.removeprefix("gallery.rank1.") for c in columns]
+    head = ["method", "seeds"] + [title(c) for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         seeds = str(r["seeds"]) if r["seeds"] else "-"
         lines.append("| " + " | ".join([r["method"], seeds] + [cell(r[c]) for c in columns]) + " |")
-    title = ("Gallery rank-1 (%) on LFW View 1 test identities, probes masked with probability p "
-             "(mask_<p>); mean ± sample std over training seeds.")
-    return title + "\n\n" + "\n".join(lines) + "\n"
+    caption = ("Percent, mean ± sample std over training seeds. rank-1 <p>: gallery rank-1 on the LFW View 1 "
+               "test people, probes masked with probability p. V1 / V2u: verification accuracy on View 1 "
+               "DevTest pairs / on View 2 pairs of people never trained on; u-u unmasked, m-u one side "
+               "masked, m-m both masked.")
+    return caption + "\n\n" + "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("error: no experiment with eval/metrics.json found", file=sys.stderr)
         return 1
-    table = to_markdown(rows, columns)
+    table = to_markdown(rows, columns) + comparison_markdown(compare(rows, columns), columns)
     print(table, end="")
     if args.out:
         Path(args.out).write_text(table)

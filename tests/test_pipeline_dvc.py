@@ -232,8 +232,9 @@ def external_project(tmp_path_factory, tiny_shards):
     subset = make_lfw_subset(root / "lfw", 6, 4)
     write_eval_pairs(subset)
     params = {**TINY_PARAMS, "compute": {"n_jobs": 2},
-              # the GPU recipe's network (ResNet18 from scratch, ArcFace + twin distillation):
-              # these tests are about the DAG, and it is the cheaper one at this size
+              # the GPU recipe's network (ResNet18 from scratch, ArcFace + twin distillation, on
+              # insightface's 112 template): these tests are about the DAG, and it is the cheaper one
+              "align": {"template": "arcface112"},
               "train": {**TINY_PARAMS["train"], "batch_size": 32, "backbone": "resnet18", "pretrained": "none",
                         "embedding_dim": 64, "arcface": {"weight": 1.0}, "distill": {"teacher": "self"}},
               "datasets": {"lfw": {"source": "lfw", "path": "data/sources/lfw", "assume_aligned": False},

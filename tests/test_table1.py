@@ -68,8 +68,21 @@ def test_script_prints_markdown_from_dvc_itself(exp_show):
     p = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "table1.py")], cwd=repo,
                        capture_output=True, text=True, check=True)
     lines = p.stdout.splitlines()
-    assert "| method | seeds | mask_0 | mask_0.5 | mask_1.0 |" in lines
-    assert "| from scratch: ArcFace | 3 | 81.0 ± 1.0 | 62.0 ± 2.0 | 40.0 ± 0.0 |" in lines
+    assert ("| method | seeds | rank-1 mask_0 | rank-1 mask_0.5 | rank-1 mask_1.0 | V1 u-u | V1 m-u | V1 m-m "
+            "| V2u u-u | V2u m-u | V2u m-m |") in lines
+    assert "| from scratch: ArcFace | 3 | 81.0 ± 1.0 | 62.0 ± 2.0 | 40.0 ± 0.0 | - | - | - | - | - | - |" in lines
+    # the verdict: distillation vs none, difference of means against 2 sample std
+    assert ("| from scratch: ArcFace + self distillation (cosine, beta=1) | +0.0 (<= 2.0) | +10.0 (> 4.0) "
+            "| +20.0 (> 0.0) | - | - | - | - | - | - |") in lines
+
+
+def test_distillation_beats_none_only_by_more_than_two_std(exp_show):
+    data, _ = exp_show
+    cols = ("gallery.rank1.mask_0", "gallery.rank1.mask_0.5", "gallery.rank1.mask_1.0")
+    [cmp] = table1.compare(table1.build_table(data, cols), cols)
+    assert cmp["against"] == "from scratch: ArcFace"
+    assert cmp["columns"]["gallery.rank1.mask_0"] == {"diff": 0.0, "two_std": 2.0, "beats": False}
+    assert cmp["columns"]["gallery.rank1.mask_0.5"] == {"diff": 10.0, "two_std": 4.0, "beats": True}
 
 
 def test_runs_differing_in_other_params_are_not_averaged():
