@@ -85,6 +85,9 @@ def method_label(params: dict) -> str:
 
 
 def _freeze(v):
+    """A hashable form of a param value; 0 and 0.0 (`-S key=0` against params.yaml's 0.0) are one."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
     return json.dumps(v, sort_keys=True)
 
 

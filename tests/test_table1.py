@@ -91,7 +91,8 @@ def test_runs_differing_in_other_params_are_not_averaged():
         return {"rev": rev, "name": rev, "error": None, "experiments": None,
                 "data": {"rev": rev, "params": {"params.yaml": {"data": params}},
                          "metrics": {"eval/metrics.json": {"data": {"gallery": {"rank1": {"mask_0": v}}}}}}}
-    data = [rec("a", 1, 0, 1, 0.5), rec("b", 1, 1, 1, 0.7), rec("c", 1, 0, 5, 0.9)]
+    # b's beta 1.0 is a's 1 (`-S train.distill.beta=1` against params.yaml's 1.0): one group
+    data = [rec("a", 1, 0, 1, 0.5), rec("b", 1.0, 1, 1, 0.7), rec("c", 1, 0, 5, 0.9)]
     rows = table1.build_table(data, ("gallery.rank1.mask_0",))
     assert sorted((r["method"], r["seeds"]) for r in rows) == [
         ("from scratch: ArcFace + self distillation (mse, beta=1) [train.epochs=1]", 2),
