@@ -519,6 +519,37 @@ class Trainer:
         return epoch_pairs
 
 
+def centre_init(params: TrainParams) -> str:
+    """``train.arcface.init`` resolved: auto = class means for a pretrained start, else random."""
+    if params.arcface.init != "auto":
+        return params.arcface.init
+    return "random" if params.pretrained == "none" else "class_means"
+
+
+@torch.no_grad()
+def imprint_class_centres(model: PairModel, shards: list[Path], *, batch_size: int, device: torch.device,
+                          rank: Dist, num_workers: int = 0) -> int:
+    """Set each ArcFace centre to its class's mean unit embedding of the raw twins (no
+    augmentation) under the starting network: weight imprinting (Qi et al., CVPR 2018). A
+    pretrained network then starts with a sensible classifier instead of one whose random centres
+    send large, arbitrary gradients into it. Ranks sum over their own shards, then all-reduce.
+    Returns the number of classes imprinted (the others keep their random centres)."""
+    sums = torch.zeros(model.head.weight.shape, dtype=torch.float32, device=device)
+    loader = make_pair_loader(shards, batch_size=batch_size, augment=None, seed=0, drop_last=False,
+                              rank=rank.rank, world=rank.world, num_workers=num_workers)
+    was_training = model.net.training
+    model.net.eval()
+    for raw, _, labels in tqdm(loader, desc="imprint class centres", unit="batch", disable=not rank.main):
+        emb = nn.functional.normalize(model.net(raw.to(device)).float())
+        sums.index_add_(0, labels.to(device), emb)
+    model.net.train(was_training)
+    if rank.world > 1:
+        dist.all_reduce(sums)
+    have = sums.norm(dim=1) > 0
+    model.head.weight[have] = nn.functional.normalize(sums[have]).to(model.head.weight.dtype)
+    return int(have.sum())
+
+
 def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
           make_loader: Callable[..., Iterable]) -> Trainer:
     """Shards, device, process group, model, optimiser and the resume state, checked before any
@@ -533,6 +564,9 @@ def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
     model, optimizer = build_pair_model(params, len(shards.classes), device, shards.template)
     fp = fingerprint(params, shards.fingerprint, rank.world, code_fingerprint())
     state = load_resume(resume_dir, fp, model, optimizer)
+    if not state.resumed and params.arcface.weight > 0 and centre_init(params) == "class_means":
+        imprint_class_centres(model, shards.train, batch_size=max(64, params.batch_size // rank.world),
+                              device=device, rank=rank, num_workers=params.num_workers)
     ddp: nn.Module = model
     if rank.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"

@@ -300,6 +300,30 @@ FINE_TUNE = dict(backbone="dlib_resnet", pretrained="dlib", embedding_dim=None, 
                  distill={"kind": "cosine", "teacher": "frozen", "dynamic": False, "beta": 1.0, "raw_weight": 2.0})
 
 
+def test_arcface_centres_start_at_the_class_means_of_a_pretrained_net(tiny_shards):
+    """Weight imprinting: each centre is its class's mean unit embedding (raw twins, no
+    augmentation) under dlib's network, so the first ArcFace loss is far below a random head's."""
+    import torch.nn.functional as F
+
+    from pipeline.training import Dist, centre_init, imprint_class_centres
+
+    params = TrainParams(**{**FINE_TUNE, "arcface": {"weight": 1.0}, "distill": {"kind": "none", "teacher": "self"}})
+    assert centre_init(params) == "class_means" and centre_init(TrainParams(**TINY)) == "random"
+    shards = read_shard_set(tiny_shards)
+    model, _ = build_pair_model(params, len(shards.classes), torch.device("cpu"), shards.template)
+    random_centres = model.head.weight.detach().clone()
+    n = imprint_class_centres(model, shards.train, batch_size=8, device=torch.device("cpu"), rank=Dist())
+    assert n == len(shards.classes)  # every class has train pairs
+    raw, _, labels = next(iter(make_pair_loader(shards.train, batch_size=64, augment=None, seed=0, drop_last=False)))
+    with torch.no_grad():
+        emb = F.normalize(model.net.eval()(raw))
+        c = int(labels[0])
+        assert torch.allclose(model.head.weight[c], F.normalize(emb[labels == c].mean(0), dim=0), atol=1e-5)
+        ce = F.cross_entropy(model.head(emb, labels)[0], labels)
+        model.head.weight.copy_(random_centres)
+        assert ce < 0.5 * F.cross_entropy(model.head(emb, labels)[0], labels)
+
+
 def test_frozen_teacher_fine_tuning_trains_the_student_only(tiny_shards):
     """dlib's network fine-tuned towards a frozen copy of itself: at the first step student ==
     teacher, so the loss is exactly mean(1 - cos(teacher(masked), teacher(raw))); the teacher and the
