@@ -67,10 +67,6 @@ class Template:
         return float(np.linalg.norm(self.eyes[1] - self.eyes[0]) / np.linalg.norm(TEMPLATE_EYES[1] - TEMPLATE_EYES[0]))
 
 
-def _arcface_to_chip() -> np.ndarray:
-    return similarity_from_eyes(TEMPLATE_EYES[0], TEMPLATE_EYES[1], CHIP_EYES)
-
-
 def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (Umeyama 1991) src -> dst, as a 2x3 matrix; deterministic, no RANSAC."""
     src = np.asarray(src, dtype=np.float64)
@@ -118,16 +114,8 @@ def five_points_from_landmarks(landmarks: np.ndarray) -> np.ndarray:
     return np.stack([left, right, lm[30], lm[48], lm[54]])
 
 
-def eye_error_px(matrix: np.ndarray, landmarks: np.ndarray, template: "Template | None" = None) -> float:
-    """Largest distance between a mapped dlib eye centre and its template position, in ArcFace-112
-    pixels (``matrix`` maps the image into ``template``'s crop; default ArcFace 112)."""
-    t = template or ARCFACE_112
-    mapped = apply_matrix(matrix, np.stack(eye_centres_from_landmarks(landmarks)))
-    return float(np.linalg.norm(mapped - t.eyes, axis=1).max() / t.px_per_arcface_px)
-
-
 ARCFACE_112 = Template("arcface112", CROP_SIZE, TEMPLATE_5)
-DLIB_150 = Template("dlib150", CHIP_SIZE, apply_matrix(_arcface_to_chip(), TEMPLATE_5))
+DLIB_150 = Template("dlib150", CHIP_SIZE, apply_matrix(similarity_from_eyes(*TEMPLATE_EYES, CHIP_EYES), TEMPLATE_5))
 TEMPLATES = {t.name: t for t in (ARCFACE_112, DLIB_150)}
 # what aligned data, shards and checkpoints written before templates existed hold
 LEGACY_TEMPLATE = ARCFACE_112.name
@@ -149,3 +137,10 @@ def retarget(matrix: np.ndarray, src: Template, dst: Template) -> np.ndarray:
     """A raw -> ``src``-crop matrix turned into the raw -> ``dst``-crop one."""
     m = np.vstack([crop_to_crop_matrix(src, dst), [0.0, 0.0, 1.0]]) @ np.vstack([matrix, [0.0, 0.0, 1.0]])
     return m[:2]
+
+
+def eye_error_px(matrix: np.ndarray, landmarks: np.ndarray, template: Template = ARCFACE_112) -> float:
+    """Largest distance between a mapped dlib eye centre and its template position, in ArcFace-112
+    pixels (``matrix`` maps the image into ``template``'s crop; default ArcFace 112)."""
+    mapped = apply_matrix(matrix, np.stack(eye_centres_from_landmarks(landmarks)))
+    return float(np.linalg.norm(mapped - template.eyes, axis=1).max() / template.px_per_arcface_px)
