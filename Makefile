@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 # Stage commands (`python -m stages.X`) and dvc itself must come from the venv.
 export PATH := $(BIN):$(PATH)
-REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
+REQ_HASH := $(shell cat requirements.txt requirements-nodeps.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?=
 
@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # Reinstalls only when requirements.txt changes; pip skips what the venv already has.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade "pip>=24" "setuptools<81" wheel
 	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
