@@ -1,8 +1,8 @@
-"""Benchmark the align stage (images/s on N ingested+masked LFW images) and standalone alignment's
-success rate on real masked photos (RMFD). Prints ONE JSON line.
+"""Benchmark the align stage (images/s on N ingested+masked LFW images). Prints ONE JSON line.
+Standalone alignment (photos without a twin) has its own: benchmarks/standalone.py.
 
 Usage (from the project root, after the mask stage):
-  python benchmarks/align.py [--n 500] [--rmfd ../shared/data/rmfd] [--rmfd-n 0 (= all)] [--cnn]
+  python benchmarks/align.py [--n 500]
 """
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
-
-import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.mask import make_input  # noqa: E402
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.align.stage import run_align  # noqa: E402
-from pipeline.align.detection import align_standalone  # noqa: E402
 from pipeline.config import AlignParams, ComputeParams  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk  # noqa: E402
 
@@ -37,33 +33,11 @@ def make_twins(masked: Path, bench_in: Path, dest: Path) -> None:
     shutil.copy(masked / "status.parquet", dest / "status.parquet")
 
 
-def standalone_rate(root: Path, n: int, use_cnn: bool) -> dict:
-    paths = sorted(root.rglob("*.jpg"))
-    if n:
-        paths = paths[:: max(1, len(paths) // n)][:n]
-    routes: Counter = Counter()
-    t0 = time.perf_counter()
-    for p in paths:
-        bgr = cv2.imread(str(p))
-        if bgr is None:
-            routes["unreadable"] += 1
-            continue
-        routes[align_standalone(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), use_cnn=use_cnn).route] += 1
-    seconds = time.perf_counter() - t0
-    ok = sum(v for k, v in routes.items() if k not in ("none", "unreadable"))
-    return {"rmfd_images": len(paths), "rmfd_success_rate": round(ok / max(len(paths), 1), 4),
-            "rmfd_routes": dict(sorted(routes.items())), "rmfd_images_per_s": round(len(paths) / seconds, 2),
-            "rmfd_cnn": use_cnn}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ingest", default="data/ingest")
-    ap.add_argument("--masked", default="data/masked")
+    ap.add_argument("--ingest", default="data/lfw/ingest")
+    ap.add_argument("--masked", default="data/lfw/masked")
     ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--rmfd", default="../shared/data/rmfd")
-    ap.add_argument("--rmfd-n", type=int, default=0, help="sample this many RMFD photos (0 = all)")
-    ap.add_argument("--cnn", action="store_true", help="standalone: also try dlib's CNN detector")
     args = ap.parse_args()
     figures: dict = {"stage": "align"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +56,6 @@ def main() -> None:
             figures[f"peak_rss_mib_{name}"] = rss.peak_mib
     figures.update(aligned=summary["aligned"], routes=summary["routes"],
                    eye_within_4px=summary["eye_error_px"]["within_4px_share"])
-    if Path(args.rmfd).is_dir():
-        figures.update(standalone_rate(Path(args.rmfd), args.rmfd_n, args.cnn))
     emit(figures)
 
 

@@ -1,7 +1,7 @@
 """Benchmark the mask stage: images/s at n_jobs=1 and 2 on N ingested LFW images; prints ONE JSON line.
 
 Usage (from the project root, after the ingest stage): python benchmarks/mask.py [--n 1000]
-The N images are the first N of data/ingest's chunks, re-chunked into 4 chunks so 2 workers share
+The N images are the first N of data/lfw/ingest's chunks, re-chunked into 4 chunks so 2 workers share
 the work. n_jobs=1 runs in this process, so it is timed twice: cold (predictor load, template
 drawing) and warm (steady state, the per-core figure).
 """
@@ -39,7 +39,7 @@ def make_input(src: Path, dest: Path, n: int, n_chunks: int = 4) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ingest", default="data/ingest")
+    ap.add_argument("--ingest", default="data/lfw/ingest")
     ap.add_argument("--n", type=int, default=1000)
     args = ap.parse_args()
     params = MaskParams()

@@ -74,6 +74,7 @@ class MaskParams(Section):
     # Expected sha256 of that file; None = dlib's 68-point model as shipped (checked before any work).
     landmarks_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
     max_upsample: int = Field(1, ge=0, le=2)
+    retinaface_fallback: bool = True  # RetinaFace's face -> dlib predictor when HOG finds nothing
     haar_fallback: bool = True
     type_weights: dict[str, float] = Field(
         default_factory=lambda: {"surgical": 3.0, "n95": 1.0, "kn95": 1.0, "cloth": 2.0, "gas": 0.5}
@@ -240,6 +241,28 @@ class EvaluateParams(Section):
         return v
 
 
+STANDALONE_ROUTES = ("retinaface", "haar", "dlib_hog", "dlib_cnn")  # pipeline.align.detection's (a test checks)
+
+
+class StandaloneParams(Section):
+    """How a photo without a twin is aligned (`embed`, `identify`, scripts/route_consistency.py):
+    the detector routes in order, and the RetinaFace thresholds."""
+
+    routes: list[Literal["retinaface", "haar", "dlib_hog", "dlib_cnn"]] = Field(
+        default_factory=lambda: ["retinaface", "haar", "dlib_hog"])
+    retinaface_score: float = Field(0.5, gt=0.0, lt=1.0)  # detection confidence threshold
+    retinaface_long_side: int = Field(640, ge=128, le=4096)  # photos are resized to this long side first
+    # which points place the crop: RetinaFace's five | its two eyes | dlib's 68 inside its box -> five
+    retinaface_points: Literal["five", "eyes", "dlib68"] = "five"
+
+    @field_validator("routes")
+    @classmethod
+    def _routes(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"a non-empty list of distinct routes from {list(STANDALONE_ROUTES)}")
+        return v
+
+
 def _check_weights(v: dict[str, float], allowed: tuple[str, ...]) -> dict[str, float]:
     unknown = sorted(set(v) - set(allowed))
     if unknown:
@@ -267,6 +290,7 @@ class Params(Section):
     pack: PackParams = PackParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    standalone: StandaloneParams = StandaloneParams()
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("datasets")

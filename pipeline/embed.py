@@ -1,9 +1,10 @@
 """`python -m pipeline.embed <folder> --model models/model.pt --out embeddings.parquet`
 
 Embeds every face photo under a folder (any depth; masked or not) with the trained model. Each
-photo is vetted, aligned on its own (standalone mode: Haar face + eyes, else dlib; the eyes stay
-visible above a mask), then embedded. Every file gets a row: photos that cannot be read or aligned
-are kept with status "rejected" and the reason, so nothing disappears silently.
+photo is vetted, aligned on its own (standalone mode: the routes of params.yaml's `standalone`
+section, RetinaFace first, which finds real masked faces), then embedded. Every file gets a row:
+photos that cannot be read or aligned are kept with status "rejected" and the reason, so nothing
+disappears silently. ``--sheet sheet.png`` draws every aligned crop with its route: what the model saw.
 
 Output parquet columns: path (relative to the folder), identity (first folder below the root, or
 the file name for a flat folder), status, reason, route, embedding (L2-normalised float32, null
@@ -25,7 +26,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from pydantic import ValidationError
+
 from pipeline.align.geometry import ARCFACE_112, Template
+from pipeline.config import STANDALONE_ROUTES, StandaloneParams, load_params
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.image_check import check_image
 from pipeline.ingest import IMAGE_EXTENSIONS, _walk_files
@@ -55,7 +59,8 @@ def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
         return np.asarray(im.convert("RGB")), ""
 
 
-def align_file(path: Path, *, use_cnn: bool = False, template: Template = ARCFACE_112) -> tuple[np.ndarray | None, str, str]:
+def align_file(path: Path, *, standalone: StandaloneParams | None = None,
+               template: Template = ARCFACE_112) -> tuple[np.ndarray | None, str, str]:
     """(crop on ``template`` or None, route, reason)."""
     from pipeline.align.detection import align_standalone
 
@@ -64,7 +69,7 @@ def align_file(path: Path, *, use_cnn: bool = False, template: Template = ARCFAC
     image, reason = load_rgb(path)
     if image is None:
         return None, "none", reason
-    res = align_standalone(image, use_cnn=use_cnn, template=template)
+    res = align_standalone(image, params=standalone, template=template)
     return res.crop, res.route, res.reason
 
 
@@ -75,12 +80,13 @@ def embedder_info(embedder: Embedder, model: str, flip: bool) -> dict:
 
 
 def embed_paths(root: Path, rel_paths: list[str], *, embedder: Embedder, flip: bool = False,
-                batch_size: int = 64, use_cnn: bool = False) -> pa.Table:
+                batch_size: int = 64, standalone: StandaloneParams | None = None,
+                sheet: str | Path | None = None) -> pa.Table:
     """Align (to the embedder's crop template) and embed the given files (relative to root); one
-    row each, in the given order."""
+    row each, in the given order. ``sheet``: also draw the aligned crops into that PNG."""
     rows, crops, crop_rows = [], [], []
     for rel in tqdm(rel_paths, desc="align", unit="img", disable=len(rel_paths) < 2):
-        crop, route, reason = align_file(root / rel, use_cnn=use_cnn, template=embedder.template)
+        crop, route, reason = align_file(root / rel, standalone=standalone, template=embedder.template)
         rows.append({"path": rel.replace(os.sep, "/"), "identity": identity_of(rel),
                      "status": "rejected" if crop is None else "embedded", "reason": reason,
                      "route": route, "embedding": None})
@@ -92,11 +98,45 @@ def embed_paths(root: Path, rel_paths: list[str], *, embedder: Embedder, flip: b
                              progress="embed" if len(crops) > batch_size else None)
         for i, e in zip(crop_rows, emb):
             rows[i]["embedding"] = e.tolist()
+    if sheet is not None:
+        write_sheet(sheet, [(crops[k], f"{rows[i]['path']}\n{rows[i]['route']}") for k, i in enumerate(crop_rows)],
+                    rejected=[r["path"] for r in rows if r["status"] == "rejected"])
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+def write_sheet(path: str | Path, tiles: list[tuple[np.ndarray, str]], *, rejected: list[str] = (),
+                columns: int = 8) -> None:
+    """A contact sheet PNG: each aligned crop captioned with its file and route; the files that
+    could not be aligned are listed below, so the sheet accounts for every photo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(tiles))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.25 * rows + 0.3 + 0.18 * min(len(rejected), 20)),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (crop, caption) in zip(axes.ravel(), tiles):
+        ax.imshow(crop)
+        ax.set_title(caption if len(caption) < 60 else "..." + caption[-57:], fontsize=6)
+    note = f"{len(tiles)} aligned"
+    if rejected:
+        shown = list(rejected[:20]) + ([f"... and {len(rejected) - 20} more"] if len(rejected) > 20 else [])
+        note += f", {len(rejected)} not aligned: " + "; ".join(shown)
+    fig.text(0.01, 0.005, note, fontsize=7, wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.02 + 0.012 * min(len(rejected), 20), 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def embed_folder(folder: str | Path, *, model: str, flip: bool = False, batch_size: int = 64,
-                 use_cnn: bool = False, device: str = "cpu") -> pa.Table:
+                 standalone: StandaloneParams | None = None, device: str = "cpu",
+                 sheet: str | Path | None = None) -> pa.Table:
     """Every file under ``folder`` (sorted, recursive) -> one row; metadata names the embedder."""
     root = Path(folder)
     if not root.is_dir():
@@ -105,7 +145,8 @@ def embed_folder(folder: str | Path, *, model: str, flip: bool = False, batch_si
     if not files:
         raise ValueError(f"{root}: no files found")
     embedder = make_embedder(model, device=device)
-    table = embed_paths(root, files, embedder=embedder, flip=flip, batch_size=batch_size, use_cnn=use_cnn)
+    table = embed_paths(root, files, embedder=embedder, flip=flip, batch_size=batch_size,
+                        standalone=standalone, sheet=sheet)
     meta = embedder_info(embedder, model, flip)
     return table.replace_schema_metadata({"embedder": json.dumps(meta, sort_keys=True)})
 
@@ -132,22 +173,39 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="models/model.pt",
                     help="trained checkpoint (default models/model.pt), or 'dlib' for the reference network")
     ap.add_argument("--flip", action="store_true", help="flip-averaged embeddings")
-    ap.add_argument("--cnn", action="store_true", help="try dlib's CNN face detector when the others fail (slow)")
+    ap.add_argument("--params", default="params.yaml",
+                    help="its `standalone` section sets the alignment routes (built-in defaults when the file is absent)")
+    ap.add_argument("--routes", help="override the alignment routes, comma-separated, tried in order: "
+                                     + ", ".join(STANDALONE_ROUTES) + " (dlib_cnn: slow, ~1 s per photo)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+
+
+def standalone_params(args: argparse.Namespace) -> StandaloneParams:
+    """The `standalone` section of --params (defaults when there is no such file), with --routes."""
+    params = load_params(args.params).standalone if Path(args.params).is_file() else StandaloneParams()
+    if args.routes:
+        try:
+            params = StandaloneParams(**{**params.model_dump(), "routes": [r.strip() for r in args.routes.split(",")]})
+        except ValidationError as err:
+            raise ValueError(f"--routes {args.routes!r}: allowed routes are {', '.join(STANDALONE_ROUTES)} "
+                             f"(distinct, at least one)") from err
+    return params
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.embed", description=__doc__.split("\n\n")[1])
     ap.add_argument("folder", help="folder of face photos (searched recursively)")
     ap.add_argument("--out", required=True, help="output .parquet")
+    ap.add_argument("--sheet", help="also write a contact sheet PNG of the aligned crops, each with its route")
     add_model_args(ap)
     args = ap.parse_args(argv)
     from pipeline.devices import select_device
 
     try:
         table = embed_folder(args.folder, model=args.model, flip=args.flip, batch_size=args.batch_size,
-                             use_cnn=args.cnn, device=str(select_device(args.device)))
+                             standalone=standalone_params(args), device=str(select_device(args.device)),
+                             sheet=args.sheet)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
 """Fit pipeline.align.detection.EYE_POSE_CORRECTION: the pose bias of Haar eye pairs, against dlib's eye
 centres (mask stage landmarks). Fits on the train split, reports the test split (other people).
 
-Run after `make repro` (needs data/ingest and data/masked); prints ONE JSON line with the matrix
+Run after `make repro` (needs data/lfw/ingest and data/lfw/masked); prints ONE JSON line with the matrix
 to paste and the share of eye pairs within 4 px before and after, per split:
-  python scripts/calibrate_eyes.py [--ingest data/ingest] [--masked data/masked] [--n-jobs 2]
+  python scripts/calibrate_eyes.py [--ingest data/lfw/ingest] [--masked data/lfw/masked] [--n-jobs 2]
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def within_4px(eyes: np.ndarray, dlib: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ingest", default="data/ingest")
-    ap.add_argument("--masked", default="data/masked")
+    ap.add_argument("--ingest", default="data/lfw/ingest")
+    ap.add_argument("--masked", default="data/lfw/masked")
     ap.add_argument("--n-jobs", type=int, default=2)
     args = ap.parse_args()
     jobs = [(str(c), str(Path(args.masked) / "chunks" / c.name)) for c in list_chunks(Path(args.ingest) / "chunks")]

@@ -9,7 +9,7 @@ cast) and per-image jitter (rotation <= 8 deg, shift <= 4 px, scale 0.95-1.05, b
 contrast / colour, horizontal flip). It proves scale, not accuracy: pseudo-identities of one person
 differ by little more than a colour cast.
 
-    python scripts/simulate_dataset.py --aligned data/aligned --n 160000 --rec sim/rec --imagefolder sim/folder
+    python scripts/simulate_dataset.py --aligned data/lfw/aligned --n 160000 --rec sim/rec --imagefolder sim/folder
 
 Output is byte-identical for the same arguments and aligned folder: every random draw comes from
 pipeline.seeding.item_rng(seed, pseudo identity[, image number]), never from order. Streams: memory
@@ -178,8 +178,8 @@ def write(samples: Iterator[tuple[str, int, bytes]], rec: Path | None, imagefold
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--aligned", type=Path, default=Path("data/aligned"),
-                    help="align-stage output (chunks/train-*.tar); default data/aligned")
+    ap.add_argument("--aligned", type=Path, default=Path("data/lfw/aligned"),
+                    help="align-stage output (chunks/train-*.tar); default data/lfw/aligned")
     ap.add_argument("--n", type=int, required=True, help="number of images")
     ap.add_argument("--images-per-identity", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)

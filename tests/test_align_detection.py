@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.align import detection as al
 from pipeline.align import geometry as geo
+from pipeline.config import StandaloneParams
 from tests.conftest import PROJECT_ROOT, lfw_root
 
 RMFD = PROJECT_ROOT.parent / "shared" / "data" / "rmfd" / "RWMFD_part_1"
@@ -106,19 +107,40 @@ def test_pair_transform_routes_and_landmarks_method(lfw_images):
 
 
 def test_standalone_aligns_real_masked_photos():
-    """Real masked photos (RMFD): most single portraits give a 112x112 crop through one of the
-    eye-based routes; failures say why."""
+    """Real masked photos (RMFD): RetinaFace, the first route, aligns the portraits the old chain
+    (Haar eyes, dlib HOG) mostly missed; each crop has the template's size; failures say why."""
     paths = sorted(RMFD.glob("000[0-2]/*.jpg"))[:8]
     assert len(paths) >= 6, f"RMFD sample not found under {RMFD}"
-    results = [al.align_standalone(_read_rgb(p)) for p in paths]
+    results = [al.align_standalone(_read_rgb(p), template=geo.DLIB_150) for p in paths]
     ok = [r for r in results if r.crop is not None]
-    assert len(ok) >= len(results) // 2
+    assert len(ok) >= len(results) - 1
     for r in ok:
-        assert r.crop.shape == (112, 112, 3) and r.crop.dtype == np.uint8
-        assert r.route in ("haar_eyes", "dlib_hog") and r.reason == ""
-    for r in results:
-        if r.crop is None:
-            assert r.route == "none" and "no face" in r.reason
+        assert r.crop.shape == (150, 150, 3) and r.crop.dtype == np.uint8
+        assert r.route == "retinaface5" and r.reason == "" and r.matrix.shape == (2, 3)
+    old = StandaloneParams(routes=["haar", "dlib_hog"])
+    assert sum(al.align_standalone(_read_rgb(p), params=old).crop is not None for p in paths) < len(ok)
+
+
+def test_standalone_routes_in_order_and_what_places_the_crop(lfw_images):
+    """Each route alone aligns an unmasked LFW portrait; the crops agree with the training
+    geometry (dlib's five points -> template) to a few pixels, whichever points place them."""
+    from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
+
+    det = LandmarkDetector(default_predictor_path())
+    for k, image in enumerate(lfw_images[:3]):
+        lm = det.detect(image).landmarks
+        train = geo.umeyama_similarity(geo.five_points_from_landmarks(lm), geo.TEMPLATE_5)
+        eyes = np.stack(geo.eye_centres_from_landmarks(lm))
+        for routes, points, expect in ((["retinaface"], "five", "retinaface5"),
+                                       (["retinaface"], "eyes", "retinaface_eyes"),
+                                       (["retinaface"], "dlib68", "retinaface_dlib68"),
+                                       (["haar", "retinaface"], "five", "haar_eyes"),
+                                       (["dlib_hog"], "five", "dlib_hog")):
+            res = al.align_standalone(image, params=StandaloneParams(routes=routes, retinaface_points=points))
+            assert res.route == expect, (k, routes)
+            shift = np.linalg.norm(geo.apply_matrix(res.matrix, eyes) - geo.apply_matrix(train, eyes), axis=1)
+            # dlib's own points (HOG or RetinaFace's box): the training crop; other points: near it
+            assert shift.max() < (1.0 if expect in ("dlib_hog", "retinaface_dlib68") else 6.0), (k, expect, shift)
 
 
 def test_standalone_rejects_bad_input_and_reports_no_face():

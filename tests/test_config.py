@@ -43,6 +43,9 @@ def test_external_training_set_and_its_checks():
     ({"mask": {"type_weights": {"surgical": 0.0}}}, "mask.type_weights", "at least one weight"),
     ({"train": {"distill": {"kind": "l1"}}}, "train.distill.kind", "'none', 'mse', 'cosine' or 'margin_cosine'"),
     ({"evaluate": {"mask_portions": [0.5, 2]}}, "evaluate.mask_portions", "in [0, 1]"),
+    ({"standalone": {"routes": ["sift"]}}, "standalone.routes.0", "'retinaface', 'haar', 'dlib_hog' or 'dlib_cnn'"),
+    ({"standalone": {"routes": ["haar", "haar"]}}, "standalone.routes", "distinct routes"),
+    ({"standalone": {"retinaface_points": "all"}}, "standalone.retinaface_points", "'five', 'eyes' or 'dlib68'"),
 ])
 def test_bad_values_name_key_and_allowed(data, key, expect):
     with pytest.raises(ParamsError) as err:
@@ -98,3 +101,10 @@ def test_no_param_is_dead():
 
     dead = [full for full, k in leaves(Params().model_dump()) if f".{k}" not in source and f'"{k}"' not in source]
     assert not dead, f"params read by no library code: {dead}"
+
+
+def test_standalone_routes_are_the_aligners():
+    from pipeline.align.detection import STANDALONE_ROUTES as aligner_routes
+    from pipeline.config import STANDALONE_ROUTES
+
+    assert STANDALONE_ROUTES == aligner_routes

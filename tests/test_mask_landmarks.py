@@ -54,18 +54,46 @@ def test_frontal_face_gets_hog_route_and_plausible_landmarks(detector):
 def test_small_face_needs_upsampling(detector):
     """Amelie Mauresmo 0021: HOG misses her at upsample 0 and finds her at upsample 1."""
     rgb = lfw_rgb("Amelie_Mauresmo/Amelie_Mauresmo_0021")
-    assert LandmarkDetector(check_predictor(None), max_upsample=0, haar_fallback=False).detect(rgb).route == ""
+    assert LandmarkDetector(check_predictor(None), max_upsample=0, retinaface_fallback=False,
+                            haar_fallback=False).detect(rgb).route == ""
     assert detector.detect(rgb).route == "hog_upsample1"
 
 
-def test_haar_fallback_when_hog_finds_nothing(detector):
-    """Abdoulaye Wade 0003: dark, soft face that dlib's HOG misses; the Haar box + predictor work."""
+def test_retinaface_then_haar_fallback_when_hog_finds_nothing(detector):
+    """Abdoulaye Wade 0003: dark, soft face that dlib's HOG misses. RetinaFace finds it, and its
+    five points put dlib's predictor where HOG would have; without RetinaFace the Haar box does."""
     rgb = lfw_rgb("Abdoulaye_Wade/Abdoulaye_Wade_0003")
     r = detector.detect(rgb)
-    assert r.route == "haar"
-    assert 60 < r.landmarks[30, 0] < 190 and 60 < r.landmarks[30, 1] < 190
-    no_haar = LandmarkDetector(check_predictor(None), haar_fallback=False).detect(rgb)
-    assert no_haar.route == "" and "Haar" not in no_haar.reason
+    assert r.route == "retinaface"
+    haar = LandmarkDetector(check_predictor(None), retinaface_fallback=False).detect(rgb)
+    assert haar.route == "haar"
+    for res in (r, haar):
+        assert 60 < res.landmarks[30, 0] < 190 and 60 < res.landmarks[30, 1] < 190
+    # the two routes agree on the face: eye centres within 10% of the eye distance
+    eyes = [np.stack([res.landmarks[36:42].mean(0), res.landmarks[42:48].mean(0)]) for res in (r, haar)]
+    assert np.linalg.norm(eyes[0] - eyes[1], axis=1).max() < 0.1 * np.linalg.norm(eyes[0][1] - eyes[0][0])
+    neither = LandmarkDetector(check_predictor(None), retinaface_fallback=False, haar_fallback=False).detect(rgb)
+    assert neither.route == "" and "Haar" not in neither.reason and "RetinaFace" not in neither.reason
+
+
+def test_retinaface_box_matches_dlib_hog_convention(detector):
+    """On faces HOG finds, the box made from RetinaFace's five points gives dlib's predictor the
+    same start: its 68 points match HOG's (HOG's own boxes jump between pyramid scales, ~10%)."""
+    import dlib
+
+    from pipeline.align import retinaface
+    from pipeline.align.geometry import dlib_box_from_points
+
+    for image_id in ("Aaron_Eckhart/Aaron_Eckhart_0001", "Colin_Powell/Colin_Powell_0001",
+                     "Serena_Williams/Serena_Williams_0001"):
+        rgb = lfw_rgb(image_id)
+        hog = detector.detect(rgb)
+        box = dlib_box_from_points(max(retinaface.detect(rgb), key=lambda f: f.score).points)
+        assert np.abs(np.subtract(box, hog.face_box)).max() < 0.2 * (hog.face_box[2] - hog.face_box[0]), image_id
+        shape = detector.predictor(rgb, dlib.rectangle(*box))
+        lm = np.array([[q.x, q.y] for q in shape.parts()], float)
+        eye_dist = np.linalg.norm(hog.landmarks[42:48].mean(0) - hog.landmarks[36:42].mean(0))
+        assert np.median(np.linalg.norm(lm - hog.landmarks, axis=1)) < 0.05 * eye_dist, image_id
 
 
 def test_subject_not_bystander_in_multi_face_image(detector):

