@@ -6,7 +6,8 @@ port, :mod:`pipeline.dlib_resnet`) does not depend on the model, so the `embed_r
 computes it once into a parquet that DVC caches; `evaluate` only scores it.
 
 Outputs (``out_dir``): metrics.json (nested, so ``dvc metrics show`` flattens it to keys like
-``gallery.rank1.mask_0.5``), plots/roc/<embedder>/<condition>.csv, plots/cmc/<embedder>/mask_<p>.csv
+``gallery.rank1.mask_0.5``), thresholds.json (`identify`'s decision thresholds per false-accept
+rate, keyed by embedder), plots/roc/<embedder>/<condition>.csv, plots/cmc/<embedder>/mask_<p>.csv
 (DVC plot data), roc.png and cmc.png.
 """
 from __future__ import annotations
@@ -25,12 +26,15 @@ from pipeline.config import EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
-from pipeline.metrics import (cmc, identification_ranks, roc_curve, thin_roc, verification_metrics)
-from pipeline.protocols import (Gallery, Pairs, build_gallery, build_paper_protocol,
+from pipeline.metrics import (cmc, identification_ranks, identity_scores, open_set_identification, roc_curve,
+                              thin_roc, threshold_at_rate, verification_metrics)
+from pipeline.protocols import (Gallery, Pairs, build_gallery, build_open_set, build_paper_protocol,
                                 check_identity_overlap, parse_pairs)
-from pipeline.tar_chunks import list_chunks, read_chunk, write_json
+from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk, write_json
 
 CONDITIONS = ("unmasked_unmasked", "masked_unmasked", "masked_masked")
+FPIR_TARGETS = (1e-2, 1e-1)  # open-set: the NIST FRVT 1:N operating points
+FAR_TARGETS = (1e-2, 1e-3, 1e-4)  # thresholds.json: the decision thresholds `identify` can use
 VIEW1_PAIRS = "pairsDevTest.txt"
 VIEW2_PAIRS = "pairs.txt"
 
@@ -235,6 +239,45 @@ def score_gallery(emb: EmbeddedSet, gallery: Gallery, portions, max_rank: int) -
     return out, curves
 
 
+def score_open_set(emb: EmbeddedSet, gallery: Gallery, portions, seed: int) -> dict:
+    """DIR at FPIR 1% and 10% per mask portion (:func:`pipeline.metrics.open_set_identification`):
+    half the gallery identities enrolled (raw), the other half searching as strangers; probes of
+    both kinds masked with probability p."""
+    split = build_open_set(gallery, seed=seed)
+    idx = emb.index()
+    g = np.array([idx[i] for i in split.enrolled], np.int64)
+    mated = np.array([idx[i] for i in split.mated], np.int64)
+    nonmated = np.array([idx[i] for i in split.nonmated], np.int64)
+    out: dict = {"identities_enrolled": len(split.enrolled), "mated_probes": len(split.mated),
+                 "nonmated_probes": len(split.nonmated)}
+    for p in portions:
+        mm, nm = split.masked(p)
+        res = open_set_identification(emb.raw[g], split.enrolled_identity,
+                                      np.where(mm[:, None], emb.masked[mated], emb.raw[mated]),
+                                      split.mated_identity,
+                                      np.where(nm[:, None], emb.masked[nonmated], emb.raw[nonmated]),
+                                      fpirs=FPIR_TARGETS)
+        for k, v in res.items():
+            out.setdefault(k, {})[portion_key(p)] = v
+    return out
+
+
+def decision_thresholds(emb: EmbeddedSet, gallery: Gallery) -> dict:
+    """Thresholds for `identify`'s accept / "unknown" decision at each false-accept rate in
+    :data:`FAR_TARGETS`, from masked-unmasked impostor scores: every gallery probe, masked, against
+    the enrolled (raw) image of every other identity (the case an access-control system meets: a
+    masked stranger at the door, unmasked enrolment photos)."""
+    idx = emb.index()
+    names, scores = identity_scores(emb.raw[[idx[i] for i in gallery.enrolled]], gallery.enrolled_identity,
+                                    emb.masked[[idx[i] for i in gallery.probes]])
+    impostor = scores[np.asarray(gallery.probe_identity)[:, None] != names[None, :]]
+    out = {"impostor_scores": int(impostor.size), "source": "LFW evaluation: masked probe vs unmasked enrolled, "
+           "different identities", "far": {}}
+    for far in FAR_TARGETS:
+        out["far"][f"{far:.0e}".replace("e-0", "e-")] = round(threshold_at_rate(impostor, far), 6)
+    return out
+
+
 def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: str | Path,
                      train_identities: set[str]) -> tuple[dict, dict]:
     """All metrics of one embedder + curves {"roc": {cond: (fpr, tpr)}, "cmc": {portion: curve}}."""
@@ -245,6 +288,7 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
                      "identity_overlap_with_train": len(overlap)}
     gallery = build_gallery(emb.image_ids, emb.identities, seed=params.seed)
     metrics["gallery"], cmc_curves = score_gallery(emb, gallery, params.mask_portions, params.cmc_max_rank)
+    metrics["open_set"] = score_open_set(emb, gallery, params.mask_portions, params.seed)
     view1 = parse_pairs(protocol_dir / VIEW1_PAIRS, n_folds=params.n_folds)
     check_identity_overlap(train_identities, view1.identities(), allow=params.allow_identity_overlap,
                            what="View 1 pair")
@@ -272,7 +316,7 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
         pm, _ = score_gallery(emb, paper, params.mask_portions, params.cmc_max_rank)
         metrics["paper_protocol"] = {"rank1": pm["rank1"], "not_comparable": 1,
                                      "note": paper.notes["note"]}
-    return metrics, {"roc": roc, "cmc": cmc_curves}
+    return metrics, {"roc": roc, "cmc": cmc_curves, "thresholds": decision_thresholds(emb, gallery)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,4 +498,11 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
     draw_figures(out_dir, results)
     metrics = _round(metrics)
     write_json(out_dir / "metrics.json", metrics)
+    # next to the metrics, keyed by the embedder they belong to: `identify` checks the model's sha256
+    thresholds = {"model": {**results["model"][1]["thresholds"], "model_sha256": file_sha256(model_path),
+                            "template": emb.embedder.get("template"), "flip": bool(params.flip)}}
+    if "dlib" in results:
+        thresholds["dlib"] = {**results["dlib"][1]["thresholds"], "model_sha256": "dlib",
+                              "template": ref.embedder.get("template"), "flip": bool(params.flip)}
+    write_json(out_dir / "thresholds.json", thresholds)
     return metrics

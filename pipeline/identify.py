@@ -1,9 +1,14 @@
 """`python -m pipeline.identify <probe photo> --gallery <folder | embeddings.parquet> --top-k 5`
 
-Who is this? The probe (masked or not) is aligned and embedded like `embed` does, then compared by
-cosine similarity with an enrolled gallery: a folder laid out ``<identity>/<photos>`` (or flat
-``<identity>.jpg``), embedded on the fly, or a parquet written by `python -m pipeline.embed`. An
-identity scores the best of its photos. Prints the top-k identities with their scores.
+Who is this, or nobody we know? An access-control check: the enrolled people are a folder laid out
+``<identity>/<photos>`` (or flat ``<identity>.jpg``), embedded on the fly, or a parquet written by
+`python -m pipeline.embed`; each identity is enrolled as the mean of its photos' embeddings. The
+probe (masked or not) is aligned and embedded like `embed` does, compared by cosine similarity,
+and gets the top-k identities with their scores AND a decision: the best identity when its score
+is above the threshold, else "unknown". The threshold is the one for a target false-accept rate
+(``--far``, default 1e-3), measured by the `evaluate` stage on masked-unmasked impostor pairs
+and stored in eval/thresholds.json for that very model (checked by its sha256); ``--threshold``
+sets one by hand.
 """
 from __future__ import annotations
 
@@ -15,19 +20,35 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.embed import add_model_args, embed_folder, embed_paths, embedder_info, table_embedder
+from pipeline.config import StandaloneParams
+from pipeline.embed import (add_model_args, embed_folder, embed_paths, embedder_info, standalone_params,
+                            table_embedder)
 from pipeline.embedders import make_embedder
+from pipeline.metrics import l2_normalize
+
+UNKNOWN = "unknown"
+DEFAULT_FAR = "1e-3"
 
 
 class GalleryError(ValueError):
     pass
 
 
-def load_gallery(gallery: str | Path, *, model: str, flip: bool, device: str, use_cnn: bool = False):
-    """(identities, unit embeddings, embedder info) of every embedded gallery photo."""
+def enrol(identities: list[str], embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(sorted identity names, one unit template each): the normalised mean of an identity's
+    photos, which is steadier than any one photo (and one comparison per person)."""
+    names = sorted(set(identities))
+    ids = np.asarray(identities)
+    templates = np.stack([embeddings[ids == n].mean(axis=0) for n in names])
+    return names, l2_normalize(templates).astype(np.float32)
+
+
+def load_gallery(gallery: str | Path, *, model: str, flip: bool, device: str,
+                 standalone: StandaloneParams | None = None):
+    """(identities, unit templates, embedder info, photos enrolled per identity)."""
     gallery = Path(gallery)
     if gallery.is_dir():
-        table = embed_folder(gallery, model=model, flip=flip, device=device, use_cnn=use_cnn)
+        table = embed_folder(gallery, model=model, flip=flip, device=device, standalone=standalone)
     elif gallery.is_file() and gallery.suffix == ".parquet":
         table = pq.read_table(gallery)
     else:
@@ -35,24 +56,42 @@ def load_gallery(gallery: str | Path, *, model: str, flip: bool, device: str, us
     t = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "embedded")
     if t.num_rows == 0:
         raise GalleryError(f"{gallery}: no photo could be aligned and embedded")
-    emb = np.array(t.column("embedding").to_pylist(), dtype=np.float32)
-    return t.column("identity").to_pylist(), emb, table_embedder(table)
+    idents = t.column("identity").to_pylist()
+    names, templates = enrol(idents, np.array(t.column("embedding").to_pylist(), dtype=np.float32))
+    return names, templates, table_embedder(table), {n: idents.count(n) for n in names}
 
 
-def rank_identities(probe: np.ndarray, identities: list[str], gallery: np.ndarray, top_k: int):
-    """[(identity, best cosine score)] best first; ties broken by name for a stable order."""
-    scores = gallery @ probe
-    best: dict[str, float] = {}
-    for ident, s in zip(identities, scores.tolist()):
-        best[ident] = max(best.get(ident, -np.inf), s)
-    return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+def rank_identities(probe: np.ndarray, names: list[str], templates: np.ndarray, top_k: int):
+    """[(identity, cosine score)] best first; ties broken by name for a stable order."""
+    scores = templates @ probe
+    return sorted(zip(names, scores.tolist()), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+
+
+def load_threshold(path: str | Path, info: dict, far: str) -> float:
+    """The decision threshold for ``far`` that `evaluate` measured for this very embedder."""
+    path = Path(path)
+    if not path.is_file():
+        raise GalleryError(f"no decision threshold: {path} not found (run `dvc repro evaluate` for this model, "
+                           f"or pass --threshold)")
+    entries = json.loads(path.read_text())
+    for entry in entries.values():
+        if all(entry.get(k) == info.get(k) for k in ("model_sha256", "template", "flip")):
+            if far not in entry["far"]:
+                raise GalleryError(f"--far {far}: {path} has thresholds for {', '.join(entry['far'])}")
+            return float(entry["far"][far])
+    raise GalleryError(f"{path} holds no thresholds for this model (sha256 {info.get('model_sha256')}, "
+                       f"flip={info.get('flip')}): evaluate it first, or pass --threshold")
 
 
 def identify(probes: list[str], *, gallery: str, model: str, top_k: int = 5, flip: bool = False,
-             device: str = "cpu", use_cnn: bool = False) -> list[dict]:
+             device: str = "cpu", standalone: StandaloneParams | None = None, threshold: float | None = None,
+             far: str = DEFAULT_FAR, thresholds_path: str | Path = "eval/thresholds.json") -> list[dict]:
     embedder = make_embedder(model, device=device)
     info = embedder_info(embedder, model, flip)
-    names, gal, gal_info = load_gallery(gallery, model=model, flip=flip, device=device, use_cnn=use_cnn)
+    if threshold is None:
+        threshold = load_threshold(thresholds_path, info, far)
+    names, templates, gal_info, photos = load_gallery(gallery, model=model, flip=flip, device=device,
+                                                      standalone=standalone)
     for key in ("model_sha256", "flip", "template"):
         if gal_info.get(key) != info.get(key):
             raise GalleryError(f"{gallery} was embedded with {key}={gal_info.get(key)!r}, the probe "
@@ -61,11 +100,14 @@ def identify(probes: list[str], *, gallery: str, model: str, top_k: int = 5, fli
     for p in probes:
         path = Path(p)
         row = embed_paths(path.parent, [path.name], embedder=embedder, flip=flip,
-                          use_cnn=use_cnn).to_pylist()[0]
-        result = {"probe": str(p), "status": row["status"], "route": row["route"], "reason": row["reason"]}
+                          standalone=standalone).to_pylist()[0]
+        result = {"probe": str(p), "status": row["status"], "route": row["route"], "reason": row["reason"],
+                  "threshold": round(threshold, 4)}
         if row["embedding"] is not None:
-            ranked = rank_identities(np.array(row["embedding"], np.float32), names, gal, top_k)
-            result["matches"] = [{"identity": n, "score": round(float(s), 4)} for n, s in ranked]
+            ranked = rank_identities(np.array(row["embedding"], np.float32), names, templates, top_k)
+            result["matches"] = [{"identity": n, "score": round(float(s), 4), "photos": photos[n]} for n, s in ranked]
+            best, score = ranked[0]
+            result["decision"] = best if score > threshold else UNKNOWN
         out.append(result)
     return out
 
@@ -75,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("probe", nargs="+", help="probe photo(s)")
     ap.add_argument("--gallery", required=True, help="folder <identity>/<photos>, or embeddings .parquet")
     ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--far", default=DEFAULT_FAR, help="target false-accept rate of the decision: 1e-2 | 1e-3 | 1e-4 "
+                                                       "(per comparison: with N people enrolled a stranger is let in "
+                                                       "about N times as often)")
+    ap.add_argument("--thresholds", default="eval/thresholds.json", help="the evaluate stage's thresholds file")
+    ap.add_argument("--threshold", type=float, help="decide at this cosine score instead (overrides --far)")
+    ap.add_argument("--json", action="store_true", help="print JSON (one object per probe) instead of a table")
     add_model_args(ap)
     args = ap.parse_args(argv)
     from pipeline.devices import select_device
@@ -86,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = identify(args.probe, gallery=args.gallery, model=args.model, top_k=args.top_k,
-                           flip=args.flip, device=str(select_device(args.device)), use_cnn=args.cnn)
+                           flip=args.flip, device=str(select_device(args.device)),
+                           standalone=standalone_params(args), threshold=args.threshold, far=args.far,
+                           thresholds_path=args.thresholds)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -97,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['probe']}  (alignment: {r['route']})")
             if "matches" not in r:
                 print(f"  not identified: {r['reason']}")
-            for k, m in enumerate(r.get("matches", []), start=1):
+                continue
+            print(f"  decision: {r['decision']}  (threshold {r['threshold']:.4f})")
+            for k, m in enumerate(r["matches"], start=1):
                 print(f"  {k}. {m['identity']:<40s} {m['score']:.4f}")
     return 0 if all("matches" in r for r in results) else 1
 

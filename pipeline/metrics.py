@@ -140,6 +140,18 @@ def thin_roc(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400) -> tuple[n
     return fpr[idx], tpr[idx]
 
 
+def identity_scores(gallery: np.ndarray, gallery_ids, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted identity names, P x I cosine scores): an identity scores the best of its enrolled
+    images (one image per identity, as in the evaluation, makes best and mean the same)."""
+    gallery_ids = np.asarray(gallery_ids)
+    names, inv = np.unique(gallery_ids, return_inverse=True)
+    sim = l2_normalize(probes) @ l2_normalize(gallery).T  # P x G
+    per_id = np.full((sim.shape[0], names.size), -np.inf, dtype=np.float64)
+    for g in range(names.size):
+        per_id[:, g] = sim[:, inv == g].max(axis=1)
+    return names, per_id
+
+
 def identification_ranks(gallery: np.ndarray, gallery_ids, probes: np.ndarray, probe_ids) -> np.ndarray:
     """Rank (1 = best) of each probe's true identity among the enrolled identities.
 
@@ -148,21 +160,47 @@ def identification_ranks(gallery: np.ndarray, gallery_ids, probes: np.ndarray, p
     collapsed embedding cannot earn a perfect rank. Probes whose identity is not enrolled are an
     error: they have no right answer.
     """
-    gallery_ids = np.asarray(gallery_ids)
     probe_ids = np.asarray(probe_ids)
-    names, inv = np.unique(gallery_ids, return_inverse=True)
+    names, per_id = identity_scores(gallery, gallery_ids, probes)
     missing = sorted(set(probe_ids.tolist()) - set(names.tolist()))
     if missing:
         raise ValueError(f"{len(missing)} probe identities are not enrolled, e.g. {missing[:3]}")
-    sim = l2_normalize(probes) @ l2_normalize(gallery).T  # P x G
-    per_id = np.full((sim.shape[0], names.size), -np.inf, dtype=np.float64)
-    for g in range(names.size):
-        per_id[:, g] = sim[:, inv == g].max(axis=1)
     true_col = np.searchsorted(names, probe_ids)
     true_score = per_id[np.arange(per_id.shape[0]), true_col]
     others = per_id >= true_score[:, None]
     others[np.arange(per_id.shape[0]), true_col] = False
     return 1 + others.sum(axis=1)
+
+
+def threshold_at_rate(impostor_scores: np.ndarray, rate: float) -> float:
+    """The smallest threshold at which at most ``rate`` of the impostor scores are above it
+    (a score must exceed the threshold to be accepted; ties stay rejected)."""
+    s = np.sort(np.asarray(impostor_scores, dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise ValueError("no impostor scores")
+    k = int(np.floor(rate * s.size + 1e-9))
+    return float(s[k]) if k < s.size else float(np.nextafter(s[-1], -np.inf))
+
+
+def open_set_identification(gallery: np.ndarray, gallery_ids, mated: np.ndarray, mated_ids,
+                            nonmated: np.ndarray, fpirs=(1e-2, 1e-1)) -> dict:
+    """NIST FRVT 1:N figures: at the threshold where a share ``fpir`` of the non-mated searches
+    (strangers) return any identity above it, the detection and identification rate (DIR) is the
+    share of mated searches whose true identity ranks first AND scores above it."""
+    names, mated_scores = identity_scores(gallery, gallery_ids, mated)
+    _, nonmated_scores = identity_scores(gallery, gallery_ids, nonmated)
+    mated_ids = np.asarray(mated_ids)
+    top = mated_scores.argmax(axis=1)
+    hit = names[top] == mated_ids
+    top_mated, top_nonmated = mated_scores.max(axis=1), nonmated_scores.max(axis=1)
+    out = {}
+    for f in fpirs:
+        t = threshold_at_rate(top_nonmated, f)
+        key = f"{f:.0e}".replace("e-0", "e-")
+        out[f"dir_at_fpir_{key}"] = float(np.mean(hit & (top_mated > t)))
+        out[f"threshold_at_fpir_{key}"] = t
+    out["rank1_mated"] = float(hit.mean())
+    return out
 
 
 def cmc(ranks: np.ndarray, max_rank: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.seeding import item_rng
+from pipeline.seeding import item_rng, rank_key
 
 # The report's protocol: every test identity (also those with one image) enrols its first image and
 # every image, the enrolled ones included, is a probe, so each enrolled image finds itself.
@@ -164,6 +164,42 @@ def build_gallery(image_ids, identities, *, seed: int) -> Gallery:
     return Gallery(enrolled, enrolled_identity, probes, probe_identity, _probe_draws(seed, probes),
                    {"identities_enrolled": len(enrolled), "probes": len(probes),
                     "identities_single_image_skipped": singles})
+
+
+@dataclass
+class OpenSet:
+    """Open-set (watch-list) identification: half the gallery identities stay enrolled (their
+    probes are mated searches), the other half is left out and every one of its images searches as
+    a stranger (non-mated). ``*_draws`` decide which probes wear the mask, as in :class:`Gallery`."""
+
+    enrolled: list[str]
+    enrolled_identity: list[str]
+    mated: list[str]
+    mated_identity: list[str]
+    nonmated: list[str]
+    mated_draws: np.ndarray
+    nonmated_draws: np.ndarray
+
+    def masked(self, portion: float) -> tuple[np.ndarray, np.ndarray]:
+        if not 0.0 <= portion <= 1.0:
+            raise ValueError(f"mask portion must be in [0, 1], got {portion}")
+        return self.mated_draws < portion, self.nonmated_draws < portion
+
+
+def build_open_set(gallery: Gallery, *, seed: int) -> OpenSet:
+    """Split a closed :class:`Gallery` by identity: the half with the smallest seeded hashes is
+    left out of the enrolment (exactly half, rounded down; the choice depends on names only)."""
+    names = sorted(set(gallery.enrolled_identity), key=lambda n: (rank_key(seed, "open_set", n), n))
+    if len(names) < 2:
+        raise ProtocolError("open-set identification needs at least 2 gallery identities")
+    left_out = set(names[:len(names) // 2])
+    enrolled = [(i, n) for i, n in zip(gallery.enrolled, gallery.enrolled_identity) if n not in left_out]
+    mated = [(i, n) for i, n in zip(gallery.probes, gallery.probe_identity) if n not in left_out]
+    nonmated = sorted([i for i, n in zip(gallery.enrolled, gallery.enrolled_identity) if n in left_out] +
+                      [i for i, n in zip(gallery.probes, gallery.probe_identity) if n in left_out])
+    return OpenSet([i for i, _ in enrolled], [n for _, n in enrolled], [i for i, _ in mated],
+                   [n for _, n in mated], nonmated, _probe_draws(seed, [i for i, _ in mated]),
+                   _probe_draws(seed, nonmated))
 
 
 def build_paper_protocol(image_ids, identities, *, seed: int) -> Gallery:

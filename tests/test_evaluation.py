@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import EvaluateParams
 from pipeline.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned,
-                                 load_embeddings, portion_key, read_train_identities,
+                                 load_embeddings, read_train_identities,
                                  run_embed_reference, run_evaluate, score_embeddings, score_gallery,
                                  score_verification)
 from pipeline.metrics import identification_ranks, l2_normalize
@@ -129,6 +129,28 @@ def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_open_set_figures_and_decision_thresholds_are_written(tiny, evaluated):
+    """DIR at FPIR 1% / 10% per mask portion for both embedders, and `identify`'s thresholds per
+    false-accept rate in thresholds.json, keyed by the embedder they belong to."""
+    from pipeline.tar_chunks import file_sha256
+
+    for m in (evaluated, evaluated["reference"]["dlib"]):
+        o = m["open_set"]
+        assert o["identities_enrolled"] == m["gallery"]["identities_enrolled"] // 2
+        assert o["identities_enrolled"] + o["mated_probes"] + o["nonmated_probes"] == \
+            m["gallery"]["identities_enrolled"] + m["gallery"]["probes"]
+        for key in ("dir_at_fpir_1e-2", "dir_at_fpir_1e-1", "rank1_mated"):
+            assert set(o[key]) == {"mask_0", "mask_0.5", "mask_1.0"}
+            assert all(0.0 <= v <= 1.0 for v in o[key].values())
+        for p in o["dir_at_fpir_1e-2"]:  # a stricter FPIR never detects more
+            assert o["dir_at_fpir_1e-2"][p] <= o["dir_at_fpir_1e-1"][p] <= o["rank1_mated"][p]
+    t = json.loads((tiny / "eval" / "thresholds.json").read_text())
+    assert t["model"]["model_sha256"] == file_sha256(tiny / "model.pt") and t["dlib"]["model_sha256"] == "dlib"
+    for entry in t.values():
+        assert entry["template"] == "dlib150" and entry["flip"] is False and entry["impostor_scores"] > 0
+        assert entry["far"]["1e-4"] >= entry["far"]["1e-3"] >= entry["far"]["1e-2"]
+
+
 def test_paper_protocol_is_labelled_and_leaks(tiny, evaluated):
     """The real gallery never lets an image probe itself; the paper protocol does, for every enrolled
     image, and on real (dlib) embeddings each of those probes finds itself at cosine 1, rank 1."""
@@ -183,7 +205,8 @@ def test_paper_protocol_is_labelled_and_leaks(tiny, evaluated):
 
 def test_same_inputs_give_identical_outputs(tiny, evaluated, tmp_path):
     _evaluate(tiny, tmp_path)
-    assert (tmp_path / "metrics.json").read_bytes() == (tiny / "eval" / "metrics.json").read_bytes()
+    for name in ("metrics.json", "thresholds.json"):
+        assert (tmp_path / name).read_bytes() == (tiny / "eval" / name).read_bytes()
     csvs = sorted((tiny / "eval" / "plots").rglob("*.csv"))
     assert len(csvs) == 2 * (3 + 3)
     for f in csvs:

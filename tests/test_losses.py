@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.losses import ArcFace, balancing_mask, distill_per_pair, pair_loss
 

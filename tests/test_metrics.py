@@ -107,3 +107,31 @@ def test_thin_roc_keeps_ends_and_is_monotone():
     f2, t2 = metrics.thin_roc(fpr, tpr, 200)
     assert f2.size <= 200 and f2[0] == 0.0 and f2[-1] == 1.0 and t2[-1] == 1.0
     assert (np.diff(f2) >= 0).all() and (np.diff(t2) >= 0).all()
+
+
+def test_threshold_at_rate_lets_through_at_most_that_share():
+    s = np.arange(100) / 100  # 0.00 .. 0.99
+    assert metrics.threshold_at_rate(s, 0.01) == 0.98  # only 0.99 is above it: 1 in 100
+    assert metrics.threshold_at_rate(s, 0.1) == 0.89
+    assert metrics.threshold_at_rate(s, 0.0) == 0.99  # nothing above
+    assert metrics.threshold_at_rate(np.array([0.5, 0.5, 0.5, 0.2]), 0.5) == 0.5  # ties stay rejected
+    with pytest.raises(ValueError):
+        metrics.threshold_at_rate(np.array([]), 0.1)
+
+
+def test_dir_at_fpir_hand_computed():
+    # Enrolled: A at 0 deg, B at 90. Mated searches: a1 at 30 (A, cos30 = .866), a2 at 80 (A, but
+    # B is closer: a miss), b1 at 95 (B, cos5 = .996), b2 at 150 (B, cos60 = .5).
+    gallery = np.array([_unit(0), _unit(90)])
+    mated = np.array([_unit(30), _unit(80), _unit(95), _unit(150)])
+    # Ten strangers: best scores cos25 = .906 (at 25, near A), cos40 = .766 (at 130, near B), the
+    # other eight far from both (at 200..270: best score <= cos110 < 0).
+    nonmated = np.array([_unit(25), _unit(130)] + [_unit(a) for a in range(200, 280, 10)])
+    got = metrics.open_set_identification(gallery, ["A", "B"], mated, ["A", "A", "B", "B"], nonmated)
+    # FPIR 10%: one stranger of ten may pass -> threshold .766 -> a1 (.866) and b1 (.996) found
+    assert got["threshold_at_fpir_1e-1"] == pytest.approx(np.cos(np.deg2rad(40)))
+    assert got["dir_at_fpir_1e-1"] == 0.5
+    # FPIR 1%: no stranger may pass -> threshold .906 -> only b1
+    assert got["threshold_at_fpir_1e-2"] == pytest.approx(np.cos(np.deg2rad(25)))
+    assert got["dir_at_fpir_1e-2"] == 0.25
+    assert got["rank1_mated"] == 0.75

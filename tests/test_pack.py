@@ -1,7 +1,6 @@
 """The pack stage on the tiny real pipeline's aligned pairs."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter

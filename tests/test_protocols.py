@@ -151,3 +151,25 @@ def test_read_people_reads_both_views_and_checks_the_counts(tmp_path):
             protocols.read_people(tmp_path / name)
     (tmp_path / "ok.txt").write_text("2\n1\nA\t1\n2\nB\t1\nC\t3\n")
     assert protocols.read_people(tmp_path / "ok.txt") == {"A", "B", "C"}
+
+
+def test_open_set_leaves_half_the_identities_out_as_strangers():
+    ids, idents = _lfw_test_images()
+    g = protocols.build_gallery(ids, idents, seed=0)
+    o = protocols.build_open_set(g, seed=0)
+    ident_of = dict(zip(ids, idents))
+    enrolled = set(o.enrolled_identity)
+    # exactly half of the 496 gallery identities stay enrolled, one image each
+    assert len(enrolled) == len(o.enrolled) == 248
+    # mated searches: the enrolled identities' probes; non-mated: every image of the others
+    assert {ident_of[i] for i in o.mated} == enrolled and o.mated_identity == [ident_of[i] for i in o.mated]
+    assert not {ident_of[i] for i in o.nonmated} & enrolled
+    # every gallery image plays exactly one part
+    assert sorted(o.enrolled + o.mated + o.nonmated) == sorted(g.enrolled + g.probes)
+    # seeded by names: the same split again, another one with another seed
+    assert protocols.build_open_set(g, seed=0).nonmated == o.nonmated
+    assert protocols.build_open_set(g, seed=1).nonmated != o.nonmated
+    mm, nm = o.masked(1.0)
+    assert mm.all() and nm.all() and not o.masked(0.0)[1].any()
+    with pytest.raises(protocols.ProtocolError):
+        protocols.build_open_set(protocols.build_gallery(["A/1", "A/2"], ["A", "A"], seed=0), seed=0)
