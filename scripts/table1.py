@@ -2,11 +2,16 @@
 
     dvc exp show --json > exps.json && python scripts/table1.py exps.json
     python scripts/table1.py            # runs `dvc exp show --json` itself
+    dvc exp show -A --json | python scripts/table1.py - --assume train.arcface.init=auto
 
 Experiments are grouped by every parameter except the training seed (so runs that differ in
 anything else never get averaged together); each group is a row named by its method (ArcFace when
 train.distill.kind is none or beta is 0). Cells are mean +- sample std (n-1) in percent over the
-group's seeds. The dlib reference row (same for every run) is added when the metrics hold it.
+group's seeds. A seed that appears twice in a group (the same run shown at several commits, e.g. with
+`-A`) counts once: the newest listing is kept and the others are named on stderr. ``--assume
+KEY=VALUE`` fills a param that older runs lack with the value they ran with (a param added later),
+so they group with the runs that have it. The dlib reference row (same for every run) is added when
+the metrics hold it.
 Below the table, each distillation row is compared with the row of the same start without
 distillation: difference of means and whether it exceeds 2 sample std.
 """
@@ -18,6 +23,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 CONDITIONS = ("unmasked_unmasked", "masked_unmasked", "masked_masked")
 DEFAULT_COLUMNS = (("gallery.rank1.mask_0", "gallery.rank1.mask_0.5", "gallery.rank1.mask_1.0")
@@ -91,11 +98,20 @@ def _freeze(v):
     return json.dumps(v, sort_keys=True)
 
 
-def group(records: list[dict]) -> list[tuple[str, list[dict]]]:
+def group(records: list[dict], assume: dict | None = None) -> list[tuple[str, list[dict]]]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        key = tuple(sorted((k, _freeze(v)) for k, v in r["params"].items() if k not in SEED_KEYS))
-        groups.setdefault(key, []).append(r)
+        params = {**(assume or {}), **r["params"]}
+        key = tuple(sorted((k, _freeze(v)) for k, v in params.items() if k not in SEED_KEYS))
+        runs = groups.setdefault(key, [])
+        seed = tuple(_freeze(r["params"].get(k)) for k in SEED_KEYS)
+        twin = next((x for x in runs if tuple(_freeze(x["params"].get(k)) for k in SEED_KEYS) == seed), None)
+        if twin is None:
+            runs.append(r)
+        else:  # the same run listed again (another commit): one seed counts once
+            same = "same metrics" if twin["metrics"] == r["metrics"] else "OTHER metrics"
+            print(f"note: {r['name']} repeats {twin['name']}'s params and seed ({same}); counted once",
+                  file=sys.stderr)
     labelled = [(method_label(rs[0]["params"]), key, rs) for key, rs in groups.items()]
     # two groups with the same method name: add the parameters that tell them apart
     out = []
@@ -119,10 +135,10 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
 
 
-def build_table(exp_show: list, columns=DEFAULT_COLUMNS) -> list[dict]:
+def build_table(exp_show: list, columns=DEFAULT_COLUMNS, assume: dict | None = None) -> list[dict]:
     rows = []
     records = experiments(exp_show)
-    for label, rs in group(records):
+    for label, rs in group(records, assume):
         row = {"method": label, "seeds": len(rs),
                "seed_values": sorted({r["params"].get("train.seed") for r in rs}, key=str)}
         for c in columns:
@@ -205,7 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
                     help="comma-separated flattened metric keys")
     ap.add_argument("--out", help="also write the table to this file")
+    ap.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
+                    help="a param older runs lack, with the value they ran with (YAML value; repeatable)")
     args = ap.parse_args(argv)
+    assume = {}
+    for item in args.assume:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --assume {item!r}: expected KEY=VALUE, e.g. train.arcface.init=auto", file=sys.stderr)
+            return 2
+        assume[key] = yaml.safe_load(value)
     if args.json == "-":
         text = sys.stdin.read()
     elif args.json:
@@ -218,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             return p.returncode
         text = p.stdout
     columns = tuple(c.strip() for c in args.columns.split(",") if c.strip())
-    rows = build_table(json.loads(text), columns)
+    rows = build_table(json.loads(text), columns, assume)
     if not rows:
         print("error: no experiment with eval/metrics.json found", file=sys.stderr)
         return 1

@@ -106,3 +106,20 @@ def test_fine_tuning_rows_name_their_start_and_teacher():
     assert label == "dlib fine-tuned: frozen teacher (cosine, beta=1, raw=2)"
     assert table1.method_label({"train.pretrained": "dlib", "train.distill.kind": "none"}) == \
         "dlib fine-tuned: ArcFace"
+
+
+def test_a_run_listed_at_two_commits_counts_once_and_older_runs_take_assumed_params(capsys):
+    def rec(rev, params, v):
+        return {"rev": rev, "name": rev, "error": None, "experiments": None,
+                "data": {"rev": rev, "params": {"params.yaml": {"data": params}},
+                         "metrics": {"eval/metrics.json": {"data": {"gallery": {"rank1": {"mask_0": v}}}}}}}
+    new = {"train": {"seed": 0, "distill": {"kind": "none"}, "arcface": {"init": "auto"}}}
+    old = {"train": {"seed": 1, "distill": {"kind": "none"}}}  # before arcface.init existed
+    data = [rec("head", new, 0.5), rec("base", new, 0.5), rec("s1", old, 0.7)]
+    cols = ("gallery.rank1.mask_0",)
+    # without --assume the old run is a group of its own; the seed-0 run shown twice counts once
+    rows = table1.build_table(data, cols)
+    assert sorted(r["seeds"] for r in rows) == [1, 1]
+    assert "base repeats head's params and seed (same metrics); counted once" in capsys.readouterr().err
+    [row] = table1.build_table(data, cols, assume={"train.arcface.init": "auto"})
+    assert row["seeds"] == 2 and row["seed_values"] == [0, 1] and table1.cell(row[cols[0]]) == "60.0 ± 14.1"
