@@ -251,7 +251,7 @@ class StandaloneParams(Section):
     routes: list[Literal["retinaface", "haar", "dlib_hog", "dlib_cnn"]] = Field(
         default_factory=lambda: ["retinaface", "haar", "dlib_hog"])
     retinaface_score: float = Field(0.5, gt=0.0, lt=1.0)  # detection confidence threshold
-    retinaface_long_side: int = Field(640, ge=128, le=4096)  # photos are resized to this long side first
+    retinaface_long_side: int = Field(512, ge=128, le=4096)  # photos are resized to this long side first
     # which points place the crop: RetinaFace's five | its two eyes | dlib's 68 inside its box -> five
     retinaface_points: Literal["five", "eyes", "dlib68"] = "five"
 

@@ -1,6 +1,8 @@
-"""Fit pipeline.align.retinaface.POINT_OFFSETS: where RetinaFace's five points land, on average, in
-the crop that dlib's five points (the training crops' `landmarks5` route) make. Aligning
-RetinaFace's points onto template + offset then gives, on average, the training geometry.
+"""Where RetinaFace's five points land, on average, in the crop that dlib's five points (the
+training crops' `landmarks5` route) make: the offsets a calibration onto the training geometry
+would use (aligning RetinaFace's points onto template + offset), and what they would buy.
+README, "Photos without a twin", says why standalone alignment does without them: the offsets on
+unmasked faces are small, and a mask shifts the points by more, differently.
 
 Fits on the train split (raw photos), reports the test split (other people), raw and with the
 synthetic mask on (the probe case): per point the mean offset, and the share of images whose
