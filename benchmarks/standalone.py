@@ -25,6 +25,7 @@ from pipeline.align.detection import align_standalone  # noqa: E402
 from pipeline.align.geometry import get_template  # noqa: E402
 from pipeline.config import StandaloneParams, load_params  # noqa: E402
 from pipeline.embed import load_rgb  # noqa: E402
+from pipeline.protocols import read_people  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,12 @@ def run(paths: list[Path], params: StandaloneParams, template, desc: str) -> dic
 
 
 def lfw_test_photos(lfw: Path) -> list[Path]:
-    people = [ln.split()[0] for ln in (lfw / "peopleDevTest.txt").read_text().splitlines()[1:] if ln.strip()]
-    return sorted(p for name in people for p in (lfw / "lfw-deepfunneled" / name).glob("*.jpg"))
+    return sorted(p for name in read_people(lfw / "peopleDevTest.txt") for p in (lfw / "lfw-deepfunneled" / name).glob("*.jpg"))
+
+
+def spread(paths: list[Path], n: int) -> list[Path]:
+    """``n`` paths taken at an even stride (all of them when n is 0)."""
+    return paths[:: max(1, len(paths) // n)][:n] if n else paths
 
 
 def main() -> None:
@@ -67,9 +72,7 @@ def main() -> None:
     params = load_params(args.params)
     template = get_template(params.align.template)
     rmfd = sorted(p for p in Path(args.rmfd).rglob("*") if p.is_file())
-    lfw = lfw_test_photos(Path(args.lfw))
-    if args.lfw_n:
-        lfw = lfw[:: max(1, len(lfw) // args.lfw_n)][:args.lfw_n]
+    lfw = spread(lfw_test_photos(Path(args.lfw)), args.lfw_n)
     figures: dict = {"stage": "standalone_align", "routes_tried": params.standalone.routes,
                      "template": template.name, "threads": 1}
     with PeakRSS() as rss:
@@ -77,7 +80,7 @@ def main() -> None:
         figures["lfw_test"] = run(lfw, params.standalone, template, "lfw test")
     figures["peak_rss_mib"] = rss.peak_mib
     if args.baseline_n:
-        sample = rmfd[:: max(1, len(rmfd) // args.baseline_n)][:args.baseline_n]
+        sample = spread(rmfd, args.baseline_n)
         old = params.standalone.model_copy(update={"routes": ["haar", "dlib_hog"]})
         figures["rmfd_sample_old_chain"] = run(sample, old, template, "rmfd, old chain")
         figures["rmfd_sample_new_chain"] = run(sample, params.standalone, template, "rmfd, new chain")

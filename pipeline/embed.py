@@ -136,15 +136,16 @@ def write_sheet(path: str | Path, tiles: list[tuple[np.ndarray, str]], *, reject
 
 def embed_folder(folder: str | Path, *, model: str, flip: bool = False, batch_size: int = 64,
                  standalone: StandaloneParams | None = None, device: str = "cpu",
-                 sheet: str | Path | None = None) -> pa.Table:
-    """Every file under ``folder`` (sorted, recursive) -> one row; metadata names the embedder."""
+                 sheet: str | Path | None = None, embedder: Embedder | None = None) -> pa.Table:
+    """Every file under ``folder`` (sorted, recursive) -> one row; metadata names the embedder
+    (``embedder``: the one already loaded for ``model``)."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"not a folder: {root}")
     files = _walk_files(root)
     if not files:
         raise ValueError(f"{root}: no files found")
-    embedder = make_embedder(model, device=device)
+    embedder = embedder or make_embedder(model, device=device)
     table = embed_paths(root, files, embedder=embedder, flip=flip, batch_size=batch_size,
                         standalone=standalone, sheet=sheet)
     meta = embedder_info(embedder, model, flip)

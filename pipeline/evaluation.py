@@ -26,8 +26,8 @@ from pipeline.config import EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
-from pipeline.metrics import (cmc, identification_ranks, identity_scores, open_set_identification, roc_curve,
-                              thin_roc, threshold_at_rate, verification_metrics)
+from pipeline.metrics import (cmc, identification_ranks, identity_scores, open_set_identification, rate_key,
+                              roc_curve, thin_roc, threshold_at_rate, verification_metrics)
 from pipeline.protocols import (Gallery, Pairs, build_gallery, build_open_set, build_paper_protocol,
                                 check_identity_overlap, parse_pairs)
 from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk, write_json
@@ -274,13 +274,14 @@ def decision_thresholds(emb: EmbeddedSet, gallery: Gallery) -> dict:
     out = {"impostor_scores": int(impostor.size), "source": "LFW evaluation: masked probe vs unmasked enrolled, "
            "different identities", "far": {}}
     for far in FAR_TARGETS:
-        out["far"][f"{far:.0e}".replace("e-0", "e-")] = round(threshold_at_rate(impostor, far), 6)
+        out["far"][rate_key(far)] = round(threshold_at_rate(impostor, far), 6)
     return out
 
 
 def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: str | Path,
                      train_identities: set[str]) -> tuple[dict, dict]:
-    """All metrics of one embedder + curves {"roc": {cond: (fpr, tpr)}, "cmc": {portion: curve}}."""
+    """All metrics of one embedder, and what is written beside them: {"roc": {cond: (fpr, tpr)},
+    "cmc": {portion: curve}, "thresholds": :func:`decision_thresholds`}."""
     protocol_dir = Path(protocol_dir)
     test_ids = set(emb.identities)
     overlap = check_identity_overlap(train_identities, test_ids, allow=params.allow_identity_overlap)

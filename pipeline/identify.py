@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.config import StandaloneParams
 from pipeline.embed import (add_model_args, embed_folder, embed_paths, embedder_info, standalone_params,
                             table_embedder)
-from pipeline.embedders import make_embedder
+from pipeline.embedders import Embedder, make_embedder
 from pipeline.metrics import l2_normalize
 
 UNKNOWN = "unknown"
@@ -44,11 +44,12 @@ def enrol(identities: list[str], embeddings: np.ndarray) -> tuple[list[str], np.
 
 
 def load_gallery(gallery: str | Path, *, model: str, flip: bool, device: str,
-                 standalone: StandaloneParams | None = None):
+                 standalone: StandaloneParams | None = None, embedder: Embedder | None = None):
     """(identities, unit templates, embedder info, photos enrolled per identity)."""
     gallery = Path(gallery)
     if gallery.is_dir():
-        table = embed_folder(gallery, model=model, flip=flip, device=device, standalone=standalone)
+        table = embed_folder(gallery, model=model, flip=flip, device=device, standalone=standalone,
+                             embedder=embedder)
     elif gallery.is_file() and gallery.suffix == ".parquet":
         table = pq.read_table(gallery)
     else:
@@ -91,16 +92,16 @@ def identify(probes: list[str], *, gallery: str, model: str, top_k: int = 5, fli
     if threshold is None:
         threshold = load_threshold(thresholds_path, info, far)
     names, templates, gal_info, photos = load_gallery(gallery, model=model, flip=flip, device=device,
-                                                      standalone=standalone)
+                                                      standalone=standalone, embedder=embedder)
     for key in ("model_sha256", "flip", "template"):
         if gal_info.get(key) != info.get(key):
             raise GalleryError(f"{gallery} was embedded with {key}={gal_info.get(key)!r}, the probe "
                                f"with {info.get(key)!r}: re-embed the gallery with the same model")
+    # every probe aligned, then embedded in batches (paths as given: relative to the working folder)
+    rows = embed_paths(Path("."), [str(p) for p in probes], embedder=embedder, flip=flip,
+                       standalone=standalone).to_pylist()
     out = []
-    for p in probes:
-        path = Path(p)
-        row = embed_paths(path.parent, [path.name], embedder=embedder, flip=flip,
-                          standalone=standalone).to_pylist()[0]
+    for p, row in zip(probes, rows):
         result = {"probe": str(p), "status": row["status"], "route": row["route"], "reason": row["reason"],
                   "threshold": round(threshold, 4)}
         if row["embedding"] is not None:

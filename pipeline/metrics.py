@@ -172,6 +172,11 @@ def identification_ranks(gallery: np.ndarray, gallery_ids, probes: np.ndarray, p
     return 1 + others.sum(axis=1)
 
 
+def rate_key(rate: float) -> str:
+    """How a rate names a metric or threshold key: 1e-2 -> '1e-2' (as in ``tar_at_far_1e-2``)."""
+    return f"{rate:.0e}".replace("e-0", "e-")
+
+
 def threshold_at_rate(impostor_scores: np.ndarray, rate: float) -> float:
     """The smallest threshold at which at most ``rate`` of the impostor scores are above it
     (a score must exceed the threshold to be accepted; ties stay rejected)."""
@@ -196,7 +201,7 @@ def open_set_identification(gallery: np.ndarray, gallery_ids, mated: np.ndarray,
     out = {}
     for f in fpirs:
         t = threshold_at_rate(top_nonmated, f)
-        key = f"{f:.0e}".replace("e-0", "e-")
+        key = rate_key(f)
         out[f"dir_at_fpir_{key}"] = float(np.mean(hit & (top_mated > t)))
         out[f"threshold_at_fpir_{key}"] = t
     out["rank1_mated"] = float(hit.mean())

@@ -99,20 +99,18 @@ def _freeze(v):
 
 
 def group(records: list[dict], assume: dict | None = None) -> list[tuple[str, list[dict]]]:
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, dict[tuple, dict]] = {}  # params but seed -> seed -> first run listed
     for r in records:
         params = {**(assume or {}), **r["params"]}
         key = tuple(sorted((k, _freeze(v)) for k, v in params.items() if k not in SEED_KEYS))
-        runs = groups.setdefault(key, [])
-        seed = tuple(_freeze(r["params"].get(k)) for k in SEED_KEYS)
-        twin = next((x for x in runs if tuple(_freeze(x["params"].get(k)) for k in SEED_KEYS) == seed), None)
-        if twin is None:
-            runs.append(r)
-        else:  # the same run listed again (another commit): one seed counts once
+        seed = tuple(_freeze(params.get(k)) for k in SEED_KEYS)
+        twin = groups.setdefault(key, {}).setdefault(seed, r)
+        if twin is not r:  # the same run listed again (another commit): one seed counts once
             same = "same metrics" if twin["metrics"] == r["metrics"] else "OTHER metrics"
             print(f"note: {r['name']} repeats {twin['name']}'s params and seed ({same}); counted once",
                   file=sys.stderr)
-    labelled = [(method_label(rs[0]["params"]), key, rs) for key, rs in groups.items()]
+    labelled = [(method_label(first["params"]), key, list(by_seed.values()))
+                for key, by_seed in groups.items() for first in [next(iter(by_seed.values()))]]
     # two groups with the same method name: add the parameters that tell them apart
     out = []
     for label, key, rs in labelled:
