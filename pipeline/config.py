@@ -134,9 +134,6 @@ class ArcFaceParams(Section):
     # that wreck it in 50 steps (dlib's val accuracy 0.92 -> 0.51). auto = class_means when
     # train.pretrained is not none, else random
     init: Literal["auto", "random", "class_means"] = "auto"
-    # which twins the classifier trains: both, or the masked one only (with a frozen teacher the raw
-    # twin then stays where the teacher puts it, and only the masked face learns LFW's classes)
-    branches: Literal["both", "masked"] = "both"
 
 
 class DistillParams(Section):

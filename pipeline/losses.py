@@ -110,10 +110,9 @@ class PairLoss:
 def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels: torch.Tensor, *,
               kind: str, beta: float, margin: float = 0.0, dynamic: bool = False,
               stop_grad: str = "none", ce_weight: float = 1.0, teacher: torch.Tensor | None = None,
-              raw_weight: float = 1.0, contrastive: float = 0.0, temperature: float = 0.07,
-              ce_branches: str = "both") -> PairLoss:
+              raw_weight: float = 1.0, contrastive: float = 0.0, temperature: float = 0.07) -> PairLoss:
     """ce_weight * (CE(raw) + CE(masked)) + beta * distill (+ contrastive * teacher_contrastive)
-    for one batch of twins; ``ce_branches="masked"`` drops CE(raw) from the total (still logged).
+    for one batch of twins.
 
     distill is d(e_raw, e_masked) (twin distillation), or with ``teacher`` (a frozen network's
     embeddings of the raw twins) d(e_masked, teacher) + raw_weight * d(e_raw, teacher).
@@ -123,8 +122,6 @@ def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels
     """
     if stop_grad not in ("none", "raw"):
         raise ValueError(f"stop_grad must be 'none' or 'raw', got {stop_grad!r}")
-    if ce_branches not in ("both", "masked"):
-        raise ValueError(f"ce_branches must be 'both' or 'masked', got {ce_branches!r}")
     logits_r, cos_r = head(e_raw, labels)
     logits_m, cos_m = head(e_masked, labels)
     ce_r, ce_m = F.cross_entropy(logits_r, labels), F.cross_entropy(logits_m, labels)
@@ -142,7 +139,7 @@ def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels
     if kind == "none":
         weight = torch.zeros_like(per_pair)
     distill = (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
-    total = ce_weight * ((ce_r if ce_branches == "both" else 0.0) + ce_m) + beta * distill
+    total = ce_weight * (ce_r + ce_m) + beta * distill
     con = torch.zeros((), device=total.device)
     if contrastive:
         if teacher is None:

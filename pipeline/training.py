@@ -205,7 +205,7 @@ class PairModel(nn.Module):
 
     def __init__(self, net: nn.Module, head: ArcFace, params: TrainParams, teacher: nn.Module | None = None):
         super().__init__()
-        self.net, self.head, self.p, self.arcface = net, head, params.distill, params.arcface
+        self.net, self.head, self.p, self.ce_weight = net, head, params.distill, params.arcface.weight
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -226,9 +226,8 @@ class PairModel(nn.Module):
         with torch.autocast(emb.device.type, enabled=False):  # margins and cosines in fp32
             return pair_loss(self.head, e_raw, e_masked, labels, kind=self.p.kind, beta=self.p.beta,
                              margin=self.p.margin, dynamic=self.p.dynamic, stop_grad=self.p.stop_grad,
-                             ce_weight=self.arcface.weight, teacher=teacher, raw_weight=self.p.raw_weight,
-                             contrastive=self.p.contrastive, temperature=self.p.temperature,
-                             ce_branches=self.arcface.branches)
+                             ce_weight=self.ce_weight, teacher=teacher, raw_weight=self.p.raw_weight,
+                             contrastive=self.p.contrastive, temperature=self.p.temperature)
 
 
 def build_pair_model(params: TrainParams, num_classes: int, device: torch.device,

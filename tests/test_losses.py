@@ -248,16 +248,3 @@ def test_pair_loss_adds_the_weighted_contrastive_term_and_needs_a_teacher():
     assert out.total.item() == pytest.approx(base.total.item() + 0.5 * con.item(), abs=1e-6)
     with pytest.raises(ValueError, match="needs a frozen teacher"):
         pair_loss(head, e_r, e_m, labels, kind="cosine", beta=1.0, contrastive=0.5)
-
-
-def test_ce_on_the_masked_branch_only_drops_ce_raw_from_the_total():
-    head = _head([[1.0, 0.0], [0.0, 1.0]])
-    e_r, e_m = torch.tensor([[1.0, 0.3], [0.2, 1.0]]), torch.tensor([[0.6, 0.7], [0.9, 0.8]])
-    labels = torch.tensor([0, 1])
-    both = pair_loss(head, e_r, e_m, labels, kind="none", beta=0.0, ce_weight=2.0)
-    masked = pair_loss(head, e_r, e_m, labels, kind="none", beta=0.0, ce_weight=2.0, ce_branches="masked")
-    assert both.total.item() == pytest.approx(2.0 * (both.ce_raw + both.ce_masked).item(), rel=1e-6)
-    assert masked.total.item() == pytest.approx(2.0 * masked.ce_masked.item(), rel=1e-6)
-    assert masked.ce_raw.item() == pytest.approx(both.ce_raw.item())  # still logged
-    with pytest.raises(ValueError, match="'both' or 'masked'"):
-        pair_loss(head, e_r, e_m, labels, kind="none", beta=0.0, ce_branches="raw")
