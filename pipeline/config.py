@@ -147,10 +147,6 @@ class DistillParams(Section):
     # embeddings towards it (template-level distillation, Huber et al., FG 2021)
     teacher: Literal["self", "frozen"] = "frozen"
     raw_weight: float = Field(2.0, ge=0.0)  # frozen teacher: weight of the student(raw) term
-    # frozen teacher: weight of InfoNCE between the student's masked embeddings and the batch's
-    # teacher embeddings (own twin positive, other people negative); 0 = off
-    contrastive: float = Field(0.0, ge=0.0)
-    temperature: float = Field(0.07, gt=0.0, le=1.0)  # of the contrastive term
 
 
 class AugmentParams(Section):
@@ -216,9 +212,6 @@ class TrainParams(Section):
         if self.distill.teacher == "frozen" and self.pretrained == "none":
             raise ValueError("train.distill.teacher: frozen copies the starting network, which with "
                              "train.pretrained none is random; allowed there: self")
-        if self.distill.contrastive and self.distill.teacher != "frozen":
-            raise ValueError("train.distill.contrastive contrasts against the frozen teacher's "
-                             "embeddings; allowed with teacher self: 0")
         if self.arcface.weight == 0 and (self.distill.kind == "none" or self.distill.beta == 0):
             raise ValueError("train.arcface.weight 0 and no distillation (train.distill.kind none or "
                              "beta 0) leaves nothing to train")

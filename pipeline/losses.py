@@ -81,20 +81,6 @@ def balancing_mask(cos_raw: torch.Tensor, cos_masked: torch.Tensor, labels: torc
     return (cos_raw.argmax(1) == labels) & (cos_masked.argmax(1) == labels)
 
 
-def teacher_contrastive(e_masked: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
-    """Mean InfoNCE over the batch: row i scores cos(e_masked_i, teacher_j) / temperature against
-    every j; the target is j = i. Other images of the same person are left out of row i (they are
-    neither the twin nor a negative)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = F.normalize(e_masked.float(), dim=1) @ F.normalize(teacher.float(), dim=1).T / temperature
-    n = logits.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-    logits = logits.masked_fill((labels[:, None] == labels[None, :]) & ~eye, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(n, device=logits.device))
-
-
 @dataclass
 class PairLoss:
     total: torch.Tensor
@@ -104,21 +90,19 @@ class PairLoss:
     fraction: torch.Tensor  # share of pairs that contributed to the distillation term
     correct_raw: torch.Tensor  # (B,) bool, margin-free
     correct_masked: torch.Tensor
-    contrastive: torch.Tensor  # teacher_contrastive before its weight (0 when off)
 
 
 def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels: torch.Tensor, *,
               kind: str, beta: float, margin: float = 0.0, dynamic: bool = False,
               stop_grad: str = "none", ce_weight: float = 1.0, teacher: torch.Tensor | None = None,
-              raw_weight: float = 1.0, contrastive: float = 0.0, temperature: float = 0.07) -> PairLoss:
-    """ce_weight * (CE(raw) + CE(masked)) + beta * distill (+ contrastive * teacher_contrastive)
-    for one batch of twins.
+              raw_weight: float = 1.0) -> PairLoss:
+    """ce_weight * (CE(raw) + CE(masked)) + beta * distill for one batch of twins.
 
     distill is d(e_raw, e_masked) (twin distillation), or with ``teacher`` (a frozen network's
     embeddings of the raw twins) d(e_masked, teacher) + raw_weight * d(e_raw, teacher).
     ``dynamic``: only pairs classified correctly on both sides contribute, averaged over those
     pairs. ``stop_grad="raw"``: the raw branch is a fixed teacher inside the twin distillation
-    term (its own CE still trains it). ``contrastive`` > 0 needs ``teacher``.
+    term (its own CE still trains it).
     """
     if stop_grad not in ("none", "raw"):
         raise ValueError(f"stop_grad must be 'none' or 'raw', got {stop_grad!r}")
@@ -140,11 +124,5 @@ def pair_loss(head: ArcFace, e_raw: torch.Tensor, e_masked: torch.Tensor, labels
         weight = torch.zeros_like(per_pair)
     distill = (per_pair * weight).sum() / weight.sum().clamp_min(1.0)
     total = ce_weight * (ce_r + ce_m) + beta * distill
-    con = torch.zeros((), device=total.device)
-    if contrastive:
-        if teacher is None:
-            raise ValueError("the contrastive term needs a frozen teacher's embeddings")
-        con = teacher_contrastive(e_masked, teacher, labels, temperature)
-        total = total + contrastive * con
     return PairLoss(total, ce_r.detach(), ce_m.detach(), distill.detach(), weight.mean().detach(),
-                    ok_r, ok_m, con.detach())
+                    ok_r, ok_m)

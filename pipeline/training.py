@@ -226,8 +226,7 @@ class PairModel(nn.Module):
         with torch.autocast(emb.device.type, enabled=False):  # margins and cosines in fp32
             return pair_loss(self.head, e_raw, e_masked, labels, kind=self.p.kind, beta=self.p.beta,
                              margin=self.p.margin, dynamic=self.p.dynamic, stop_grad=self.p.stop_grad,
-                             ce_weight=self.ce_weight, teacher=teacher, raw_weight=self.p.raw_weight,
-                             contrastive=self.p.contrastive, temperature=self.p.temperature)
+                             ce_weight=self.ce_weight, teacher=teacher, raw_weight=self.p.raw_weight)
 
 
 def build_pair_model(params: TrainParams, num_classes: int, device: torch.device,
@@ -391,12 +390,12 @@ def _check_finite(finite: bool, step: int) -> None:
                                  f"lower train.lr, or check the data")
 
 
-LOGGED = ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked", "contrastive")
+LOGGED = ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked")
 
 
 def _loss_parts(out: PairLoss) -> tuple[torch.Tensor, ...]:
     return (out.total, out.ce_raw, out.ce_masked, out.distill, out.fraction,
-            out.correct_raw.float().mean(), out.correct_masked.float().mean(), out.contrastive)
+            out.correct_raw.float().mean(), out.correct_masked.float().mean())
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import ArcFace, balancing_mask, distill_per_pair, pair_loss, teacher_contrastive
+from pipeline.losses import ArcFace, balancing_mask, distill_per_pair, pair_loss
 
 
 def _head(weight, s=10.0, m=0.5) -> ArcFace:
@@ -213,38 +213,3 @@ def test_stop_grad_raw_makes_the_raw_branch_a_fixed_teacher():
     assert (raw_free.abs().sum(dim=1) > 1e-3).all()
     assert torch.allclose(masked_fixed, masked_free, atol=1e-6)  # the student side is unchanged
     assert (masked_free.abs().sum(dim=1) > 1e-3).all()
-
-
-def test_teacher_contrastive_hand_computed_and_same_person_left_out():
-    """Row i: -log softmax_j(cos(m_i, t_j) / T)[i], with other images of person i dropped from row i."""
-    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    ang = [0.3, 2.0, 2.5]  # masked embeddings at these angles, arbitrary norms
-    m = torch.tensor([[math.cos(a), math.sin(a)] for a in ang]) * torch.tensor([[2.0], [0.5], [3.0]])
-    temp = 0.5
-    cos = [[math.cos(a - b) for b in (0.0, math.pi / 2, math.pi)] for a in ang]
-
-    def row(i, keep):
-        z = [cos[i][j] / temp for j in keep]
-        return -(cos[i][i] / temp - math.log(sum(math.exp(v) for v in z)))
-
-    distinct = teacher_contrastive(m, t, torch.tensor([0, 1, 2]), temp)
-    assert distinct.item() == pytest.approx(sum(row(i, [0, 1, 2]) for i in range(3)) / 3, abs=1e-5)
-    # images 0 and 2 are the same person: neither is the other's negative
-    shared = teacher_contrastive(m, t, torch.tensor([5, 1, 5]), temp)
-    expected = (row(0, [0, 1]) + row(1, [0, 1, 2]) + row(2, [1, 2])) / 3
-    assert shared.item() == pytest.approx(expected, abs=1e-5)
-
-
-def test_pair_loss_adds_the_weighted_contrastive_term_and_needs_a_teacher():
-    head = _head([[1.0, 0.0], [0.0, 1.0]])
-    e_r = torch.tensor([[1.0, 0.1], [0.2, 1.0]])
-    e_m = torch.tensor([[0.9, 0.4], [0.5, 0.8]])
-    teacher, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
-    base = pair_loss(head, e_r, e_m, labels, kind="cosine", beta=1.0, ce_weight=0.0, teacher=teacher)
-    out = pair_loss(head, e_r, e_m, labels, kind="cosine", beta=1.0, ce_weight=0.0, teacher=teacher,
-                    contrastive=0.5, temperature=0.1)
-    con = teacher_contrastive(e_m, teacher, labels, 0.1)
-    assert base.contrastive.item() == 0.0 and out.contrastive.item() == pytest.approx(con.item())
-    assert out.total.item() == pytest.approx(base.total.item() + 0.5 * con.item(), abs=1e-6)
-    with pytest.raises(ValueError, match="needs a frozen teacher"):
-        pair_loss(head, e_r, e_m, labels, kind="cosine", beta=1.0, contrastive=0.5)

@@ -354,23 +354,6 @@ def test_frozen_teacher_fine_tuning_trains_the_student_only(tiny_shards):
     assert model.net.training and not model.teacher.training
 
 
-def test_contrastive_term_reaches_the_loss_through_the_pair_model(tiny_shards):
-    """train.distill.contrastive: at the first step student == teacher, so the term is InfoNCE of
-    teacher(masked) against the batch's teacher(raw), and the total adds it with its weight."""
-    from pipeline.losses import teacher_contrastive
-
-    params = TrainParams(**{**FINE_TUNE, "distill": {**FINE_TUNE["distill"], "contrastive": 0.5,
-                                                     "temperature": 0.1}})
-    shards = read_shard_set(tiny_shards)
-    model, opt = build_pair_model(params, len(shards.classes), torch.device("cpu"), shards.template)
-    batch = next(iter(make_pair_loader(shards.train, batch_size=4, augment=None, seed=0, shuffle_buffer=8)))
-    with torch.no_grad():
-        expected = teacher_contrastive(model.teacher(batch[1]), model.teacher(batch[0]), batch[2], 0.1)
-    out = train_step(model, opt, batch, lr=1e-3, grad_clip=5.0, device=torch.device("cpu"))
-    assert out.contrastive.item() == pytest.approx(expected.item(), rel=1e-4) and expected.item() > 0
-    assert out.total.item() == pytest.approx(out.distill.item() + 0.5 * expected.item(), rel=1e-5)
-
-
 def test_fine_tuning_params_are_checked_against_the_backbone():
     from pipeline.config import ParamsError, parse_params
 
