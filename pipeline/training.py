@@ -40,7 +40,7 @@ from pipeline.config import TrainParams
 from pipeline.devices import select_device
 from pipeline.dlib_resnet import Affine
 from pipeline.losses import ArcFace, PairLoss, pair_loss
-from pipeline.metrics import auc, kfold_accuracy, roc_curve
+from pipeline.metrics import auc, identification_ranks, kfold_accuracy, roc_curve
 from pipeline.models import build_embedding_net, make_net
 from pipeline.pair_loader import check_shard_count, make_pair_loader
 from pipeline.tar_chunks import dumps_json, file_sha256, list_chunks
@@ -146,6 +146,17 @@ def val_pairs(labels: np.ndarray, seed: int, max_pairs: int, folds: int = 10) ->
     return {"gallery": pairs[:, 0], "probe": pairs[:, 1], "same": issame, "fold": fold}
 
 
+def val_gallery(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(gallery, probes) indices for rank-1 on the held-out people: each person with >= 2 images
+    enrols the first, the others search (people with one image enrol it as a distractor)."""
+    _, first, inverse, counts = np.unique(np.asarray(labels), return_index=True, return_inverse=True,
+                                          return_counts=True)
+    searches = np.ones(len(inverse), bool)
+    searches[first] = False
+    searches &= counts[inverse] >= 2
+    return np.sort(first), np.flatnonzero(searches)
+
+
 @torch.no_grad()
 def embed_pairs(net: nn.Module, batches: Iterable, device: torch.device,
                 autocast: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -171,7 +182,9 @@ def embed_pairs(net: nn.Module, batches: Iterable, device: torch.device,
 
 class Validator:
     """Verification on the held-out identities (val shards, streamed: nothing held in memory
-    between validations): raw gallery vs masked probe (``accuracy``) and raw vs raw."""
+    between validations): raw gallery vs masked probe (``accuracy``, the selection metric) and raw
+    vs raw; and gallery rank-1 with raw and masked probes, where forgetting shows first (unmasked
+    pair accuracy hides it)."""
 
     def __init__(self, val_shards: list[Path], params: TrainParams, device: torch.device, autocast: Any,
                  batch_size: int):
@@ -195,6 +208,11 @@ class Validator:
             out[name] = kfold_accuracy(scores, p["same"], p["fold"]).accuracy
             if name == "accuracy":
                 out["auc"] = auc(*roc_curve(scores, p["same"])[:2])
+        gallery, probes = val_gallery(labels)
+        if probes.size:
+            for name, probe in (("rank1_raw", e_raw), ("rank1_masked", e_masked)):
+                ranks = identification_ranks(e_raw[gallery], labels[gallery], probe[probes], labels[probes])
+                out[name] = float(np.mean(ranks == 1))
         return out
 
 

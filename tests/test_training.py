@@ -25,7 +25,7 @@ from pipeline.models import load_embedding_model
 from pipeline.pair_loader import make_pair_loader
 from pipeline.tar_chunks import list_chunks, read_chunk
 from pipeline.training import (build_pair_model, code_fingerprint, fingerprint, lr_at, read_shard_set, train,
-                               train_step, val_pairs)
+                               train_step, val_gallery, val_pairs)
 
 ROOT = Path(__file__).resolve().parents[1]
 # the from-scratch recipe (ResNet18, ArcFace + the report's twin distillation), at toy size
@@ -51,6 +51,13 @@ def test_val_pairs_are_balanced_and_never_pair_an_image_with_itself():
     assert set(p["fold"]) <= set(range(10))
     again = val_pairs(labels, seed=0, max_pairs=20)
     assert all(np.array_equal(p[k], again[k]) for k in p)
+
+
+def test_val_gallery_enrols_each_persons_first_image_and_searches_with_the_rest():
+    labels = np.array([2, 0, 2, 1, 0, 2, 3])
+    gallery, probes = val_gallery(labels)
+    assert gallery.tolist() == [0, 1, 3, 6]  # first of 2, 0, 1, 3 (1 and 3: single images, distractors)
+    assert probes.tolist() == [2, 4, 5]
 
 
 def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
@@ -132,6 +139,7 @@ def test_validation_identities_never_train_and_the_model_is_written(tiny_shards,
     assert net(torch.zeros(2, 3, 150, 150)).shape == (2, 32)
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and metrics["best_val_accuracy"] == s["best_val_accuracy"]
+    assert 0.0 <= metrics["val"]["rank1_masked"] <= 1.0 and 0.0 <= metrics["val"]["rank1_raw"] <= 1.0
     for name in ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked", "lr",
                  "samples_per_s"):
         rows = (tmp_path / "live" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()
