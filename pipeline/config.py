@@ -126,9 +126,10 @@ class ArcFaceParams(Section):
 
     s: float = Field(32.0, gt=0.0)  # logit scale
     m: float = Field(0.2, ge=0.0, lt=1.6)  # additive angular margin, radians
-    # weight of CE(raw) + CE(masked); 0 = no classification term (the CPU default: fine-tuning a
-    # pretrained network on LFW's ~1k train classes overwrites what millions of faces taught it)
-    weight: float = Field(0.0, ge=0.0)
+    # weight of CE(raw) + CE(masked); 0 = no classification term. On a pretrained start alone it
+    # overwrites what millions of faces taught (unmasked rank-1 -1.5 points); with the frozen
+    # teacher holding the unmasked faces (distill.raw_weight 4) it is the CPU default
+    weight: float = Field(1.0, ge=0.0)
     # the class centres at the start: random, or each class's mean embedding under the starting
     # network (weight imprinting): a pretrained net with random centres gets CE ~14 and gradients
     # that wreck it in 50 steps (dlib's val accuracy 0.92 -> 0.51). auto = class_means when
@@ -146,7 +147,7 @@ class DistillParams(Section):
     # of the starting network embeds the raw twin and pulls the student's masked AND raw
     # embeddings towards it (template-level distillation, Huber et al., FG 2021)
     teacher: Literal["self", "frozen"] = "frozen"
-    raw_weight: float = Field(2.0, ge=0.0)  # frozen teacher: weight of the student(raw) term
+    raw_weight: float = Field(4.0, ge=0.0)  # frozen teacher: weight of the student(raw) term
 
 
 class AugmentParams(Section):

@@ -10,7 +10,8 @@ train.distill.kind is none or beta is 0). Cells are mean +- sample std (n-1) in 
 group's seeds. A seed that appears twice in a group (the same run shown at several commits, e.g. with
 `-A`) counts once: the newest listing is kept and the others are named on stderr. ``--assume
 KEY=VALUE`` fills a param that older runs lack with the value they ran with (a param added later),
-so they group with the runs that have it. The dlib reference row (same for every run) is added when
+so they group with the runs that have it. ``--min-seeds N`` leaves out groups with fewer seeds
+(single exploratory runs listed in the same range of commits). The dlib reference row (same for every run) is added when
 the metrics hold it.
 Below the table, each distillation row is compared with the row of the same start without
 distillation: difference of means and whether it exceeds 2 sample std.
@@ -98,7 +99,7 @@ def _freeze(v):
     return json.dumps(v, sort_keys=True)
 
 
-def group(records: list[dict], assume: dict | None = None) -> list[tuple[str, list[dict]]]:
+def group(records: list[dict], assume: dict | None = None, min_seeds: int = 1) -> list[tuple[str, list[dict]]]:
     groups: dict[tuple, dict[tuple, dict]] = {}  # params but seed -> seed -> first run listed
     for r in records:
         params = {**(assume or {}), **r["params"]}
@@ -110,7 +111,8 @@ def group(records: list[dict], assume: dict | None = None) -> list[tuple[str, li
             print(f"note: {r['name']} repeats {twin['name']}'s params and seed ({same}); counted once",
                   file=sys.stderr)
     labelled = [(method_label(first["params"]), key, list(by_seed.values()))
-                for key, by_seed in groups.items() for first in [next(iter(by_seed.values()))]]
+                for key, by_seed in groups.items() if len(by_seed) >= min_seeds
+                for first in [next(iter(by_seed.values()))]]
     # two groups with the same method name: add the parameters that tell them apart
     out = []
     for label, key, rs in labelled:
@@ -133,10 +135,11 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
 
 
-def build_table(exp_show: list, columns=DEFAULT_COLUMNS, assume: dict | None = None) -> list[dict]:
+def build_table(exp_show: list, columns=DEFAULT_COLUMNS, assume: dict | None = None,
+                min_seeds: int = 1) -> list[dict]:
     rows = []
     records = experiments(exp_show)
-    for label, rs in group(records, assume):
+    for label, rs in group(records, assume, min_seeds):
         row = {"method": label, "seeds": len(rs),
                "seed_values": sorted({r["params"].get("train.seed") for r in rs}, key=str)}
         for c in columns:
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the table to this file")
     ap.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
                     help="a param older runs lack, with the value they ran with (YAML value; repeatable)")
+    ap.add_argument("--min-seeds", type=int, default=1, metavar="N",
+                    help="leave out methods with fewer than N seeds (single exploratory runs)")
     args = ap.parse_args(argv)
     assume = {}
     for item in args.assume:
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             return p.returncode
         text = p.stdout
     columns = tuple(c.strip() for c in args.columns.split(",") if c.strip())
-    rows = build_table(json.loads(text), columns, assume)
+    rows = build_table(json.loads(text), columns, assume, args.min_seeds)
     if not rows:
         print("error: no experiment with eval/metrics.json found", file=sys.stderr)
         return 1

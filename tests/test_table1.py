@@ -97,6 +97,9 @@ def test_runs_differing_in_other_params_are_not_averaged():
     assert sorted((r["method"], r["seeds"]) for r in rows) == [
         ("from scratch: ArcFace + self distillation (mse, beta=1) [train.epochs=1]", 2),
         ("from scratch: ArcFace + self distillation (mse, beta=1) [train.epochs=5]", 1)]
+    # --min-seeds 2: the single exploratory run is left out (the dlib row needs no seeds)
+    rows = table1.build_table(data, ("gallery.rank1.mask_0",), min_seeds=2)
+    assert [(r["method"], r["seeds"]) for r in rows] == [("from scratch: ArcFace + self distillation (mse, beta=1)", 2)]
 
 
 def test_fine_tuning_rows_name_their_start_and_teacher():
@@ -104,6 +107,10 @@ def test_fine_tuning_rows_name_their_start_and_teacher():
                                  "train.distill.kind": "cosine", "train.distill.beta": 1.0,
                                  "train.distill.teacher": "frozen", "train.distill.raw_weight": 2.0})
     assert label == "dlib fine-tuned: frozen teacher (cosine, beta=1, raw=2)"
+    assert table1.method_label({"train.pretrained": "dlib", "train.arcface.weight": 1.0, "train.distill.kind": "cosine",
+                                "train.distill.beta": 1.0, "train.distill.teacher": "frozen",
+                                "train.distill.raw_weight": 4.0}) == \
+        "dlib fine-tuned: ArcFace + frozen teacher (cosine, beta=1, raw=4)"
     assert table1.method_label({"train.pretrained": "dlib", "train.distill.kind": "none"}) == \
         "dlib fine-tuned: ArcFace"
 
