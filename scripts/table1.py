@@ -11,8 +11,8 @@ group's seeds. A seed that appears twice in a group (the same run shown at sever
 `-A`) counts once: the newest listing is kept and the others are named on stderr. ``--assume
 KEY=VALUE`` fills a param that older runs lack with the value they ran with (a param added later),
 so they group with the runs that have it. ``--min-seeds N`` leaves out groups with fewer seeds
-(single exploratory runs listed in the same range of commits). The dlib reference row (same for every run) is added when
-the metrics hold it.
+(single exploratory runs listed in the same range of commits). The dlib reference row (same for
+every run) is added when the metrics hold it.
 Below the table, each distillation row is compared with the row of the same start without
 distillation: difference of means and whether it exceeds 2 sample std.
 """

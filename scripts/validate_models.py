@@ -30,8 +30,11 @@ CACHE = Path(".dvc/cache/files/md5")
 
 def cached_model(rev: str) -> Path:
     """models/model.pt of the train stage in ``rev``'s dvc.lock, from the DVC cache."""
-    lock = yaml.safe_load(subprocess.run(["git", "show", f"{rev}:dvc.lock"], check=True,
-                                         capture_output=True, text=True).stdout)
+    shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"{rev!r} is neither a model file nor a git revision with a dvc.lock: "
+                         f"{shown.stderr.strip()}")
+    lock = yaml.safe_load(shown.stdout)
     outs = lock["stages"]["train"]["outs"]
     md5 = next(o["md5"] for o in outs if o["path"] == "models")
     manifest = json.loads((CACHE / md5[:2] / md5[2:]).read_text())
@@ -39,12 +42,12 @@ def cached_model(rev: str) -> Path:
     return CACHE / file_md5[:2] / file_md5[2:]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="dlib | a model.pt path | a git revision")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     params = load_params(args.params).train
     device = select_device(params.device)
     shards = read_shard_set(Path(args.shards))

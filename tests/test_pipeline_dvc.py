@@ -183,7 +183,7 @@ def test_queued_experiments_and_table(tiny_project):
     assert {1, 2} <= betas, json.dumps(shown)[:3000]
     table = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "table1.py")], cwd=tiny_project,
                            capture_output=True, text=True, check=True).stdout
-    assert "| method | seeds |" in table and "dlib fine-tuned: frozen teacher (cosine, beta=2" in table
+    assert "| method | seeds |" in table and "dlib fine-tuned: ArcFace + frozen teacher (cosine, beta=2" in table
 
 
 @pytest.mark.slow
