@@ -49,7 +49,8 @@ def run(paths: list[Path], params: StandaloneParams, template, desc: str) -> dic
 
 
 def lfw_test_photos(lfw: Path) -> list[Path]:
-    return sorted(p for name in read_people(lfw / "peopleDevTest.txt") for p in (lfw / "lfw-deepfunneled" / name).glob("*.jpg"))
+    people = read_people(lfw / "peopleDevTest.txt")
+    return sorted(p for name in people for p in (lfw / "lfw-deepfunneled" / name).glob("*.jpg"))
 
 
 def spread(paths: list[Path], n: int) -> list[Path]:

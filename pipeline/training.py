@@ -190,7 +190,8 @@ class Validator:
                  batch_size: int):
         self.shards, self.params, self.device, self.autocast = val_shards, params, device, autocast
         self.batch_size = batch_size
-        self.pairs: Optional[dict[str, np.ndarray]] = None
+        self.pairs: Optional[dict[str, np.ndarray]] = None  # drawn at the first call, then fixed
+        self.gallery: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     def __call__(self, net: nn.Module) -> dict[str, float]:
         # rank 0 reads every val shard (explicit rank/world: not split across DDP ranks)
@@ -201,6 +202,7 @@ class Validator:
             raise ValueError("validation needs >= 2 held-out identities with images in val-*.tar")
         if self.pairs is None:
             self.pairs = val_pairs(labels, self.params.seed, self.params.val_max_pairs)
+            self.gallery = val_gallery(labels)
         p = self.pairs
         out = {}
         for name, probe in (("accuracy", e_masked), ("accuracy_raw", e_raw)):
@@ -208,7 +210,7 @@ class Validator:
             out[name] = kfold_accuracy(scores, p["same"], p["fold"]).accuracy
             if name == "accuracy":
                 out["auc"] = auc(*roc_curve(scores, p["same"])[:2])
-        gallery, probes = val_gallery(labels)
+        gallery, probes = self.gallery
         if probes.size:
             for name, probe in (("rank1_raw", e_raw), ("rank1_masked", e_masked)):
                 ranks = identification_ranks(e_raw[gallery], labels[gallery], probe[probes], labels[probes])

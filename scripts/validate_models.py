@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.devices import select_device  # noqa: E402
-from pipeline.models import build_embedding_net, load_embedding_model  # noqa: E402
+from pipeline.embedders import make_embedder  # noqa: E402
 from pipeline.training import Validator, autocast_for, read_shard_set  # noqa: E402
 
 CACHE = Path(".dvc/cache/files/md5")
@@ -53,12 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     shards = read_shard_set(Path(args.shards))
     validator = Validator(shards.val, params, device, autocast_for(device, params.bf16), batch_size=128)
     for name in args.models:
-        if name == "dlib":
-            net = build_embedding_net("dlib_resnet", None, 0.0, "dlib", None, shards.template).eval()
-        else:
-            net = load_embedding_model(name if Path(name).is_file() else cached_model(name))
+        spec = name if name == "dlib" or Path(name).is_file() else str(cached_model(name))
+        net = make_embedder(spec, device=str(device), template=shards.template).model
         with torch.no_grad():
-            out = validator(net.to(device))
+            out = validator(net)
         print(json.dumps({"model": name, **{k: round(v, 5) for k, v in out.items()}}), flush=True)
 
 
