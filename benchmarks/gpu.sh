@@ -30,7 +30,7 @@ data["compute"]["n_jobs"] = ncpu
 data["pack"]["shard_max_count"] = 2000  # shards >= ranks x workers
 data["train"].update({"batch_size": 512, "lr": 2e-4, "epochs": 1, "warmup_steps": 2, "num_workers": 8,
                       "device": "cuda", "val_every": 0, "log_every": 10, "backbone": "resnet18",
-                      "pretrained": "none", "embedding_dim": None, "weight_decay": 5e-4,
+                      "pretrained": "none", "wise_alpha": 1.0, "embedding_dim": None, "weight_decay": 5e-4,
                       "arcface": {"weight": 1.0, "s": 64.0, "m": 0.5},
                       "distill": {**data["train"]["distill"], "teacher": "self", "dynamic": True}})
 Path(out).write_text(yaml.safe_dump(data, sort_keys=False))

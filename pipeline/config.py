@@ -195,6 +195,11 @@ class TrainParams(Section):
     shuffle_buffer: int = Field(1000, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (CPU runs in fp32)
+    # models/model.pt = start + wise_alpha x (best fine-tuned - start): the weight-space ensemble of
+    # WiSE-FT (Wortsman et al., CVPR 2022) with the pretrained start, which gives back part of what
+    # fine-tuning forgot on unmasked faces and keeps most of the masked gain. 1 = the fine-tuned
+    # weights; below 1 needs a face-recognition start (pretrained dlib)
+    wise_alpha: float = Field(0.7, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _compatible(self) -> "TrainParams":
@@ -213,6 +218,9 @@ class TrainParams(Section):
         if self.distill.teacher == "frozen" and self.pretrained == "none":
             raise ValueError("train.distill.teacher: frozen copies the starting network, which with "
                              "train.pretrained none is random; allowed there: self")
+        if self.wise_alpha < 1 and self.pretrained != "dlib":
+            raise ValueError(f"train.wise_alpha={self.wise_alpha:g} interpolates towards the starting network, "
+                             f"which with train.pretrained {self.pretrained} is no face model; allowed there: 1")
         if self.arcface.weight == 0 and (self.distill.kind == "none" or self.distill.beta == 0):
             raise ValueError("train.arcface.weight 0 and no distillation (train.distill.kind none or "
                              "beta 0) leaves nothing to train")

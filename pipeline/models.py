@@ -200,3 +200,23 @@ def load_embedding_model(path: str | Path, device: str | torch.device = "cpu") -
                    cfg.get("template", LEGACY_TEMPLATE))
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval()
+
+
+def interpolate_weights(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """The weight-space ensemble of a fine-tuned network and its start (WiSE-FT, Wortsman et al.,
+    CVPR 2022): start + alpha x (end - start), per floating-point tensor (others are taken from
+    ``end``). Fine-tuning from a pretrained start stays in one basin, so the line between the two
+    keeps most of what fine-tuning gained while giving back part of what it forgot; alpha 1 is the
+    fine-tuned network, 0 the start."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"interpolation weight must lie in [0, 1], got {alpha}")
+    if start.keys() != end.keys():
+        raise ValueError(f"start and fine-tuned weights differ in names: {sorted(start.keys() ^ end.keys())[:3]}")
+    out = {}
+    for k, v in end.items():
+        s = start[k].to(v.device)
+        if s.shape != v.shape:
+            raise ValueError(f"{k}: start {tuple(s.shape)} vs fine-tuned {tuple(v.shape)}")
+        out[k] = torch.lerp(s.to(v.dtype), v, alpha) if v.is_floating_point() else v.clone()
+    return out

@@ -4,7 +4,8 @@ One readable loop in the spirit of nanoGPT's train.py. What it guarantees:
 
 - Model selection never sees the test set: pack holds out a seeded share of the TRAIN identities
   (``val-*.tar``, never in a training step); verification pairs among them, probe side masked, give
-  ``val/accuracy``; the best point by it becomes ``models/model.pt``.
+  ``val/accuracy``; the best point by it, moved back towards the pretrained start by
+  ``wise_alpha`` (WiSE-FT), becomes ``models/model.pt``, validated once more as it is written.
 - Resume without stale results: the resume state (``last.pt``, ``best.pt``) lives in its own folder
   OUTSIDE the DVC output, written atomically after every epoch. It is resumed only when its
   fingerprint matches: params, shard hashes, world size AND the code (every .py of pipeline/ and
@@ -41,7 +42,7 @@ from pipeline.devices import select_device
 from pipeline.dlib_resnet import Affine
 from pipeline.losses import ArcFace, PairLoss, pair_loss
 from pipeline.metrics import auc, identification_ranks, kfold_accuracy, roc_curve
-from pipeline.models import build_embedding_net, make_net
+from pipeline.models import build_embedding_net, interpolate_weights, make_net
 from pipeline.pair_loader import check_shard_count, make_pair_loader
 from pipeline.tar_chunks import dumps_json, file_sha256, list_chunks
 
@@ -437,6 +438,7 @@ class Trainer:
     live: Any = None
     make_loader: Callable[..., Iterable] = make_pair_loader
     loader: Any = field(default=None, repr=False)  # the train loader, built once (see train_loader)
+    start: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)  # wise_alpha < 1: the start's weights
 
     @property
     def per_rank_batch(self) -> int:
@@ -468,6 +470,22 @@ class Trainer:
             save_atomic(model_checkpoint(self.model.net, meta), self.resume_dir / "best.pt")
         self.live.summary["best_val_accuracy"] = float(s.best)
         self.live.make_summary()
+
+    def final_checkpoint(self) -> dict:
+        """Rank 0, after the last epoch: best.pt moved towards the start by ``wise_alpha``, with
+        the validation figures of exactly these weights in its meta and the dvclive summary
+        (``model_val``). The training net is overwritten with them: training is over."""
+        ckpt = torch.load(self.resume_dir / "best.pt", map_location="cpu", weights_only=True)
+        if self.start is not None:
+            ckpt["model"] = interpolate_weights(self.start, ckpt["model"], self.params.wise_alpha)
+        ckpt["meta"]["wise_alpha"] = self.params.wise_alpha
+        if self.validator is not None:
+            self.model.net.load_state_dict(ckpt["model"])
+            v = {k: float(x) for k, x in self.validator(self.model.net).items()}
+            ckpt["meta"]["model_val"] = v
+            self.live.summary["model_val"] = v
+            self.live.make_summary()
+        return ckpt
 
     def log(self, window: dict, n: int, pairs: int, elapsed: float, lr: float) -> dict[str, float]:
         metrics = {k: float(v) / n for k, v in window.items()}
@@ -583,6 +601,9 @@ def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
     rank = init_distributed(device)
     model, optimizer = build_pair_model(params, len(shards.classes), device, shards.template)
     fp = fingerprint(params, shards.fingerprint, rank.world, code_fingerprint())
+    start = None
+    if params.wise_alpha < 1:  # the pretrained weights, before any step (or resume) moves them
+        start = {k: v.detach().to("cpu", copy=True) for k, v in model.net.state_dict().items()}
     state = load_resume(resume_dir, fp, model, optimizer)
     if not state.resumed and params.arcface.weight > 0 and centre_init(params) == "class_means":
         imprint_class_centres(model, shards.train, batch_size=max(64, params.batch_size // rank.world),
@@ -596,7 +617,7 @@ def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
         validator = Validator(shards.val, params, device, autocast_for(device, params.bf16),
                               max(64, 2 * max(2, params.batch_size // rank.world)))
     return Trainer(params, shards, rank, device, model, ddp, optimizer, validator, state, fp, resume_dir,
-                   make_loader=make_loader)
+                   make_loader=make_loader, start=start)
 
 
 def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, live_dir: str | Path,
@@ -643,10 +664,7 @@ def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, l
         summary["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(tr.device) / 2**30, 2)
     if tr.rank.main:
         # the finished run's output, then its resume state goes
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / "model.pt.tmp"
-        shutil.copyfile(resume_dir / "best.pt", tmp)
-        os.replace(tmp, out_dir / "model.pt")
+        save_atomic(tr.final_checkpoint(), out_dir / "model.pt")
         discard_resume_state(resume_dir)
         tr.live.end()
     if tr.rank.world > 1:

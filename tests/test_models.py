@@ -7,7 +7,7 @@ import torch
 from torchvision import models as tvm
 
 from pipeline.models import (BACKBONES, PretrainedWeightsError, build_embedding_net, feature_map_size,
-                             load_embedding_model)
+                             interpolate_weights, load_embedding_model)
 
 
 def test_resnet18_maps_112px_faces_to_embeddings():
@@ -101,3 +101,19 @@ def test_dlib_resnet_starts_from_dlibs_weights_and_round_trips(tmp_path):
 def test_pretrained_weights_must_fit_the_backbone(backbone, pretrained):
     with pytest.raises(ValueError, match=r"train.pretrained=.*allowed"):
         build_embedding_net(backbone, pretrained=pretrained)
+
+
+def test_weight_interpolation_runs_on_the_line_from_start_to_fine_tuned():
+    start = {"w": torch.tensor([0.0, 2.0]), "b": torch.tensor([1.0]), "n": torch.tensor([3])}
+    end = {"w": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0]), "n": torch.tensor([5])}
+    mid = interpolate_weights(start, end, 0.7)
+    assert torch.allclose(mid["w"], torch.tensor([0.7, 0.6])) and torch.equal(mid["b"], torch.tensor([1.0]))
+    assert torch.equal(mid["n"], torch.tensor([5]))  # integer buffers (counters) come from the fine-tuned net
+    assert all(torch.equal(interpolate_weights(start, end, 1.0)[k], end[k]) for k in end)
+    assert all(torch.equal(interpolate_weights(start, end, 0.0)[k], start[k]) for k in ("w", "b"))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        interpolate_weights(start, end, 1.5)
+    with pytest.raises(ValueError, match="differ in names"):
+        interpolate_weights({"w": start["w"]}, end, 0.5)
+    with pytest.raises(ValueError, match="w: start"):
+        interpolate_weights({**start, "w": torch.zeros(3)}, end, 0.5)

@@ -219,7 +219,7 @@ def test_training_builds_its_loader_once_and_sets_each_epoch(tiny_shards, tmp_pa
         loader.set_epoch = lambda e: (epochs.append(e), set_epoch(e))[1]
         return loader
 
-    params = TrainParams(backbone="resnet18", pretrained="none", distill={"teacher": "self"},
+    params = TrainParams(backbone="resnet18", pretrained="none", wise_alpha=1.0, distill={"teacher": "self"},
                          batch_size=4, embedding_dim=8, warmup_steps=1, num_workers=2, shuffle_buffer=8,
                          epochs=3, val_every=0, log_every=5, device="cpu")
     train(params=params, shards_dir=tiny_shards, out_dir=tmp_path / "m", live_dir=tmp_path / "l",

@@ -235,7 +235,7 @@ def external_project(tmp_path_factory, tiny_shards):
               # the GPU recipe's network (ResNet18 from scratch, ArcFace + twin distillation, on
               # insightface's 112 template): these tests are about the DAG, and it is the cheaper one
               "align": {"template": "arcface112"},
-              "train": {**TINY_PARAMS["train"], "batch_size": 32, "backbone": "resnet18", "pretrained": "none",
+              "train": {**TINY_PARAMS["train"], "batch_size": 32, "backbone": "resnet18", "pretrained": "none", "wise_alpha": 1.0,
                         "embedding_dim": 64, "arcface": {"weight": 1.0}, "distill": {"teacher": "self"}},
               "datasets": {"lfw": {"source": "lfw", "path": "data/sources/lfw", "assume_aligned": False},
                            "sim_rec": {"source": "recordio", "path": str(root / "sim_rec"), "assume_aligned": True},

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from pipeline.training import (build_pair_model, code_fingerprint, fingerprint, 
 
 ROOT = Path(__file__).resolve().parents[1]
 # the from-scratch recipe (ResNet18, ArcFace + the report's twin distillation), at toy size
-SCRATCH = dict(backbone="resnet18", pretrained="none", arcface={"weight": 1.0},
+SCRATCH = dict(backbone="resnet18", pretrained="none", wise_alpha=1.0, arcface={"weight": 1.0},
                distill={"teacher": "self", "dynamic": True}, lr=2e-4, weight_decay=5e-4)
 TINY = dict(SCRATCH, batch_size=4, embedding_dim=32, warmup_steps=2, num_workers=0, log_every=1, shuffle_buffer=8)
 
@@ -134,11 +135,14 @@ def test_validation_identities_never_train_and_the_model_is_written(tiny_shards,
     assert set(ckpt) == {"model", "config", "meta"} and ckpt["config"]["image_size"] == 150
     assert ckpt["config"]["template"] == index["template"] == "dlib150"
     assert ckpt["meta"]["val_accuracy"] == s["best_val_accuracy"] == max(h["accuracy"] for h in s["history"])
+    # wise_alpha 1: the best point as it is, validated once more as written
+    assert ckpt["meta"]["wise_alpha"] == 1.0 and ckpt["meta"]["model_val"]["accuracy"] == s["best_val_accuracy"]
     assert all(v.shape[0] != len(classes) for v in ckpt["model"].values() if v.ndim == 2)  # no ArcFace head
     net = load_embedding_model(tmp_path / "models" / "model.pt")
     assert net(torch.zeros(2, 3, 150, 150)).shape == (2, 32)
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and metrics["best_val_accuracy"] == s["best_val_accuracy"]
+    assert metrics["model_val"] == ckpt["meta"]["model_val"]
     assert 0.0 <= metrics["val"]["rank1_masked"] <= 1.0 and 0.0 <= metrics["val"]["rank1_raw"] <= 1.0
     for name in ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked", "lr",
                  "samples_per_s"):
@@ -371,3 +375,41 @@ def test_fine_tuning_params_are_checked_against_the_backbone():
         parse_params({"train": {"arcface": {"weight": 0}, "distill": {"dynamic": True}}})
     with pytest.raises(ParamsError, match="128"):
         parse_params({"train": {"backbone": "dlib_resnet", "embedding_dim": 512}})
+    for start in ("none", "imagenet"):  # WiSE-FT needs a face model to move back towards
+        with pytest.raises(ParamsError, match=f"train.wise_alpha=0.7 .*pretrained {start} is no face model; allowed there: 1"):
+            parse_params({"train": {"backbone": "resnet18", "pretrained": start, "distill": {"teacher": "self"}}})
+        assert parse_params({"train": {"backbone": "resnet18", "pretrained": start, "distill": {"teacher": "self"},
+                                        "wise_alpha": 1}}).train.wise_alpha == 1
+
+
+def test_the_written_model_is_the_best_point_moved_towards_the_start(tiny_shards, tmp_path):
+    """WiSE-FT: with wise_alpha the written weights are start + alpha (best - start), the start
+    being dlib's network before any step, and its validation figures (meta, dvclive summary) are
+    those of exactly the written weights. (Driven through the Trainer: which point wins validation
+    on 2 held-out people is not this test's business, so the trained net is made the best point.)"""
+    from dvclive import Live
+
+    from pipeline.models import build_embedding_net
+    from pipeline.training import Validator, model_checkpoint, save_atomic, setup
+
+    params = TrainParams(**dict(FINE_TUNE, arcface={"weight": 1.0}), epochs=1, val_every=0, device="cpu",
+                         wise_alpha=0.5)
+    tr = setup(params, tiny_shards, tmp_path / "resume", make_pair_loader)
+    tr.live = Live(str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=None)
+    tr.model.train()
+    tr.run_epoch(0)
+    tuned = {k: v.detach().clone() for k, v in tr.model.net.state_dict().items()}
+    save_atomic(model_checkpoint(tr.model.net, {"val_accuracy": 0.0}), tmp_path / "resume" / "best.pt")
+    ckpt = tr.final_checkpoint()
+    start = build_embedding_net("dlib_resnet", pretrained="dlib", template="dlib150").state_dict()
+    moved = [k for k in tuned if not torch.equal(tuned[k], start[k])]
+    assert moved and all(".aff" not in k for k in moved)  # fine-tuning moved the convolutions only
+    for k in tuned:
+        assert torch.allclose(ckpt["model"][k], (start[k] + tuned[k]) / 2, atol=1e-6), k
+    assert ckpt["meta"]["wise_alpha"] == 0.5
+    path = tmp_path / "model.pt"
+    save_atomic(ckpt, path)
+    with torch.no_grad():
+        fresh = Validator(tr.shards.val, params, torch.device("cpu"), nullcontext, 64)(load_embedding_model(path))
+    assert ckpt["meta"]["model_val"] == pytest.approx(fresh)
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["model_val"] == pytest.approx(fresh)
