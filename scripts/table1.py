@@ -76,8 +76,9 @@ def experiments(exp_show: list) -> list[dict]:
 
 
 def method_label(params: dict) -> str:
-    """What a run trained: its start, then its loss terms ("ArcFace" alone = no distillation).
-    Older experiments (before these params existed) read as ArcFace from scratch."""
+    """What a run trained: its start, then its loss terms ("ArcFace" alone = no distillation),
+    then the move back towards the start (WiSE-FT) when there was one. Older experiments (before
+    these params existed) read as ArcFace from scratch."""
     start = {"dlib": "dlib fine-tuned", "imagenet": "ImageNet start", "none": "from scratch"}.get(
         params.get("train.pretrained", "none"), params.get("train.pretrained"))
     arcface = params.get("train.arcface.weight", 1.0)
@@ -89,7 +90,8 @@ def method_label(params: dict) -> str:
         else:
             extra = ", dynamic" if params.get("train.distill.dynamic") else ""
             terms.append(f"self distillation ({kind}, beta={beta:g}{extra})")
-    return f"{start}: " + (" + ".join(terms) or "nothing")
+    wise = params.get("train.wise_alpha", 1.0)
+    return f"{start}: " + (" + ".join(terms) or "nothing") + (f", WiSE-FT alpha={wise:g}" if wise < 1 else "")
 
 
 def _freeze(v):

@@ -111,6 +111,10 @@ def test_fine_tuning_rows_name_their_start_and_teacher():
                                 "train.distill.beta": 1.0, "train.distill.teacher": "frozen",
                                 "train.distill.raw_weight": 4.0}) == \
         "dlib fine-tuned: ArcFace + frozen teacher (cosine, beta=1, raw=4)"
+    assert table1.method_label({"train.pretrained": "dlib", "train.arcface.weight": 1.0, "train.distill.kind": "cosine",
+                                "train.distill.beta": 1.0, "train.distill.teacher": "frozen",
+                                "train.distill.raw_weight": 4.0, "train.wise_alpha": 0.7}) == \
+        "dlib fine-tuned: ArcFace + frozen teacher (cosine, beta=1, raw=4), WiSE-FT alpha=0.7"
     assert table1.method_label({"train.pretrained": "dlib", "train.distill.kind": "none"}) == \
         "dlib fine-tuned: ArcFace"
 
