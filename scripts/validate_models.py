@@ -4,6 +4,7 @@ Runs the train stage's own validator (pipeline.training.Validator: masked-unmask
 verification on the val shards, gallery rank-1 with unmasked and masked probes) on each model:
 a models/model.pt path, or a git revision (an experiment's, e.g. from `dvc exp show`), whose
 dvc.lock names the model in the DVC cache. `dlib` scores the starting network. One JSON line each.
+The val pairs are those of a seed-0 run (``--val-seed``), whatever params.yaml's train.seed says.
 
 ``--alphas 1,0.8,0.7`` also scores each fine-tuned dlib_resnet model moved back towards dlib's
 start (train.wise_alpha, WiSE-FT) without retraining; ``wise_alpha`` in the output is the
@@ -29,12 +30,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import load_params  # noqa: E402
+from pipeline.config import TrainParams, load_params  # noqa: E402
 from pipeline.devices import select_device  # noqa: E402
 from pipeline.embedders import TorchEmbedder, make_embedder  # noqa: E402
 from pipeline.evaluation import embed_aligned, read_train_identities, score_embeddings  # noqa: E402
 from pipeline.models import interpolate_weights  # noqa: E402
-from pipeline.training import Validator, autocast_for, read_shard_set  # noqa: E402
+from pipeline.training import ShardSet, Validator, autocast_for, read_shard_set  # noqa: E402
 
 CACHE = Path(".dvc/cache/files/md5")
 CONDITIONS = {"u-u": "unmasked_unmasked", "m-u": "masked_unmasked", "m-m": "masked_masked"}
@@ -53,6 +54,13 @@ def cached_model(rev: str) -> Path:
     manifest = json.loads((CACHE / md5[:2] / md5[2:]).read_text())
     file_md5 = next(e["md5"] for e in manifest if e["relpath"] == "model.pt")
     return CACHE / file_md5[:2] / file_md5[2:]
+
+
+def make_validator(params: TrainParams, shards: ShardSet, device: torch.device, val_seed: int) -> Validator:
+    """The train stage's validator, its val pairs drawn from ``val_seed``, not from params.yaml's
+    train.seed (which in a workspace holds whichever experiment was applied last)."""
+    params = params.model_copy(update={"seed": val_seed})
+    return Validator(shards.val, params, device, autocast_for(device, params.bf16), batch_size=128)
 
 
 def lfw_test_figures(net: torch.nn.Module, args, params, train_ids: set[str]) -> dict:
@@ -99,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("models", nargs="+", help="dlib | a model.pt path | a git revision")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--val-seed", type=int, default=0,
+                    help="draws the val pairs (the train stage uses train.seed: 0 = the default run's pairs)")
     ap.add_argument("--alphas", default="1", help="comma-separated, each in (0, 1]: weight of the fine-tuning")
     ap.add_argument("--test", action="store_true", help="also the evaluate stage's LFW test figures")
     ap.add_argument("--aligned", default="data/lfw/aligned")
@@ -109,10 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     if not all(0 < a <= 1 for a in alphas):
         raise SystemExit(f"--alphas: each must lie in (0, 1], got {args.alphas}")
     all_params = load_params(args.params)
-    params = all_params.train
-    device = select_device(params.device)
+    device = select_device(all_params.train.device)
     shards = read_shard_set(Path(args.shards))
-    validator = Validator(shards.val, params, device, autocast_for(device, params.bf16), batch_size=128)
+    validator = make_validator(all_params.train, shards, device, args.val_seed)
     train_ids = read_train_identities(args.shards) if args.test else set()
     start = make_embedder("dlib", device=str(device), template=shards.template).model
     start_weights = {k: v.detach().clone() for k, v in start.state_dict().items()}

@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,20 @@ def test_alphas_score_the_model_moved_towards_dlib_on_val_and_test(lfw_small, ti
 def test_alphas_outside_the_unit_interval_are_refused(tiny_shards):
     with pytest.raises(SystemExit, match="--alphas: each must lie in"):
         validate_models.main(["dlib", "--alphas", "0,1", "--shards", str(tiny_shards), "--params", str(PARAMS)])
+
+
+def test_val_pairs_do_not_follow_the_workspace_train_seed(tiny_shards):
+    """params.yaml's train.seed is whatever experiment was applied last: the val pairs come from
+    --val-seed (0, the default run's) instead, so figures stay comparable across calls."""
+    from pipeline.config import TrainParams
+
+    shards = read_shard_set(tiny_shards)
+    net = build_embedding_net("dlib_resnet", None, 0.0, "dlib", None, shards.template)
+    drawn = {}
+    for train_seed, val_seed in ((0, 0), (5, 0), (0, 5)):
+        v = validate_models.make_validator(TrainParams(seed=train_seed), shards, torch.device("cpu"), val_seed)
+        with torch.no_grad():
+            v(net)
+        drawn[train_seed, val_seed] = v.pairs
+    same = [all(np.array_equal(drawn[k][f], drawn[0, 0][f]) for f in drawn[0, 0]) for k in drawn]
+    assert same == [True, True, False]
