@@ -474,14 +474,19 @@ class Trainer:
     def final_checkpoint(self) -> dict:
         """Rank 0, after the last epoch: best.pt moved towards the start by ``wise_alpha``, with
         the validation figures of exactly these weights in its meta and the dvclive summary
-        (``model_val``). The training net is overwritten with them: training is over."""
+        (``model_val``): validated anew when moved (the training net is overwritten with them:
+        training is over), else the best point's own figures from the history."""
         ckpt = torch.load(self.resume_dir / "best.pt", map_location="cpu", weights_only=True)
         if self.start is not None:
             ckpt["model"] = interpolate_weights(self.start, ckpt["model"], self.params.wise_alpha)
         ckpt["meta"]["wise_alpha"] = self.params.wise_alpha
         if self.validator is not None:
-            self.model.net.load_state_dict(ckpt["model"])
-            v = {k: float(x) for k, x in self.validator(self.model.net).items()}
+            if self.start is None:
+                best = next(h for h in self.state.history if h["step"] == ckpt["meta"]["step"])
+                v = {k: x for k, x in best.items() if k not in ("epoch", "step")}
+            else:
+                self.model.net.load_state_dict(ckpt["model"])
+                v = {k: float(x) for k, x in self.validator(self.model.net).items()}
             ckpt["meta"]["model_val"] = v
             self.live.summary["model_val"] = v
             self.live.make_summary()

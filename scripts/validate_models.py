@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +35,10 @@ from pipeline.embedders import TorchEmbedder, make_embedder  # noqa: E402
 from pipeline.evaluation import embed_aligned, read_train_identities, score_embeddings  # noqa: E402
 from pipeline.models import interpolate_weights  # noqa: E402
 from pipeline.training import ShardSet, Validator, autocast_for, read_shard_set  # noqa: E402
+from table1 import CONDITIONS as CONDITION_KEYS, TITLES, cell  # noqa: E402  (scripts/, beside this file)
 
 CACHE = Path(".dvc/cache/files/md5")
-CONDITIONS = {"u-u": "unmasked_unmasked", "m-u": "masked_unmasked", "m-m": "masked_masked"}
+CONDITIONS = {TITLES[f"{k}.accuracy"]: k for k in CONDITION_KEYS}  # u-u, m-u, m-m -> metric names
 VAL_COLUMNS = {"accuracy": "val m-u", "rank1_raw": "val rank-1 raw", "rank1_masked": "val rank-1 masked"}
 
 
@@ -76,12 +76,12 @@ def lfw_test_figures(net: torch.nn.Module, args, params, train_ids: set[str]) ->
 
 
 def flat(row: dict) -> dict[str, float]:
-    """Column title -> value (percent) of one output line."""
-    out = {title: 100 * row[k] for k, title in VAL_COLUMNS.items()}
+    """Column title -> value (fraction) of one output line."""
+    out = {title: row[k] for k, title in VAL_COLUMNS.items()}
     test = row.get("test", {})
-    out |= {f"rank-1 {p.removeprefix('mask_')}": 100 * v for p, v in test.get("rank1", {}).items()}
+    out |= {f"rank-1 {p.removeprefix('mask_')}": v for p, v in test.get("rank1", {}).items()}
     for view in ("V1", "V2u"):
-        out |= {f"{view} {c}": 100 * v for c, v in test.get(view, {}).items()}
+        out |= {f"{view} {c}": v for c, v in test.get(view, {}).items()}
     return out
 
 
@@ -94,10 +94,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| wise_alpha | models | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     order = sorted(groups, key=lambda g: (g == "dlib", -float(g) if g != "dlib" else 0))
     for g in order:
-        cells = []
-        for c in columns:
-            v = [f[c] for f in groups[g]]
-            cells.append(f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else ""))
+        cells = [cell([f[c] for f in groups[g]]) for c in columns]
         lines.append(f"| {g} | {len(groups[g])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
