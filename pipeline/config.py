@@ -241,6 +241,10 @@ class EvaluateParams(Section):
     paper_protocol: bool = False  # also report the report's leaky metric (labelled not comparable)
     allow_identity_overlap: bool = False
     reference_dlib: bool = True  # dlib's pretrained ResNet through the same evaluation
+    # 95% intervals: replicates of the bootstrap over identities (seeded by `seed`); every
+    # model-vs-dlib difference is bootstrapped paired, on the same draws
+    bootstrap_replicates: int = Field(1000, ge=100, le=100000)
+    ci_level: float = Field(0.95, ge=0.5, le=0.999)
 
     @field_validator("mask_portions")
     @classmethod

@@ -26,15 +26,15 @@ from pipeline.config import EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
-from pipeline.metrics import (cmc, identification_ranks, identity_scores, open_set_identification, rate_key,
-                              roc_curve, thin_roc, threshold_at_rate, verification_metrics)
+from pipeline.bootstrap import Draws, draw_identities, interval, paired_difference, replicate
+from pipeline.metrics import (FAR_TARGETS, Searches, cmc, identification_ranks, identity_scores, kfold_accuracy,
+                              open_set_figures, open_set_searches, rate_key, roc_curve, tar_at_far, tar_key,
+                              thin_roc, threshold_at_rate, verification_metrics)
 from pipeline.protocols import (Gallery, Pairs, build_gallery, build_open_set, build_paper_protocol,
                                 check_identity_overlap, parse_pairs)
 from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk, write_json
 
 CONDITIONS = ("unmasked_unmasked", "masked_unmasked", "masked_masked")
-FPIR_TARGETS = (1e-2, 1e-1)  # open-set: the NIST FRVT 1:N operating points
-FAR_TARGETS = (1e-2, 1e-3, 1e-4)  # thresholds.json: the decision thresholds `identify` can use
 VIEW1_PAIRS = "pairsDevTest.txt"
 VIEW2_PAIRS = "pairs.txt"
 
@@ -199,50 +199,105 @@ def pair_scores(emb: EmbeddedSet, pairs: Pairs) -> tuple[dict[str, np.ndarray], 
     return scores, kept, int((~keep).sum())
 
 
-def score_verification(emb: EmbeddedSet, pairs: Pairs) -> tuple[dict, dict]:
-    """verification metrics per condition + ROC curves for plotting."""
+Replicates = dict[tuple[str, ...], np.ndarray]  # figure's path in metrics.json -> bootstrap values
+
+
+def _attach_intervals(section: dict, reps: dict[str, np.ndarray], level: float) -> None:
+    """``<figure>_ci`` ({low, high}, or None) next to each figure of ``section`` with replicates."""
+    for k, v in reps.items():
+        if section.get(k) is not None:
+            section[f"{k}_ci"] = interval(v, level)
+
+
+def _verification_replicates(scores: np.ndarray, pairs: Pairs, figures: dict, draws: Draws) -> dict:
+    """Accuracy (10-fold, thresholds chosen inside each replicate) and each reachable TAR@FAR."""
+    fars = [far for far in FAR_TARGETS if figures[tar_key(far)] is not None]
+
+    def stat(idx: np.ndarray) -> dict:
+        s, y = scores[idx], pairs.same[idx]
+        out = {"accuracy": kfold_accuracy(s, y, pairs.fold[idx]).accuracy}
+        if fars:
+            fpr, tpr, _ = roc_curve(s, y)
+            out.update({tar_key(far): tar_at_far(fpr, tpr, far) for far in fars})
+        return out
+
+    return replicate(stat, draws)
+
+
+def score_verification(emb: EmbeddedSet, pairs: Pairs, params: EvaluateParams | None = None
+                       ) -> tuple[dict, dict, Replicates]:
+    """Verification metrics per condition, ROC curves for plotting and, with ``params``, bootstrap
+    replicates over identities (a pair counts for the identity of its first image), whose
+    intervals are written next to the figures as ``<figure>_ci``."""
     scores, kept, missing = pair_scores(emb, pairs)
     if kept.same.all() or not kept.same.any():
         raise EvaluationError(f"{pairs.source}: after dropping {missing} pairs with an image that was "
                               f"not evaluated, same and different pairs are no longer both present")
-    metrics, curves = {}, {}
+    draws = None
+    if params is not None:
+        draws = draw_identities([a.split("/", 1)[0] for a in kept.a], replicates=params.bootstrap_replicates,
+                                seed=params.seed, tag=f"pairs:{pairs.source}")
+    metrics, curves, reps = {}, {}, {}
     for cond in CONDITIONS:
         m = verification_metrics(scores[cond], kept.same, kept.fold)
         m["pairs_missing"] = missing
+        if draws is not None:
+            r = _verification_replicates(scores[cond], kept, m, draws)
+            _attach_intervals(m, r, params.ci_level)
+            m["bootstrap_identities"] = draws.clusters
+            reps.update({(cond, k): v for k, v in r.items()})
         metrics[cond] = m
         fpr, tpr, _ = roc_curve(scores[cond], kept.same)
         curves[cond] = thin_roc(fpr, tpr)
-    return metrics, curves
+    return metrics, curves, reps
 
 
-def score_gallery(emb: EmbeddedSet, gallery: Gallery, portions, max_rank: int) -> tuple[dict, dict]:
-    """rank-1 / rank-5 / CMC per mask portion: enrolled raw crops vs probes masked with prob. p."""
+def _probe_embeddings(emb: EmbeddedSet, rows: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    """Rows of ``emb``: the masked twin where ``masked`` is set, the raw crop elsewhere."""
+    return np.where(masked[:, None], emb.masked[rows], emb.raw[rows])
+
+
+def score_gallery(emb: EmbeddedSet, gallery: Gallery, portions, max_rank: int,
+                  params: EvaluateParams | None = None) -> tuple[dict, dict, Replicates]:
+    """rank-1 / rank-5 / CMC per mask portion: enrolled raw crops vs probes masked with prob. p;
+    with ``params``, rank-1's bootstrap over the probes' identities (the gallery stays whole)."""
     idx = emb.index()
     g = np.array([idx[i] for i in gallery.enrolled], np.int64)
     pr = np.array([idx[i] for i in gallery.probes], np.int64)
     max_rank = min(max_rank, len(set(gallery.enrolled_identity)))
     out = {"rank1": {}, "rank5": {}, "probes_masked": {}}
-    curves = {}
+    curves, hits = {}, {}
     for p in portions:
         use_masked = gallery.masked(p)
-        probes = np.where(use_masked[:, None], emb.masked[pr], emb.raw[pr])
-        ranks = identification_ranks(emb.raw[g], gallery.enrolled_identity, probes, gallery.probe_identity)
+        ranks = identification_ranks(emb.raw[g], gallery.enrolled_identity, _probe_embeddings(emb, pr, use_masked),
+                                     gallery.probe_identity)
         curve = cmc(ranks, max_rank)
         key = portion_key(p)
         out["rank1"][key] = float(curve[0])
         out["rank5"][key] = float(curve[min(4, max_rank - 1)])
         out["probes_masked"][key] = int(use_masked.sum())
         curves[key] = curve
+        hits[key] = (ranks == 1).astype(np.float64)
     out["identities_enrolled"] = len(gallery.enrolled)
     out["probes"] = len(gallery.probes)
     out["identities_single_image_skipped"] = gallery.notes.get("identities_single_image_skipped", 0)
-    return out, curves
+    reps: Replicates = {}
+    if params is not None:
+        draws = draw_identities(gallery.probe_identity, replicates=params.bootstrap_replicates,
+                                seed=params.seed, tag="gallery")
+        r = replicate(lambda i: {k: h[i].mean() for k, h in hits.items()}, draws)
+        out["rank1_ci"] = {k: interval(v, params.ci_level) for k, v in r.items()}
+        out["bootstrap_identities"] = draws.clusters
+        reps = {("rank1", k): v for k, v in r.items()}
+    return out, curves, reps
 
 
-def score_open_set(emb: EmbeddedSet, gallery: Gallery, portions, seed: int) -> dict:
-    """DIR at FPIR 1% and 10% per mask portion (:func:`pipeline.metrics.open_set_identification`):
-    half the gallery identities enrolled (raw), the other half searching as strangers; probes of
-    both kinds masked with probability p."""
+def score_open_set(emb: EmbeddedSet, gallery: Gallery, portions, seed: int,
+                   params: EvaluateParams | None = None) -> tuple[dict, Replicates]:
+    """DIR at FPIR 1% and 10% per mask portion (:func:`pipeline.metrics.open_set_figures`): half
+    the gallery identities enrolled (raw), the other half searching as strangers; probes of both
+    kinds masked with probability p. With ``params``, DIR's bootstrap over identities: mated and
+    stranger identities are drawn together, the threshold is set again in each replicate."""
     split = build_open_set(gallery, seed=seed)
     idx = emb.index()
     g = np.array([idx[i] for i in split.enrolled], np.int64)
@@ -250,16 +305,37 @@ def score_open_set(emb: EmbeddedSet, gallery: Gallery, portions, seed: int) -> d
     nonmated = np.array([idx[i] for i in split.nonmated], np.int64)
     out: dict = {"identities_enrolled": len(split.enrolled), "mated_probes": len(split.mated),
                  "nonmated_probes": len(split.nonmated)}
+    draws = None
+    if params is not None:
+        who = list(split.mated_identity) + [emb.identities[i] for i in nonmated]
+        draws = draw_identities(who, replicates=params.bootstrap_replicates, seed=params.seed, tag="open_set")
+    reps: Replicates = {}
     for p in portions:
         mm, nm = split.masked(p)
-        res = open_set_identification(emb.raw[g], split.enrolled_identity,
-                                      np.where(mm[:, None], emb.masked[mated], emb.raw[mated]),
-                                      split.mated_identity,
-                                      np.where(nm[:, None], emb.masked[nonmated], emb.raw[nonmated]),
-                                      fpirs=FPIR_TARGETS)
+        found = open_set_searches(emb.raw[g], split.enrolled_identity, _probe_embeddings(emb, mated, mm),
+                                  split.mated_identity, _probe_embeddings(emb, nonmated, nm))
+        res = open_set_figures(found)
+        key = portion_key(p)
         for k, v in res.items():
-            out.setdefault(k, {})[portion_key(p)] = v
-    return out
+            out.setdefault(k, {})[key] = v
+        if draws is None:
+            continue
+        n_mated = len(mated)
+        dir_keys = [k for k, v in res.items() if k.startswith("dir_at_fpir_") and v is not None]
+
+        def stat(i: np.ndarray) -> dict:
+            m, n = i[i < n_mated], i[i >= n_mated] - n_mated
+            if m.size == 0 or n.size == 0:  # a resample of strangers only, or of enrolled people only
+                return {}
+            figs = open_set_figures(Searches(found.hit[m], found.top_mated[m], found.top_nonmated[n]))
+            return {k: figs[k] for k in dir_keys}
+
+        for k, v in replicate(stat, draws).items():
+            out.setdefault(f"{k}_ci", {})[key] = interval(v, params.ci_level)
+            reps[(k, key)] = v
+    if draws is not None:
+        out["bootstrap_identities"] = draws.clusters
+    return out, reps
 
 
 def decision_thresholds(emb: EmbeddedSet, gallery: Gallery) -> dict:
@@ -280,20 +356,30 @@ def decision_thresholds(emb: EmbeddedSet, gallery: Gallery) -> dict:
 
 def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: str | Path,
                      train_identities: set[str]) -> tuple[dict, dict]:
-    """All metrics of one embedder, and what is written beside them: {"roc": {cond: (fpr, tpr)},
-    "cmc": {portion: curve}, "thresholds": :func:`decision_thresholds`}."""
+    """All metrics of one embedder, each headline figure with its bootstrap interval, and what is
+    written beside them: {"roc": {cond: (fpr, tpr)}, "cmc": {portion: curve}, "thresholds":
+    :func:`decision_thresholds`, "replicates": {path in metrics: bootstrap values}}. The draws
+    depend on the protocol and ``params.seed`` only, so two embedders' replicates are paired."""
     protocol_dir = Path(protocol_dir)
     test_ids = set(emb.identities)
     overlap = check_identity_overlap(train_identities, test_ids, allow=params.allow_identity_overlap)
     metrics: dict = {"images": len(emb.image_ids), "identities": len(test_ids),
                      "identity_overlap_with_train": len(overlap)}
+    reps: Replicates = {}
+
+    def put(section: str, result: dict, r: Replicates) -> None:
+        metrics[section] = result
+        reps.update({(section, *k): v for k, v in r.items()})
+
     gallery = build_gallery(emb.image_ids, emb.identities, seed=params.seed)
-    metrics["gallery"], cmc_curves = score_gallery(emb, gallery, params.mask_portions, params.cmc_max_rank)
-    metrics["open_set"] = score_open_set(emb, gallery, params.mask_portions, params.seed)
+    gal, cmc_curves, r = score_gallery(emb, gallery, params.mask_portions, params.cmc_max_rank, params)
+    put("gallery", gal, r)
+    put("open_set", *score_open_set(emb, gallery, params.mask_portions, params.seed, params))
     view1 = parse_pairs(protocol_dir / VIEW1_PAIRS, n_folds=params.n_folds)
     check_identity_overlap(train_identities, view1.identities(), allow=params.allow_identity_overlap,
                            what="View 1 pair")
-    metrics["verification"], roc = score_verification(emb, view1)
+    v1, roc, r = score_verification(emb, view1, params)
+    put("verification", v1, r)
     view2_file = protocol_dir / VIEW2_PAIRS
     if view2_file.is_file():
         view2 = parse_pairs(view2_file)
@@ -307,17 +393,43 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
             unseen = view2.subset(np.array([x.split("/", 1)[0] not in shared and y.split("/", 1)[0] not in shared
                                             for x, y in zip(view2.a, view2.b)], bool))
             if unseen.same.any() and (~unseen.same).any():
-                metrics["verification_view2_unseen"], _ = score_verification(emb, unseen)
-                metrics["verification_view2_unseen"]["pairs"] = len(unseen)
+                v2u, _, r = score_verification(emb, unseen, params)
+                put("verification_view2_unseen", {**v2u, "pairs": len(unseen)}, r)
         else:
-            metrics["verification_view2"], _ = score_verification(emb, view2)
-            metrics["verification_view2"]["identities_shared_with_train"] = len(shared)
+            v2, _, r = score_verification(emb, view2, params)
+            put("verification_view2", {**v2, "identities_shared_with_train": len(shared)}, r)
     if params.paper_protocol:
         paper = build_paper_protocol(emb.image_ids, emb.identities, seed=params.seed)
-        pm, _ = score_gallery(emb, paper, params.mask_portions, params.cmc_max_rank)
+        pm, _, _ = score_gallery(emb, paper, params.mask_portions, params.cmc_max_rank)
         metrics["paper_protocol"] = {"rank1": pm["rank1"], "not_comparable": 1,
                                      "note": paper.notes["note"]}
-    return metrics, {"roc": roc, "cmc": cmc_curves, "thresholds": decision_thresholds(emb, gallery)}
+    return metrics, {"roc": roc, "cmc": cmc_curves, "thresholds": decision_thresholds(emb, gallery),
+                     "replicates": reps}
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree.get(k) if isinstance(tree, dict) else None
+    return tree
+
+
+def paired_comparison(model: tuple[dict, dict], reference: tuple[dict, dict], level: float) -> dict:
+    """model - reference on every figure both have replicates of, paired on the same draws:
+    {section: ... {figure: {diff, low, high, verdict}}} in the layout of metrics.json."""
+    (m_metrics, m_extra), (r_metrics, r_extra) = model, reference
+    out: dict = {}
+    for path, m_reps in sorted(m_extra["replicates"].items()):
+        r_reps = r_extra["replicates"].get(path)
+        if r_reps is None:
+            continue
+        d = paired_difference(_get(m_metrics, path), _get(r_metrics, path), m_reps, r_reps, level)
+        if d is None:
+            continue
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = d
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,6 +494,9 @@ def draw_figures(out_dir: Path, results: dict[str, tuple[dict, dict]]) -> None:
             v = m["verification"][cond]
             ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{name}: acc {v['accuracy']:.3f}, AUC {v['auc']:.3f}",
                     **styles.get(name, {}))
+        reach = next(iter(results.values()))[0]["verification"][cond]["far_min_reachable"]
+        if reach > 1e-3:  # fewer than MIN_FALSE_ACCEPTS impostor pairs accepted left of this line
+            ax.axvspan(1e-3, reach, color="0.92", zorder=0, label=f"FAR < {reach:.2g}: too few impostor pairs")
         ax.set_xscale("log")
         ax.set_xlim(1e-3, 1)
         ax.set_ylim(0, 1.01)
@@ -490,6 +605,7 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
         results["dlib"] = score_embeddings(ref, params=params, protocol_dir=protocol_dir,
                                            train_identities=train_ids)
         metrics["reference"] = {"dlib": results["dlib"][0]}
+        metrics["vs_dlib"] = paired_comparison(results["model"], results["dlib"], params.ci_level)
     if out_dir.exists():
         for old in (out_dir / "plots").rglob("*.csv"):
             old.unlink()

@@ -10,7 +10,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAR_TARGETS = {"tar_at_far_1e-2": 1e-2, "tar_at_far_1e-3": 1e-3}
+# The one list of operating points: TAR@FAR in verification, identify's 1:1 thresholds (FAR), and
+# the open-set figures and identify's 1:N thresholds (FPIR).
+FAR_TARGETS = (1e-2, 1e-3, 1e-4)
+FPIR_TARGETS = (1e-2, 1e-1)
+# An operating point is reported only where the set holds this many false accepts at it: TAR at
+# FAR 1e-3 on 500 impostor pairs would be TAR at zero false accepts, a figure of one pair.
+MIN_FALSE_ACCEPTS = 10
+
+
+def reachable(negatives: int, rate: float) -> bool:
+    """Whether ``negatives`` impostor comparisons can measure a false-accept rate of ``rate``."""
+    return negatives * rate >= MIN_FALSE_ACCEPTS - 1e-9
+
+
+def smallest_reachable_rate(negatives: int) -> float:
+    """The smallest false-accept rate ``negatives`` impostor comparisons can measure."""
+    return MIN_FALSE_ACCEPTS / negatives if negatives else 1.0
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -117,17 +133,24 @@ def kfold_accuracy(scores, labels, folds) -> KFoldResult:
     return KFoldResult(float(np.mean(accs)), float(np.std(accs)), accs, ths)
 
 
+def tar_key(far: float) -> str:
+    return f"tar_at_far_{rate_key(far)}"
+
+
 def verification_metrics(scores, labels, folds) -> dict:
-    """Every verification figure the evaluation reports, as plain floats."""
+    """Every verification figure the evaluation reports, as plain floats. TAR at a FAR the pairs
+    cannot reach (:func:`reachable`) is None; ``far_min_reachable`` says which FAR they can."""
     fpr, tpr, _ = roc_curve(scores, labels)
     kf = kfold_accuracy(scores, labels, folds)
+    labels = np.asarray(labels).astype(bool)
+    negatives = int((~labels).sum())
     out = {"accuracy": kf.accuracy, "accuracy_std": kf.accuracy_std, "auc": auc(fpr, tpr),
            "eer": eer(fpr, tpr)}
-    for key, far in FAR_TARGETS.items():
-        out[key] = tar_at_far(fpr, tpr, far)
-    labels = np.asarray(labels).astype(bool)
+    for far in FAR_TARGETS:
+        out[tar_key(far)] = tar_at_far(fpr, tpr, far) if reachable(negatives, far) else None
+    out["far_min_reachable"] = smallest_reachable_rate(negatives)
     out["pairs_same"] = int(labels.sum())
-    out["pairs_different"] = int((~labels).sum())
+    out["pairs_different"] = negatives
     return out
 
 
@@ -187,25 +210,46 @@ def threshold_at_rate(impostor_scores: np.ndarray, rate: float) -> float:
     return float(s[k]) if k < s.size else float(np.nextafter(s[-1], -np.inf))
 
 
-def open_set_identification(gallery: np.ndarray, gallery_ids, mated: np.ndarray, mated_ids,
-                            nonmated: np.ndarray, fpirs=(1e-2, 1e-1)) -> dict:
-    """NIST FRVT 1:N figures: at the threshold where a share ``fpir`` of the non-mated searches
-    (strangers) return any identity above it, the detection and identification rate (DIR) is the
-    share of mated searches whose true identity ranks first AND scores above it."""
+@dataclass(frozen=True)
+class Searches:
+    """Open-set searches against one gallery: per mated search whether its true identity ranked
+    first and the top score; per non-mated search (a stranger) the top score."""
+
+    hit: np.ndarray
+    top_mated: np.ndarray
+    top_nonmated: np.ndarray
+
+
+def open_set_searches(gallery: np.ndarray, gallery_ids, mated: np.ndarray, mated_ids,
+                      nonmated: np.ndarray) -> Searches:
     names, mated_scores = identity_scores(gallery, gallery_ids, mated)
     _, nonmated_scores = identity_scores(gallery, gallery_ids, nonmated)
-    mated_ids = np.asarray(mated_ids)
-    top = mated_scores.argmax(axis=1)
-    hit = names[top] == mated_ids
-    top_mated, top_nonmated = mated_scores.max(axis=1), nonmated_scores.max(axis=1)
+    hit = names[mated_scores.argmax(axis=1)] == np.asarray(mated_ids)
+    return Searches(hit, mated_scores.max(axis=1), nonmated_scores.max(axis=1))
+
+
+def open_set_figures(s: Searches, fpirs=FPIR_TARGETS) -> dict:
+    """NIST FRVT 1:N figures: at the threshold where a share ``fpir`` of the non-mated searches
+    (strangers) return any identity above it, the detection and identification rate (DIR) is the
+    share of mated searches whose true identity ranks first AND scores above it. An FPIR the
+    strangers cannot reach (:func:`reachable`) gives None."""
     out = {}
     for f in fpirs:
-        t = threshold_at_rate(top_nonmated, f)
         key = rate_key(f)
-        out[f"dir_at_fpir_{key}"] = float(np.mean(hit & (top_mated > t)))
-        out[f"threshold_at_fpir_{key}"] = t
-    out["rank1_mated"] = float(hit.mean())
+        if reachable(s.top_nonmated.size, f):
+            t = threshold_at_rate(s.top_nonmated, f)
+            out[f"dir_at_fpir_{key}"] = float(np.mean(s.hit & (s.top_mated > t)))
+            out[f"threshold_at_fpir_{key}"] = t
+        else:
+            out[f"dir_at_fpir_{key}"] = out[f"threshold_at_fpir_{key}"] = None
+    out["rank1_mated"] = float(s.hit.mean())
     return out
+
+
+def open_set_identification(gallery: np.ndarray, gallery_ids, mated: np.ndarray, mated_ids,
+                            nonmated: np.ndarray, fpirs=FPIR_TARGETS) -> dict:
+    """:func:`open_set_figures` of searching ``mated`` and ``nonmated`` probes in the gallery."""
+    return open_set_figures(open_set_searches(gallery, gallery_ids, mated, mated_ids, nonmated), fpirs)
 
 
 def cmc(ranks: np.ndarray, max_rank: int) -> np.ndarray:

@@ -62,6 +62,10 @@ def load_probes(data: Path, wanted: set[str]) -> dict[str, dict]:
     return out
 
 
+def _tar(m: dict) -> str:
+    return "n/a" if m["tar_at_far_1e-2"] is None else f"{m['tar_at_far_1e-2']:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/model.pt")
@@ -120,7 +124,8 @@ def main() -> None:
     def scores(r: dict, on, kind: str) -> dict:
         s = np.array([float(first_emb[a] @ r[kind][b]) for a, b in zip(on.a, on.b)])
         m = verification_metrics(s, on.same, on.fold)
-        return {"accuracy": round(m["accuracy"], 4), "tar_at_far_1e-2": round(m["tar_at_far_1e-2"], 4)}
+        tar = m["tar_at_far_1e-2"]  # None where the impostor pairs cannot reach FAR 1e-2
+        return {"accuracy": round(m["accuracy"], 4), "tar_at_far_1e-2": None if tar is None else round(tar, 4)}
 
     # each route on every pair whose probe it aligned, the pair-aligned probe on the same pairs
     report = {"pairs": len(pairs), "template": template.name, "model": args.model, "routes": {}}
@@ -146,7 +151,7 @@ def main() -> None:
                      f"{100 * uu['route']['accuracy']:.1f} / {100 * uu['pair_aligned']['accuracy']:.1f} "
                      f"({uu['pairs']} pairs) | {100 * mu['route']['accuracy']:.1f} / "
                      f"{100 * mu['pair_aligned']['accuracy']:.1f} ({mu['pairs']} pairs) | "
-                     f"{mu['route']['tar_at_far_1e-2']:.3f} / {mu['pair_aligned']['tar_at_far_1e-2']:.3f} | "
+                     f"{_tar(mu['route'])} / {_tar(mu['pair_aligned'])} | "
                      f"{r['raw']['eye_shift_median_px']} / {r['masked']['eye_shift_median_px']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -64,12 +64,12 @@ def test_ten_fold_accuracy_hand_computed():
 
 def test_roc_auc_eer_tar_hand_computed():
     # AUC = P(same > diff): nine 0.9s beat all ten diffs (90), 0.1 beats the nine 0.0s (9) -> 0.99.
-    # Accepting only 0.9: TAR .9 at FAR 0 -> TAR@FAR 1e-2 = 1e-3 = 0.9. At threshold 0.5:
-    # FAR .1 and FRR .1 -> EER 0.1.
+    # At threshold 0.5: FAR .1 and FRR .1 -> EER 0.1. Ten impostor pairs reach no FAR below 1
+    # (10 false accepts): TAR@FAR is None at every target.
     m = metrics.verification_metrics(SCORES, LABELS, FOLDS)
     assert m["auc"] == pytest.approx(0.99)
-    assert m["tar_at_far_1e-2"] == pytest.approx(0.9)
-    assert m["tar_at_far_1e-3"] == pytest.approx(0.9)
+    assert m["tar_at_far_1e-2"] is m["tar_at_far_1e-3"] is m["tar_at_far_1e-4"] is None
+    assert m["far_min_reachable"] == 1.0
     assert m["eer"] == pytest.approx(0.1)
     assert m["accuracy"] == pytest.approx(0.9)
     assert (m["pairs_same"], m["pairs_different"]) == (10, 10)
@@ -124,14 +124,32 @@ def test_dir_at_fpir_hand_computed():
     # B is closer: a miss), b1 at 95 (B, cos5 = .996), b2 at 150 (B, cos60 = .5).
     gallery = np.array([_unit(0), _unit(90)])
     mated = np.array([_unit(30), _unit(80), _unit(95), _unit(150)])
-    # Ten strangers: best scores cos25 = .906 (at 25, near A), cos40 = .766 (at 130, near B), the
-    # other eight far from both (at 200..270: best score <= cos110 < 0).
-    nonmated = np.array([_unit(25), _unit(130)] + [_unit(a) for a in range(200, 280, 10)])
+    # 100 strangers, 10 each of: best score cos25 = .906 (at 25, near A), cos40 = .766 (at 130,
+    # near B), the other eight far from both (at 200..270: best score <= cos110 < 0).
+    nonmated = np.array(([_unit(25), _unit(130)] + [_unit(a) for a in range(200, 280, 10)]) * 10)
     got = metrics.open_set_identification(gallery, ["A", "B"], mated, ["A", "A", "B", "B"], nonmated)
-    # FPIR 10%: one stranger of ten may pass -> threshold .766 -> a1 (.866) and b1 (.996) found
+    # FPIR 10%: ten strangers of 100 may pass -> threshold .766 -> a1 (.866) and b1 (.996) found
     assert got["threshold_at_fpir_1e-1"] == pytest.approx(np.cos(np.deg2rad(40)))
     assert got["dir_at_fpir_1e-1"] == 0.5
-    # FPIR 1%: no stranger may pass -> threshold .906 -> only b1
+    # FPIR 1% would be one stranger of 100: fewer than MIN_FALSE_ACCEPTS, so not reported
+    assert got["threshold_at_fpir_1e-2"] is got["dir_at_fpir_1e-2"] is None
+    assert got["rank1_mated"] == 0.75
+    # with 1,000 strangers (the same 10 kinds, 100 each) FPIR 1% is reachable: 10 may pass ->
+    # threshold .906 -> only b1
+    got = metrics.open_set_identification(gallery, ["A", "B"], mated, ["A", "A", "B", "B"],
+                                          np.concatenate([nonmated] * 10))
     assert got["threshold_at_fpir_1e-2"] == pytest.approx(np.cos(np.deg2rad(25)))
     assert got["dir_at_fpir_1e-2"] == 0.25
-    assert got["rank1_mated"] == 0.75
+
+
+def test_tar_only_where_the_impostors_reach_it():
+    # 1,000 impostor pairs scoring 0.000, 0.001, ..., 0.999; 100 same pairs: 30 at 0.995, 70 at 0.5.
+    # FAR 1e-2 allows 10 false accepts: threshold 0.995 takes 5 impostors (0.995..0.999) and the 30
+    # -> TAR 0.3. FAR 1e-3 (1 false accept) and 1e-4 need 10,000 / 100,000 impostors: None.
+    scores = np.r_[np.arange(1000) / 1000, [0.995] * 30, [0.5] * 70]
+    labels = np.r_[np.zeros(1000, bool), np.ones(100, bool)]
+    m = metrics.verification_metrics(scores, labels, np.arange(scores.size) % 10)
+    assert m["tar_at_far_1e-2"] == pytest.approx(0.3)
+    assert m["tar_at_far_1e-3"] is None and m["tar_at_far_1e-4"] is None
+    assert m["far_min_reachable"] == pytest.approx(0.01)
+    assert metrics.reachable(1000, 1e-2) and not metrics.reachable(999, 1e-2)
