@@ -1,0 +1,93 @@
+"""README's results table from an evaluate stage's metrics.json: every headline figure of the model
+and of dlib with its 95% interval (bootstrap over identities), and the paired difference with its
+interval and verdict: "better" / "worse" only where the interval excludes 0, else "within noise".
+
+  python scripts/results_table.py eval/metrics.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+VERDICT = {1: "better", -1: "worse", 0: "within noise"}
+CONDITIONS = {"unmasked_unmasked": "u-u", "masked_unmasked": "m-u", "masked_masked": "m-m"}
+VIEWS = {"verification": "View 1 DevTest", "verification_view2": "View 2",
+         "verification_view2_unseen": "View 2 unseen people"}
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree.get(k) if isinstance(tree, dict) else None
+    return tree
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _with_ci(value, ci) -> str:
+    if value is None:
+        return "n/a"
+    return f"{_pct(value)} [{_pct(ci['low'])}, {_pct(ci['high'])}]" if ci else _pct(value)
+
+
+def figure_rows(m: dict) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(title, path of the figure, path of its interval) for every headline figure present."""
+    rows = []
+    for p in m["gallery"]["rank1"]:
+        rows.append((f"gallery rank-1, probes {p.replace('_', ' ')}", ("gallery", "rank1", p),
+                     ("gallery", "rank1_ci", p)))
+    for view, title in VIEWS.items():
+        if view not in m or m[view].get("skipped"):
+            continue
+        for cond, short in CONDITIONS.items():
+            for fig in ("accuracy", "tar_at_far_1e-2", "tar_at_far_1e-3"):
+                if fig in m[view][cond] and (fig == "accuracy" or m[view][cond][fig] is not None):
+                    name = "accuracy" if fig == "accuracy" else fig.replace("tar_at_far_", "TAR @ FAR ")
+                    rows.append((f"{title} {short} {name}", (view, cond, fig), (view, cond, f"{fig}_ci")))
+    for fig in sorted(k for k in m.get("open_set", {}) if k.startswith("dir_at_fpir_") and not k.endswith("_ci")):
+        for p, v in m["open_set"][fig].items():
+            if v is not None:
+                rows.append((f"open set DIR @ FPIR {fig.removeprefix('dir_at_fpir_')}, {p.replace('_', ' ')}",
+                             ("open_set", fig, p), ("open_set", f"{fig}_ci", p)))
+    return rows
+
+
+def unreachable(m: dict) -> list[str]:
+    """Operating points left out because the set cannot reach them."""
+    out = []
+    for view, title in VIEWS.items():
+        if view in m and not m[view].get("skipped"):
+            v = m[view]["masked_unmasked"]
+            none = [k.replace("tar_at_far_", "") for k, x in v.items() if k.startswith("tar_at_far_")
+                    and not k.endswith("_ci") and x is None]
+            if none:
+                out.append(f"{title}: TAR @ FAR {', '.join(none)} not reported ({v['pairs_different']} impostor "
+                           f"pairs reach FAR >= {v['far_min_reachable']:.2g})")
+    return out
+
+
+def table(m: dict) -> str:
+    ref = m.get("reference", {}).get("dlib")
+    lines = ["| figure (percent) | model [95% CI] | dlib [95% CI] | model - dlib [95% CI] | verdict |",
+             "|---|---|---|---|---|"]
+    for title, path, ci_path in figure_rows(m):
+        d = _get(m.get("vs_dlib", {}), path)
+        diff = f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "n/a"
+        lines.append(f"| {title} | {_with_ci(_get(m, path), _get(m, ci_path))} | "
+                     f"{_with_ci(_get(ref, path), _get(ref, ci_path)) if ref else 'n/a'} | {diff} | "
+                     f"{VERDICT[d['verdict']] if d else 'n/a'} |")
+    notes = unreachable(m)
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("metrics", nargs="?", default="eval/metrics.json")
+    args = ap.parse_args()
+    print(table(json.loads(Path(args.metrics).read_text())), end="")
+
+
+if __name__ == "__main__":
+    main()
