@@ -38,7 +38,7 @@ TINY_PARAMS = {
     "pack": {"shard_max_count": 4, "val_fraction": 0.34},
     "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "val_every": 0,
               "warmup_steps": 1, "log_every": 1, "shuffle_buffer": 8},
-    "evaluate": {"batch_size": 16},
+    "evaluate": {"batch_size": 16, "bootstrap_replicates": 100},
 }
 STAGES = {"ingest@lfw", "mask@lfw", "align@lfw", "pack", "train", "eval_scope", "embed_reference", "evaluate"}
 LFW_SIDE = {"ingest@lfw", "mask@lfw", "align@lfw", "embed_reference"}
