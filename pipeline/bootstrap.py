@@ -27,8 +27,6 @@ class Draws:
 
     indices: list[np.ndarray]
     clusters: int
-    seed: int
-    tag: str
 
 
 def draw_identities(cluster_of: Sequence[str], *, replicates: int, seed: int, tag: str) -> Draws:
@@ -41,14 +39,14 @@ def draw_identities(cluster_of: Sequence[str], *, replicates: int, seed: int, ta
         raise ValueError("nothing to resample")
     if replicates < 1:
         raise ValueError(f"replicates must be >= 1, got {replicates}")
-    names, inv = np.unique(cluster_of, return_inverse=True)
-    members = [np.nonzero(inv == k)[0] for k in range(names.size)]
+    names, inv, counts = np.unique(cluster_of, return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(inv, kind="stable"), np.cumsum(counts)[:-1])  # item indices per cluster
     rng = item_rng(seed, "bootstrap", tag, names.size)
     out = []
     for _ in range(replicates):
         pick = rng.integers(names.size, size=names.size)
         out.append(np.concatenate([members[k] for k in pick]))
-    return Draws(out, int(names.size), seed, tag)
+    return Draws(out, int(names.size))
 
 
 def replicate(stat: Callable[[np.ndarray], dict[str, float]], draws: Draws) -> dict[str, np.ndarray]:

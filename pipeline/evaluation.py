@@ -407,7 +407,8 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
                      "replicates": reps}
 
 
-def _get(tree: dict, path: tuple[str, ...]):
+def figure_at(tree: dict | None, path: tuple[str, ...]):
+    """The value at ``path`` of a nested metrics dict, or None where the path is absent."""
     for k in path:
         tree = tree.get(k) if isinstance(tree, dict) else None
     return tree
@@ -422,7 +423,7 @@ def paired_comparison(model: tuple[dict, dict], reference: tuple[dict, dict], le
         r_reps = r_extra["replicates"].get(path)
         if r_reps is None:
             continue
-        d = paired_difference(_get(m_metrics, path), _get(r_metrics, path), m_reps, r_reps, level)
+        d = paired_difference(figure_at(m_metrics, path), figure_at(r_metrics, path), m_reps, r_reps, level)
         if d is None:
             continue
         node = out

@@ -1,4 +1,5 @@
-"""README's results table from an evaluate stage's metrics.json: every headline figure of the model
+"""README's results table from an evaluate stage's metrics.json (the TEST figures of the one chosen
+recipe, scored once: not a tool for sweeps, which rank on validation columns): every headline figure of the model
 and of dlib with its 95% interval (bootstrap over identities), and the paired difference with its
 interval and verdict: "better" / "worse" only where the interval excludes 0, else "within noise".
 
@@ -8,18 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.evaluation import figure_at as _get  # noqa: E402
 
 VERDICT = {1: "better", -1: "worse", 0: "within noise"}
 CONDITIONS = {"unmasked_unmasked": "u-u", "masked_unmasked": "m-u", "masked_masked": "m-m"}
 VIEWS = {"verification": "View 1 DevTest", "verification_view2": "View 2",
          "verification_view2_unseen": "View 2 unseen people"}
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree.get(k) if isinstance(tree, dict) else None
-    return tree
 
 
 def _pct(v: float | None) -> str:
