@@ -1,9 +1,10 @@
 """The `evaluate` stage: embed every aligned test pair, score leak-free protocols, write metrics/plots.
 
 Every embedder (the trained model, dlib's reference network) goes through the same functions on the
-same aligned crops: :func:`embed_aligned` then :func:`score_embeddings`. The dlib pass (its torch
-port, :mod:`pipeline.dlib_resnet`) does not depend on the model, so the `embed_reference` stage
-computes it once into a parquet that DVC caches; `evaluate` only scores it.
+same aligned crops: :func:`embed_chunks` then :func:`score_embeddings`; validation
+(:mod:`pipeline.validation`) runs the same functions on the held-out train people. The dlib pass
+(its torch port, :mod:`pipeline.dlib_resnet`) does not depend on the model, so the
+`embed_reference` stage computes it once into a parquet that DVC caches; `evaluate` only scores it.
 
 Outputs (``out_dir``): metrics.json (nested, so ``dvc metrics show`` flattens it to keys like
 ``gallery.rank1.mask_0.5``), thresholds.json (`identify`'s decision thresholds per false-accept
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,26 +126,34 @@ def aligned_template(aligned_dir: str | Path) -> str:
     return json.loads(summary.read_text()).get("template", LEGACY_TEMPLATE) if summary.is_file() else LEGACY_TEMPLATE
 
 
-def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bool, batch_size: int,
-                  device: str = "cpu", all_lfw: bool = False) -> EmbeddedSet:
-    """Embed raw and masked crops of every evaluated aligned image (:func:`evaluated_splits`), in
-    batches on ``device`` (torch uses every core by itself). ``"dlib"`` runs on the crops' template;
-    a trained model must have been trained on it."""
-    chunks = aligned_eval_chunks(aligned_dir, all_lfw)
-    template = aligned_template(aligned_dir)
+def embed_chunks(embedder: Embedder | str, chunks: list[Path], *, template: str, flip: bool, batch_size: int,
+                 device: str = "cpu", where: str = "") -> EmbeddedSet:
+    """Embed the raw and masked crops of aligned chunks (or pack's val shards: the same members),
+    in batches on ``device`` (torch uses every core by itself): the one path from crops to
+    embeddings that evaluate, validate and the train stage's validation share. ``"dlib"`` runs on
+    the crops' ``template``; a trained model must have been trained on it."""
     if isinstance(embedder, str):
         embedder = make_embedder(embedder, device=device, template=template)
     if embedder.template.name != template:
-        raise EvaluationError(f"{embedder.name} takes {embedder.template.name} crops but {aligned_dir} holds "
-                              f"{template} crops (align.template): rerun align, pack and train on one template")
+        raise EvaluationError(f"{embedder.name} takes {embedder.template.name} crops but {where or 'the chunks'} "
+                              f"hold {template} crops (align.template): rerun align, pack and train on one template")
     parts = [_embed_chunk(c, embedder=embedder, flip=flip, batch_size=batch_size) for c in chunks]
     info = embedder.describe()
     ids = [i for p in parts for i in p[0]]
     if len(set(ids)) != len(ids):
         raise EvaluationError("an image id appears in two aligned chunks")
     info["flip"] = bool(flip)
-    return EmbeddedSet(ids, [i for p in parts for i in p[1]], np.concatenate([p[2] for p in parts]),
-                       np.concatenate([p[3] for p in parts]), info)
+    dim = embedder.dim
+    return EmbeddedSet(ids, [i for p in parts for i in p[1]],
+                       np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, dim), np.float32),
+                       np.concatenate([p[3] for p in parts]) if parts else np.zeros((0, dim), np.float32), info)
+
+
+def embed_aligned(embedder: Embedder | str, aligned_dir: str | Path, *, flip: bool, batch_size: int,
+                  device: str = "cpu", all_lfw: bool = False) -> EmbeddedSet:
+    """:func:`embed_chunks` of every evaluated aligned image (:func:`evaluated_splits`)."""
+    return embed_chunks(embedder, aligned_eval_chunks(aligned_dir, all_lfw), template=aligned_template(aligned_dir),
+                        flip=flip, batch_size=batch_size, device=device, where=str(aligned_dir))
 
 
 def save_embeddings(emb: EmbeddedSet, path: str | Path) -> None:
@@ -235,7 +245,8 @@ def score_verification(emb: EmbeddedSet, pairs: Pairs, params: EvaluateParams | 
                               f"not evaluated, same and different pairs are no longer both present")
     draws = None
     if params is not None:
-        draws = draw_identities([a.split("/", 1)[0] for a in kept.a], replicates=params.bootstrap_replicates,
+        idx = emb.index()
+        draws = draw_identities([emb.identities[idx[a]] for a in kept.a], replicates=params.bootstrap_replicates,
                                 seed=params.seed, tag=f"pairs:{pairs.source}")
     metrics, curves, reps = {}, {}, {}
     for cond in CONDITIONS:
@@ -354,6 +365,18 @@ def decision_thresholds(emb: EmbeddedSet, gallery: Gallery) -> dict:
     return out
 
 
+def score_identification(emb: EmbeddedSet, params: EvaluateParams, put: Callable[[str, dict, Replicates], None],
+                         bootstrap: bool = True) -> tuple[Gallery, dict]:
+    """The gallery (closed set, rank-1 per mask portion) and open-set sections of one embedder,
+    handed to ``put(section, figures, replicates)``; returns the gallery and its CMC curves."""
+    gallery = build_gallery(emb.image_ids, emb.identities, seed=params.seed)
+    boot = params if bootstrap else None
+    gal, cmc_curves, r = score_gallery(emb, gallery, params.mask_portions, params.cmc_max_rank, boot)
+    put("gallery", gal, r)
+    put("open_set", *score_open_set(emb, gallery, params.mask_portions, params.seed, boot))
+    return gallery, cmc_curves
+
+
 def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: str | Path,
                      train_identities: set[str]) -> tuple[dict, dict]:
     """All metrics of one embedder, each headline figure with its bootstrap interval, and what is
@@ -371,10 +394,7 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
         metrics[section] = result
         reps.update({(section, *k): v for k, v in r.items()})
 
-    gallery = build_gallery(emb.image_ids, emb.identities, seed=params.seed)
-    gal, cmc_curves, r = score_gallery(emb, gallery, params.mask_portions, params.cmc_max_rank, params)
-    put("gallery", gal, r)
-    put("open_set", *score_open_set(emb, gallery, params.mask_portions, params.seed, params))
+    gallery, cmc_curves = score_identification(emb, params, put)
     view1 = parse_pairs(protocol_dir / VIEW1_PAIRS, n_folds=params.n_folds)
     check_identity_overlap(train_identities, view1.identities(), allow=params.allow_identity_overlap,
                            what="View 1 pair")
@@ -459,11 +479,12 @@ def read_train_identities(shards_dir: str | Path) -> set[str]:
     return names
 
 
-def _round(obj, digits: int = 6):
+def round_metrics(obj, digits: int = 6):
+    """Floats rounded (non-finite ones as None), recursively: what metrics.json holds."""
     if isinstance(obj, float):
         return round(obj, digits) if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _round(v, digits) for k, v in obj.items()}
+        return {k: round_metrics(v, digits) for k, v in obj.items()}
     return obj
 
 
@@ -614,7 +635,7 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
     for name, (_, curves) in results.items():
         write_plot_data(out_dir, name, curves)
     draw_figures(out_dir, results)
-    metrics = _round(metrics)
+    metrics = round_metrics(metrics)
     write_json(out_dir / "metrics.json", metrics)
     # next to the metrics, keyed by the embedder they belong to: `identify` checks the model's sha256
     thresholds = {"model": {**results["model"][1]["thresholds"], "model_sha256": file_sha256(model_path),

@@ -4,8 +4,9 @@ Training reads a handful of big tar shards sequentially instead of millions of s
 seed could not scale past LFW because of that I/O; DVC also slows to hours past ~200k files).
 
 - Train identities with >= ``min_images_per_identity`` aligned images are kept; a seeded share of
-  them (``val_fraction``, at most ``val_max_identities``) is held out for model selection, so the
-  split is part of the cached data set and training never has to filter it.
+  those with >= 2 images (``val_fraction``, at most ``val_max_identities``) is held out for every
+  choice made on validation (:mod:`pipeline.validation`), so the split is part of the cached data
+  set and training never has to filter it.
 - ``train-NNNNNN.tar``: the other kept identities' pairs, shuffled in one pass through seeded
   buckets (below). Labels are contiguous ints over the sorted training identities
   (``classes.json``).
@@ -100,15 +101,17 @@ def plan_shards(sizes: list[int], params: PackParams) -> list[tuple[int, int]]:
     return ranges
 
 
-def split_val_identities(identities: list[str], params: PackParams) -> list[str]:
-    """The held-out validation identities: a seeded choice among the sorted names."""
+def split_val_identities(counts: dict[str, int], params: PackParams) -> list[str]:
+    """The held-out validation identities: a seeded choice among the sorted names of the people
+    with >= 2 aligned images (``counts``: identity -> images), ``val_fraction`` of them, at most
+    ``val_max_identities``; people with one image give validation no same pair and stay in training."""
     if params.val_fraction <= 0:
         return []
-    names = sorted(identities)
+    names = sorted(i for i, n in counts.items() if n >= 2)
     n_val = max(2, min(int(round(params.val_fraction * len(names))), params.val_max_identities))
     if n_val >= len(names):
-        raise PackError(f"pack.val_fraction={params.val_fraction} leaves no training identities "
-                        f"({len(names)} in all)")
+        raise PackError(f"pack.val_fraction={params.val_fraction} holds out {n_val} of the {len(names)} train "
+                        f"people with >= 2 images: none would be left to train on (lower it, or 0 for no validation)")
     rng = np.random.default_rng([params.seed, 1])
     return sorted(names[i] for i in rng.permutation(len(names))[:n_val])
 
@@ -305,7 +308,7 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     kept_ids = sorted(i for i, c in counts.items() if c >= params.min_images_per_identity)
     if not kept_ids:
         raise PackError(f"no train identity has >= {params.min_images_per_identity} aligned images")
-    val_ids = split_val_identities(kept_ids, params)
+    val_ids = split_val_identities({i: counts[i] for i in kept_ids}, params)
     val_label = {ident: i for i, ident in enumerate(val_ids)}
     classes = {ident: label for label, ident in enumerate(i for i in kept_ids if i not in val_label)}
     train_pairs = sum(counts[i] for i in classes)

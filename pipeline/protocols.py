@@ -202,6 +202,46 @@ def build_open_set(gallery: Gallery, *, seed: int) -> OpenSet:
                    _probe_draws(seed, nonmated))
 
 
+def build_validation_pairs(image_ids, identities, *, per_identity: int, n_folds: int, seed: int,
+                           source: str = "validation") -> Pairs:
+    """LFW-style verification pairs among held-out people (no pairs file exists for them).
+
+    Each person with >= 2 images is the first side of up to ``per_identity`` same pairs (distinct
+    unordered pairs of their images, a seeded choice) and of as many different pairs (one of their
+    images against a seeded image of a seeded other person), so every person weighs the same and
+    same/different stay balanced. A person's pairs all fall in one fold (folds dealt over the people
+    in a seeded order), so the k-fold thresholds are always chosen on other people. Each person's
+    draws are seeded from (seed, person): adding a person changes no other person's same pairs."""
+    if per_identity < 1:
+        raise ValueError(f"per_identity must be >= 1, got {per_identity}")
+    groups = _by_identity(image_ids, identities)
+    names = list(groups)
+    multi = [n for n in names if len(groups[n]) >= 2]
+    if len(multi) < 2:
+        raise ProtocolError(f"{source}: {len(multi)} people with >= 2 images; verification pairs need 2")
+    order = sorted(multi, key=lambda n: (rank_key(seed, "val_fold", n), n))
+    fold_of = {n: i % min(n_folds, len(multi)) for i, n in enumerate(order)}  # fewer people: one fold each
+    position = {n: i for i, n in enumerate(names)}
+    a, b, same, fold = [], [], [], []
+    for name in multi:
+        imgs = groups[name]
+        rng = item_rng(seed, "val_pairs", name)
+        combos = [(i, j) for i in range(len(imgs)) for j in range(i + 1, len(imgs))]
+        picks = sorted(rng.permutation(len(combos))[:per_identity])
+        for c in picks:
+            a.append(imgs[combos[c][0]])
+            b.append(imgs[combos[c][1]])
+        for _ in picks:
+            other = int(rng.integers(len(names) - 1))
+            other += other >= position[name]  # any person but this one
+            pool = groups[names[other]]
+            a.append(imgs[int(rng.integers(len(imgs)))])
+            b.append(pool[int(rng.integers(len(pool)))])
+        same += [True] * len(picks) + [False] * len(picks)
+        fold += [fold_of[name]] * (2 * len(picks))
+    return Pairs(a, b, np.array(same, bool), np.array(fold, np.int64), source)
+
+
 def build_paper_protocol(image_ids, identities, *, seed: int) -> Gallery:
     """The report's protocol, kept only to relate to its numbers (see PAPER_PROTOCOL_NOTE).
 

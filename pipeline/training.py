@@ -30,21 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from pipeline.align.geometry import LEGACY_TEMPLATE
-from pipeline.config import TrainParams
+from pipeline.config import EvaluateParams, TrainParams, ValidateParams
 from pipeline.devices import select_device
 from pipeline.dlib_resnet import Affine
+from pipeline.embedders import TorchEmbedder
+from pipeline.evaluation import embed_chunks
 from pipeline.losses import ArcFace, PairLoss, pair_loss
-from pipeline.metrics import auc, identification_ranks, kfold_accuracy, roc_curve
 from pipeline.models import build_embedding_net, interpolate_weights, make_net
 from pipeline.pair_loader import check_shard_count, make_pair_loader
 from pipeline.tar_chunks import dumps_json, file_sha256, list_chunks
+from pipeline.validation import score_validation, training_figures
 
 CHECKPOINT_FORMAT = 2
 CODE_DIRS = ("pipeline", "stages")
@@ -127,96 +128,27 @@ def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
     return h.hexdigest()
 
 
-def val_pairs(labels: np.ndarray, seed: int, max_pairs: int, folds: int = 10) -> dict[str, np.ndarray]:
-    """Balanced same/different pairs (gallery side raw image i, probe side masked image j, i != j),
-    at most max_pairs // 2 of each, seeded; each pair gets one of ``folds`` folds."""
-    rng = np.random.default_rng([seed, 2])
-    labels = np.asarray(labels)
-    by_id = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
-    same = [(a, b) for idx in by_id.values() for a in idx for b in idx if a != b]
-    half = max_pairs // 2
-    if len(same) > half:
-        same = [same[i] for i in np.sort(rng.choice(len(same), half, replace=False))]
-    n = len(same)
-    a = rng.integers(0, len(labels), size=4 * n + 8)
-    b = rng.integers(0, len(labels), size=4 * n + 8)
-    diff = [(i, j) for i, j in zip(a, b) if labels[i] != labels[j]][:n]
-    pairs = np.array(same + diff, dtype=np.int64).reshape(-1, 2)
-    issame = np.r_[np.ones(len(same), bool), np.zeros(len(diff), bool)]
-    fold = rng.permutation(len(pairs)) % folds
-    return {"gallery": pairs[:, 0], "probe": pairs[:, 1], "same": issame, "fold": fold}
-
-
-def val_gallery(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(gallery, probes) indices for rank-1 on the held-out people: each person with >= 2 images
-    enrols the first, the others search (people with one image enrol it as a distractor)."""
-    _, first, inverse, counts = np.unique(np.asarray(labels), return_index=True, return_inverse=True,
-                                          return_counts=True)
-    searches = np.ones(len(inverse), bool)
-    searches[first] = False
-    searches &= counts[inverse] >= 2
-    return np.sort(first), np.flatnonzero(searches)
-
-
-@torch.no_grad()
-def embed_pairs(net: nn.Module, batches: Iterable, device: torch.device,
-                autocast: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """L2-normalised embeddings of both twins of every batch (eval mode; train mode restored)."""
-    was_training = net.training
-    net.eval()
-    raws, maskeds, labels = [], [], []
-    try:
-        for raw, masked, label in batches:
-            for x, out in ((raw, raws), (masked, maskeds)):
-                x = x.to(device)
-                if channels_last(device):
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    out.append(torch.nn.functional.normalize(net(x).float(), dim=1).cpu())
-            labels.append(label)
-    finally:
-        net.train(was_training)
-    if not labels:
-        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
-    return torch.cat(raws).numpy(), torch.cat(maskeds).numpy(), torch.cat(labels).numpy()
-
-
 class Validator:
-    """Verification on the held-out identities (val shards, streamed: nothing held in memory
-    between validations): raw gallery vs masked probe (``accuracy``, the selection metric) and raw
-    vs raw; and gallery rank-1 with raw and masked probes, where forgetting shows first (unmasked
-    pair accuracy hides it)."""
+    """The validate stage's figures of the net being trained (:mod:`pipeline.validation`: the
+    held-out train people in the val shards, through evaluate's embedder path and scoring, without
+    the intervals), read afresh from the shards at each call: nothing is held between validations.
+    ``accuracy`` (masked-unmasked verification) picks the checkpoint; unmasked accuracy and rank-1
+    without masks are logged beside it, where forgetting shows first."""
 
-    def __init__(self, val_shards: list[Path], params: TrainParams, device: torch.device, autocast: Any,
-                 batch_size: int):
-        self.shards, self.params, self.device, self.autocast = val_shards, params, device, autocast
-        self.batch_size = batch_size
-        self.pairs: Optional[dict[str, np.ndarray]] = None  # drawn at the first call, then fixed
-        self.gallery: Optional[tuple[np.ndarray, np.ndarray]] = None
+    def __init__(self, val_shards: list[Path], template: str, device: torch.device, batch_size: int,
+                 evaluate: EvaluateParams | None = None, validate: ValidateParams | None = None):
+        self.shards, self.template, self.device, self.batch_size = val_shards, template, device, batch_size
+        self.evaluate, self.validate = evaluate or EvaluateParams(), validate or ValidateParams()
 
     def __call__(self, net: nn.Module) -> dict[str, float]:
-        # rank 0 reads every val shard (explicit rank/world: not split across DDP ranks)
-        loader = make_pair_loader(self.shards, batch_size=self.batch_size, augment=None,
-                                  seed=self.params.seed, drop_last=False, rank=0, world=1)
-        e_raw, e_masked, labels = embed_pairs(net, loader, self.device, self.autocast)
-        if len(np.unique(labels)) < 2:
-            raise ValueError("validation needs >= 2 held-out identities with images in val-*.tar")
-        if self.pairs is None:
-            self.pairs = val_pairs(labels, self.params.seed, self.params.val_max_pairs)
-            self.gallery = val_gallery(labels)
-        p = self.pairs
-        out = {}
-        for name, probe in (("accuracy", e_masked), ("accuracy_raw", e_raw)):
-            scores = np.sum(e_raw[p["gallery"]] * probe[p["probe"]], axis=1)
-            out[name] = kfold_accuracy(scores, p["same"], p["fold"]).accuracy
-            if name == "accuracy":
-                out["auc"] = auc(*roc_curve(scores, p["same"])[:2])
-        gallery, probes = self.gallery
-        if probes.size:
-            for name, probe in (("rank1_raw", e_raw), ("rank1_masked", e_masked)):
-                ranks = identification_ranks(e_raw[gallery], labels[gallery], probe[probes], labels[probes])
-                out[name] = float(np.mean(ranks == 1))
-        return out
+        was_training = net.training
+        try:  # TorchEmbedder puts the net in eval mode and runs it in fp32
+            emb = embed_chunks(TorchEmbedder(net=net, device=str(self.device)), self.shards, template=self.template,
+                               flip=self.evaluate.flip, batch_size=self.batch_size, where="the val shards")
+        finally:
+            net.train(was_training)
+        metrics, _ = score_validation(emb, evaluate=self.evaluate, validate=self.validate, intervals=False)
+        return training_figures(metrics)
 
 
 # ----------------------------------------------------------------------------- model and schedule
@@ -593,8 +525,8 @@ def imprint_class_centres(model: PairModel, shards: list[Path], *, batch_size: i
     return int(have.sum())
 
 
-def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
-          make_loader: Callable[..., Iterable]) -> Trainer:
+def setup(params: TrainParams, shards_dir: Path, resume_dir: Path, make_loader: Callable[..., Iterable],
+          evaluate: EvaluateParams | None = None, validate: ValidateParams | None = None) -> Trainer:
     """Shards, device, process group, model, optimiser and the resume state, checked before any
     training step."""
     shards = read_shard_set(shards_dir)
@@ -619,20 +551,22 @@ def setup(params: TrainParams, shards_dir: Path, resume_dir: Path,
                                                         else None)
     validator = None
     if shards.val:
-        validator = Validator(shards.val, params, device, autocast_for(device, params.bf16),
-                              max(64, 2 * max(2, params.batch_size // rank.world)))
+        validator = Validator(shards.val, shards.template, device, max(64, 2 * max(2, params.batch_size // rank.world)),
+                              evaluate, validate)
     return Trainer(params, shards, rank, device, model, ddp, optimizer, validator, state, fp, resume_dir,
                    make_loader=make_loader, start=start)
 
 
 def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, live_dir: str | Path,
-          resume_dir: str | Path, make_loader: Callable[..., Iterable] | None = None) -> dict:
+          resume_dir: str | Path, make_loader: Callable[..., Iterable] | None = None,
+          evaluate: EvaluateParams | None = None, validate: ValidateParams | None = None) -> dict:
     """Train on ``shards_dir``; write ``out_dir``/model.pt (best on validation) and dvclive logs.
     ``resume_dir`` keeps the resume state while the run is unfinished (deleted at the end).
+    ``evaluate`` / ``validate``: the settings validation scores with (params.yaml's sections).
 
     Returns a summary dict (rank 0; other ranks get theirs too, without the files)."""
     out_dir, live_dir, resume_dir = Path(out_dir), Path(live_dir), Path(resume_dir)
-    tr = setup(params, Path(shards_dir), resume_dir, make_loader or make_pair_loader)
+    tr = setup(params, Path(shards_dir), resume_dir, make_loader or make_pair_loader, evaluate, validate)
     s = tr.state
     if tr.rank.main:
         from dvclive import Live

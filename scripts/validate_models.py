@@ -1,20 +1,25 @@
-"""Validation figures of trained models, for choosing a recipe on held-out train people, not on test.
+"""Validation figures of trained models, for choosing a recipe on held-out train people: never test.
 
-Runs the train stage's own validator (pipeline.training.Validator: masked-unmasked and unmasked
-verification on the val shards, gallery rank-1 with unmasked and masked probes) on each model:
-a models/model.pt path, or a git revision (an experiment's, e.g. from `dvc exp show`), whose
-dvc.lock names the model in the DVC cache. `dlib` scores the starting network. One JSON line each.
-The val pairs are those of a seed-0 run (``--val-seed``), whatever params.yaml's train.seed says.
+Scores each model as the validate stage does (pipeline.validation: the val shards' people through
+evaluate's embedder path and scoring, 95% intervals from the bootstrap over identities), and the
+paired difference to dlib's network on the same pairs and probes. A model is a models/model.pt
+path, or a git revision (an experiment's, e.g. from `dvc exp show`) whose dvc.lock names the model
+in the DVC cache. `dlib` is the starting network and the reference. One JSON line per model.
 
-``--alphas 1,0.8,0.7`` also scores each fine-tuned dlib_resnet model moved back towards dlib's
-start (train.wise_alpha, WiSE-FT) without retraining; ``wise_alpha`` in the output is the
-effective one (a model written with wise_alpha a and moved by b lies at a x b). ``--test`` adds the
-evaluate stage's figures on LFW (gallery rank-1 per mask portion, View 1 DevTest and View 2 unseen
-pairs; View 1 is LFW's development view); ``--markdown`` ends with a table, mean +- sample std over
-the models at each alpha.
+``--alphas 1,0.8,0.7`` scores each fine-tuned dlib_resnet model at these train.wise_alpha values
+(WiSE-FT: start + alpha x (fine-tuned - start)) without retraining: a model the train stage wrote
+at wise_alpha a lies on that line already, so alpha b is start + (b / a) x (model - start) (above
+1 for b > a: back towards the fine-tuned net it was moved from, exact up to float rounding).
+
+The rule that picks (``chosen`` at the end): the highest validation masked-unmasked accuracy among
+the candidates whose unmasked accuracy and unmasked rank-1 are not worse than dlib's (the paired
+interval of the difference does not lie below 0); then the paired difference between the chosen
+candidate and the runner-up, with its interval, says whether the choice is resolved or within
+noise. ``--markdown`` ends with a table, best first. Test figures are not printed: the chosen
+recipe's are scored once, by `dvc repro` (evaluate stage).
 
   python scripts/validate_models.py dlib models/model.pt <exp-rev> ... [--shards data/shards]
-  python scripts/validate_models.py dlib <rev> <rev> ... --alphas 1,0.9,0.8,0.7,0.6 --test --markdown
+  python scripts/validate_models.py models/model.pt <exp-rev> --alphas 1,0.9,0.8,0.7,0.6,0.5 --markdown
 """
 from __future__ import annotations
 
@@ -29,17 +34,21 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import TrainParams, load_params  # noqa: E402
+from pipeline.bootstrap import paired_difference  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 from pipeline.devices import select_device  # noqa: E402
 from pipeline.embedders import TorchEmbedder, make_embedder  # noqa: E402
-from pipeline.evaluation import embed_aligned, read_train_identities, score_embeddings  # noqa: E402
+from pipeline.evaluation import figure_at, paired_comparison, round_metrics  # noqa: E402
 from pipeline.models import interpolate_weights  # noqa: E402
-from pipeline.training import ShardSet, Validator, autocast_for, read_shard_set  # noqa: E402
-from table1 import CONDITIONS as CONDITION_KEYS, TITLES, cell  # noqa: E402  (scripts/, beside this file)
+from pipeline.validation import SELECTION, embed_validation, score_validation, shards_template  # noqa: E402
 
 CACHE = Path(".dvc/cache/files/md5")
-CONDITIONS = {TITLES[f"{k}.accuracy"]: k for k in CONDITION_KEYS}  # u-u, m-u, m-m -> metric names
-VAL_COLUMNS = {"accuracy": "val m-u", "rank1_raw": "val rank-1 raw", "rank1_masked": "val rank-1 masked"}
+# column title -> path in the validation metrics
+COLUMNS = {"u-u": ("verification", "unmasked_unmasked", "accuracy"),
+           "m-u": ("verification", "masked_unmasked", "accuracy"),
+           "m-m": ("verification", "masked_masked", "accuracy")}
+# columns a candidate must not lose against dlib (forgetting on unmasked faces)
+GUARDS = ("u-u", "rank-1 0")
 
 
 def cached_model(rev: str) -> Path:
@@ -56,46 +65,77 @@ def cached_model(rev: str) -> Path:
     return CACHE / file_md5[:2] / file_md5[2:]
 
 
-def make_validator(params: TrainParams, shards: ShardSet, device: torch.device, val_seed: int) -> Validator:
-    """The train stage's validator, its val pairs drawn from ``val_seed``, not from params.yaml's
-    train.seed (which in a workspace holds whichever experiment was applied last)."""
-    params = params.model_copy(update={"seed": val_seed})
-    return Validator(shards.val, params, device, autocast_for(device, params.bf16), batch_size=128)
+def along_line(start: dict[str, torch.Tensor], model: dict[str, torch.Tensor], factor: float) -> dict:
+    """start + factor x (model - start), float tensors only; factor may exceed 1 (see --alphas)."""
+    if factor <= 1:
+        return interpolate_weights(start, model, factor)
+    return {k: start[k] + factor * (v - start[k]) if v.is_floating_point() else v for k, v in model.items()}
 
 
-def lfw_test_figures(net: torch.nn.Module, args, params, train_ids: set[str]) -> dict:
-    """What the evaluate stage reports for ``net`` (fractions), on the aligned LFW test people."""
-    embedder = TorchEmbedder(net=net, device=str(next(net.parameters()).device))
-    emb = embed_aligned(embedder, args.aligned, flip=params.flip, batch_size=params.batch_size)
-    m, _ = score_embeddings(emb, params=params, protocol_dir=args.protocol, train_identities=train_ids)
-    out = {"rank1": m["gallery"]["rank1"],
-           "V1": {c: m["verification"][k]["accuracy"] for c, k in CONDITIONS.items()}}
-    if "verification_view2_unseen" in m:
-        out["V2u"] = {c: m["verification_view2_unseen"][k]["accuracy"] for c, k in CONDITIONS.items()}
-    return out
+def columns(metrics: dict) -> dict[str, tuple[str, ...]]:
+    return {**COLUMNS, **{f"rank-1 {p.removeprefix('mask_')}": ("gallery", "rank1", p)
+                          for p in metrics["gallery"]["rank1"]}}
 
 
-def flat(row: dict) -> dict[str, float]:
-    """Column title -> value (fraction) of one output line."""
-    out = {title: row[k] for k, title in VAL_COLUMNS.items()}
-    test = row.get("test", {})
-    out |= {f"rank-1 {p.removeprefix('mask_')}": v for p, v in test.get("rank1", {}).items()}
-    for view in ("V1", "V2u"):
-        out |= {f"{view} {c}": v for c, v in test.get(view, {}).items()}
-    return out
+def _ci_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Where a figure's interval is: next to it (verification) or in a sibling <name>_ci dict (gallery)."""
+    return (*path[:-1], f"{path[-1]}_ci") if path[0] == "verification" else (path[0], f"{path[1]}_ci", path[2])
+
+
+def row_of(name: str, alpha: float, scored: tuple[dict, dict], dlib: tuple[dict, dict], level: float) -> dict:
+    """One output line: each column's figure with its interval, and the paired difference to dlib."""
+    m = scored[0]
+    vs = paired_comparison(scored, dlib, level)
+    cols = {}
+    for title, path in columns(m).items():
+        ci = figure_at(m, _ci_path(path))
+        cols[title] = {"value": figure_at(m, path), **({"low": ci["low"], "high": ci["high"]} if ci else {}),
+                       "vs_dlib": figure_at(vs, path)}
+    return round_metrics({"model": name, "wise_alpha": alpha, "identities": m["identities"], "pairs": m["pairs"],
+                          "validation": cols})
+
+
+def admissible(row: dict) -> bool:
+    """Not worse than dlib on unmasked faces (a paired interval wholly below 0 rules a model out)."""
+    return all((row["validation"][g]["vs_dlib"] or {}).get("verdict", 0) >= 0
+               for g in GUARDS if g in row["validation"])
+
+
+def choose(rows: list[dict], scored: dict[int, tuple[dict, dict]], level: float) -> dict | None:
+    """The rule of the module docstring, applied to the fine-tuned candidates (not dlib)."""
+    cands = sorted((i for i, r in enumerate(rows) if r["model"] != "dlib" and admissible(r)),
+                   key=lambda i: -figure_at(scored[i][0], SELECTION))
+    if not cands:
+        return None
+    best = cands[0]
+    out = {"chosen": {"model": rows[best]["model"], "wise_alpha": rows[best]["wise_alpha"]},
+           "rule": "max validation masked-unmasked accuracy; unmasked accuracy and rank-1 not worse than dlib"}
+    if len(cands) > 1:
+        (a, ea), (b, eb) = scored[best], scored[cands[1]]
+        d = paired_difference(figure_at(a, SELECTION), figure_at(b, SELECTION), ea["replicates"][SELECTION],
+                              eb["replicates"][SELECTION], level)
+        out["vs_runner_up"] = {"model": rows[cands[1]]["model"], "wise_alpha": rows[cands[1]]["wise_alpha"],
+                               **(d or {"diff": None, "note": "too few people to resample"})}
+    return round_metrics(out)
+
+
+def _cell(c: dict) -> str:
+    if c["value"] is None:
+        return "n/a"
+    s = f"{100 * c['value']:.1f}" + (f" [{100 * c['low']:.1f}, {100 * c['high']:.1f}]" if "low" in c else "")
+    d = c.get("vs_dlib")
+    return s + (f" ({100 * d['diff']:+.1f}{'*' if d['verdict'] else ''})" if d else "")
 
 
 def markdown(rows: list[dict]) -> str:
-    """One line per (dlib | wise_alpha): mean +- sample std over the models there, in percent."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault("dlib" if r["model"] == "dlib" else f"{r['wise_alpha']:g}", []).append(flat(r))
-    columns = list(next(iter(groups.values()))[0])
-    lines = ["| wise_alpha | models | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    order = sorted(groups, key=lambda g: (g == "dlib", -float(g) if g != "dlib" else 0))
-    for g in order:
-        cells = [cell([f[c] for f in groups[g]]) for c in columns]
-        lines.append(f"| {g} | {len(groups[g])} | " + " | ".join(cells) + " |")
+    """One line per (model, alpha), best validation m-u first: figure [95% CI] (difference to dlib,
+    * where its paired interval excludes 0)."""
+    titles = list(rows[0]["validation"])
+    lines = ["| model | wise_alpha | " + " | ".join(f"val {t}" for t in titles) + " |",
+             "|---" * (len(titles) + 2) + "|"]
+    for r in sorted(rows, key=lambda r: -(r["validation"]["m-u"]["value"] or 0)):
+        lines.append(f"| {Path(r['model']).name} | {r['wise_alpha']:g} | "
+                     + " | ".join(_cell(r["validation"][t]) for t in titles) + " |")
     return "\n".join(lines)
 
 
@@ -103,45 +143,48 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="dlib | a model.pt path | a git revision")
     ap.add_argument("--shards", default="data/shards")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--val-seed", type=int, default=0,
-                    help="draws the val pairs (the train stage uses train.seed: 0 = the default run's pairs)")
+    ap.add_argument("--params", default="params.yaml", help="its evaluate and validation sections score")
     ap.add_argument("--alphas", default="1", help="comma-separated, each in (0, 1]: weight of the fine-tuning")
-    ap.add_argument("--test", action="store_true", help="also the evaluate stage's LFW test figures")
-    ap.add_argument("--aligned", default="data/lfw/aligned")
-    ap.add_argument("--protocol", default="data/lfw/ingest/protocol")
-    ap.add_argument("--markdown", action="store_true", help="end with a table over the models per alpha")
+    ap.add_argument("--markdown", action="store_true", help="end with a table, best validation m-u first")
     args = ap.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
     if not all(0 < a <= 1 for a in alphas):
         raise SystemExit(f"--alphas: each must lie in (0, 1], got {args.alphas}")
-    all_params = load_params(args.params)
-    device = select_device(all_params.train.device)
-    shards = read_shard_set(Path(args.shards))
-    validator = make_validator(all_params.train, shards, device, args.val_seed)
-    train_ids = read_train_identities(args.shards) if args.test else set()
-    start = make_embedder("dlib", device=str(device), template=shards.template).model
-    start_weights = {k: v.detach().clone() for k, v in start.state_dict().items()}
-    rows = []
+    params = load_params(args.params)
+    ev, va = params.evaluate, params.validation
+    device = str(select_device(ev.device))
+    template = shards_template(args.shards)
+
+    def score(embedder) -> tuple[dict, dict]:
+        return score_validation(embed_validation(embedder, args.shards, params=ev, device=device),
+                                evaluate=ev, validate=va)
+
+    dlib_net = make_embedder("dlib", device=device, template=template)
+    start_weights = {k: v.detach().clone() for k, v in dlib_net.model.state_dict().items()}
+    dlib = score(dlib_net)
+    rows, scored = [], {}
     for name in args.models:
         spec = name if name == "dlib" or Path(name).is_file() else str(cached_model(name))
-        net = make_embedder(spec, device=str(device), template=shards.template).model
-        written = 1.0
-        if name != "dlib":
+        if name == "dlib":
+            runs = [(1.0, dlib)]
+        else:
+            net = make_embedder(spec, device=device, template=template).model
             written = torch.load(spec, map_location="cpu", weights_only=True)["meta"].get("wise_alpha", 1.0)
-        tuned = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        for alpha in [1.0] if name == "dlib" else alphas:
-            if alpha < 1:
-                if net.config["backbone"] != "dlib_resnet":
-                    raise SystemExit(f"{name}: --alphas below 1 need a model fine-tuned from dlib's network")
-                net.load_state_dict(interpolate_weights(start_weights, tuned, alpha))
-            with torch.no_grad():
-                row = {"model": name, "wise_alpha": round(written * alpha, 6),
-                       **{k: round(v, 5) for k, v in validator(net).items()}}
-                if args.test:
-                    row["test"] = lfw_test_figures(net, args, all_params.evaluate, train_ids)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            tuned = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            runs = []
+            for alpha in alphas:
+                if alpha != written and net.config["backbone"] != "dlib_resnet":
+                    raise SystemExit(f"{name}: --alphas other than its own ({written}) need a model fine-tuned "
+                                     f"from dlib's network")
+                net.load_state_dict(along_line(start_weights, tuned, alpha / written))
+                runs.append((alpha, score(TorchEmbedder(net=net, device=device))))
+        for alpha, result in runs:
+            scored[len(rows)] = result
+            rows.append(row_of(name, round(alpha, 6), result, dlib, ev.ci_level))
+            print(json.dumps(rows[-1]), flush=True)
+    picked = choose(rows, scored, ev.ci_level)
+    if picked:
+        print(json.dumps(picked), flush=True)
     if args.markdown:
         print(markdown(rows))
 

@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     summary = train(params=params.train, shards_dir=args.shards, out_dir=args.out, live_dir=args.live,
-                    resume_dir=args.resume_dir)
+                    resume_dir=args.resume_dir, evaluate=params.evaluate, validate=params.validation)
     if summary["rank"] == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 

@@ -170,3 +170,19 @@ def test_val_takes_the_first_images_of_each_held_out_identity(tiny_shards, tmp_p
     assert _shard_keys(tmp_path / "s", index["val"]["shards"]) == [k for i in val_ids for k in sorted(by_id[i])[:2]]
     assert index["val"]["images_not_packed"] == sum(len(by_id[i]) - 2 for i in val_ids)
     assert all(s["samples"] <= 3 for s in index["val"]["shards"])
+
+
+def test_validation_people_are_drawn_among_those_with_two_images():
+    """Only people with >= 2 images give validation a same pair: people with one stay in training;
+    the share is of the former, and holding all of them out is refused."""
+    from pipeline.pack import split_val_identities
+
+    counts = {f"p{i:02d}": 1 + (i % 3 == 0) * 4 for i in range(40)}  # 14 people with 5 images, 26 with 1
+    val = split_val_identities(counts, PackParams(val_fraction=0.5))
+    assert len(val) == 7 and all(counts[i] == 5 for i in val) and val == sorted(val)
+    assert split_val_identities(counts, PackParams(val_fraction=0.5)) == val  # seeded
+    assert split_val_identities(counts, PackParams(val_fraction=0.5, seed=1)) != val
+    assert len(split_val_identities(counts, PackParams(val_fraction=0.5, val_max_identities=3))) == 3
+    assert split_val_identities(counts, PackParams(val_fraction=0.0)) == []
+    with pytest.raises(PackError, match="none would be left to train on"):
+        split_val_identities({"a": 2, "b": 2, "c": 1}, PackParams(val_fraction=0.5))

@@ -173,3 +173,65 @@ def test_open_set_leaves_half_the_identities_out_as_strangers():
     assert mm.all() and nm.all() and not o.masked(0.0)[1].any()
     with pytest.raises(protocols.ProtocolError):
         protocols.build_open_set(protocols.build_gallery(["A/1", "A/2"], ["A", "A"], seed=0), seed=0)
+
+
+def _train_people_images(n_people: int) -> tuple[list[str], list[str]]:
+    """Image ids and identities of the first View 1 train people with >= 2 images, and of the
+    first two with one image, listed from the real folder."""
+    root = lfw_root()
+    ids, idents, singles = [], [], 0
+    for name in sorted(protocols.read_people(root / "peopleDevTrain.txt")):
+        files = sorted(os.listdir(root / "lfw-deepfunneled" / name))
+        if len(files) < 2 and singles >= 2:
+            continue
+        if len(files) >= 2 and len({*idents}) - singles >= n_people:
+            continue
+        singles += len(files) < 2
+        ids += [f"{name}/{f.rsplit('.', 1)[0]}" for f in files]
+        idents += [name] * len(files)
+    return ids, idents
+
+
+def test_validation_pairs_weigh_each_person_alike_and_keep_a_person_in_one_fold():
+    ids, idents = _train_people_images(30)
+    ident_of = dict(zip(ids, idents))
+    count = Counter(idents)
+    p = protocols.build_validation_pairs(ids, idents, per_identity=3, n_folds=10, seed=0)
+    first = [ident_of[a] for a in p.a]
+    same = np.array([ident_of[a] == ident_of[b] for a, b in zip(p.a, p.b)])
+    assert np.array_equal(same, p.same) and not any(a == b for a, b in zip(p.a, p.b))
+    # hand count: min(3, n (n-1) / 2) same pairs per person with >= 2 images, as many different
+    expected = {n: min(3, c * (c - 1) // 2) for n, c in count.items() if c >= 2}
+    assert Counter(a for a, s in zip(first, p.same) if s) == expected
+    assert Counter(a for a, s in zip(first, p.same) if not s) == expected
+    assert not {n for n, c in count.items() if c < 2} & set(first)  # one image: never a first side
+    same_pairs = [frozenset(x) for x, s in zip(zip(p.a, p.b), p.same) if s]
+    assert len(same_pairs) == len(set(same_pairs))  # distinct unordered pairs
+    # a person's pairs share one fold, so a threshold is never chosen on the person it is tried on;
+    # 30 people over 10 folds: 3 each
+    folds = defaultdict(set)
+    for name, f in zip(first, p.fold):
+        folds[name].add(int(f))
+    assert all(len(f) == 1 for f in folds.values())
+    assert Counter(f.pop() for f in folds.values()) == {k: 3 for k in range(10)}
+    again = protocols.build_validation_pairs(ids, idents, per_identity=3, n_folds=10, seed=0)
+    assert (again.a, again.b) == (p.a, p.b) and np.array_equal(again.fold, p.fold)
+    other = protocols.build_validation_pairs(ids, idents, per_identity=3, n_folds=10, seed=1)
+    assert (other.a, other.b) != (p.a, p.b)
+
+
+def test_validation_pairs_of_a_person_do_not_depend_on_who_else_is_there():
+    ids, idents = _train_people_images(12)
+    p = protocols.build_validation_pairs(ids, idents, per_identity=4, n_folds=4, seed=0)
+    gone = idents[-1]
+    keep = [i for i, n in enumerate(idents) if n != gone]
+    q = protocols.build_validation_pairs([ids[i] for i in keep], [idents[i] for i in keep], per_identity=4,
+                                         n_folds=4, seed=0)
+    first = p.a[0].split("/")[0]
+
+    def same_of(pairs):
+        return [(a, b) for a, b, s in zip(pairs.a, pairs.b, pairs.same) if s and a.startswith(first + "/")]
+
+    assert same_of(p) == same_of(q) and same_of(p)
+    with pytest.raises(protocols.ProtocolError, match="people with >= 2 images"):
+        protocols.build_validation_pairs(["A/1", "A/2", "B/1"], ["A", "A", "B"], per_identity=2, n_folds=10, seed=0)

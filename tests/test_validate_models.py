@@ -1,35 +1,53 @@
-"""scripts/validate_models.py: the train stage's validator on given models, one JSON line each."""
+"""scripts/validate_models.py: the validate stage's figures of given models, and the rule that picks."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import validate_models  # noqa: E402
 
-from pipeline.models import build_embedding_net  # noqa: E402
+from pipeline.models import build_embedding_net, interpolate_weights  # noqa: E402
 from pipeline.training import read_shard_set  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def test_scores_dlib_and_a_checkpoint_on_the_same_val_pairs(tiny_shards, tmp_path, capsys):
-    """dlib's network saved as a checkpoint scores exactly what `dlib` scores."""
+def _rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_shards, tmp_path_factory):
+    """dlib's network saved as a checkpoint, a perturbed 'fine-tuned' one (written at wise_alpha
+    0.8), and the latter moved half way back to dlib."""
+    d = tmp_path_factory.mktemp("models")
     net = build_embedding_net("dlib_resnet", None, 0.0, "dlib", None, read_shard_set(tiny_shards).template)
-    torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, tmp_path / "model.pt")
-    validate_models.main(["dlib", str(tmp_path / "model.pt"), "--shards", str(tiny_shards),
-                          "--params", str(PARAMS)])
-    dlib, saved = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert dlib["model"] == "dlib" and saved["model"].endswith("model.pt")
-    keys = {"accuracy", "auc", "accuracy_raw", "rank1_raw", "rank1_masked"}
-    assert keys <= set(dlib) and all(0.0 <= dlib[k] <= 1.0 for k in keys)
-    assert {k: dlib[k] for k in keys} == {k: saved[k] for k in keys}
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(0)
+    tuned = {k: v + 0.05 * v.std() * torch.randn_like(v) if "conv" in k else v for k, v in start.items()}
+    torch.save({"model": start, "config": net.config, "meta": {}}, d / "dlib.pt")
+    torch.save({"model": tuned, "config": net.config, "meta": {"wise_alpha": 0.8}}, d / "tuned.pt")
+    torch.save({"model": interpolate_weights(start, tuned, 0.5), "config": net.config, "meta": {}}, d / "half.pt")
+    return d
+
+
+def test_dlib_and_its_checkpoint_score_alike_and_no_test_figure_is_printed(tiny_shards, checkpoints, capsys):
+    validate_models.main(["dlib", str(checkpoints / "dlib.pt"), "--shards", str(tiny_shards), "--params", str(PARAMS)])
+    out = capsys.readouterr().out
+    dlib, saved = _rows(out)[:2]
+    assert dlib["model"] == "dlib" and saved["model"].endswith("dlib.pt")
+    assert set(dlib["validation"]) == {"u-u", "m-u", "m-m", "rank-1 0", "rank-1 0.5", "rank-1 1.0"}
+    for title, cell in dlib["validation"].items():
+        assert 0.0 <= cell["value"] <= 1.0 and cell["value"] == saved["validation"][title]["value"], title
+    assert saved["validation"]["rank-1 1.0"]["vs_dlib"]["diff"] == 0.0
+    # sweeps never see test: no LFW test figure in any output line
+    assert all(set(r) == {"model", "wise_alpha", "identities", "pairs", "validation"} for r in _rows(out)[:2])
+    assert not any(k in out for k in ("V1", "V2u", "View", '"test"'))
 
 
 def test_a_name_that_is_neither_a_file_nor_a_revision_is_a_clear_error(tiny_shards):
@@ -37,40 +55,49 @@ def test_a_name_that_is_neither_a_file_nor_a_revision_is_a_clear_error(tiny_shar
         validate_models.main(["no-such-rev-xyz", "--shards", str(tiny_shards), "--params", str(PARAMS)])
 
 
-def test_alphas_score_the_model_moved_towards_dlib_on_val_and_test(lfw_small, tiny_shards, tmp_path, capsys):
-    """--alphas scores start + alpha (model - start) (alpha times the model's own wise_alpha is the
-    effective one) exactly as a checkpoint of those weights scores; --test adds the evaluate
-    stage's LFW figures; --markdown a table per alpha."""
-    from pipeline.models import interpolate_weights
-    from tests.conftest import write_eval_pairs
+def test_alphas_score_the_model_moved_towards_dlib_in_any_order(tiny_shards, checkpoints, capsys):
+    """--alphas b scores a model written at wise_alpha a as start + (b / a) (model - start): as a
+    checkpoint of those weights scores, whatever order the alphas come in (each starts again from
+    the model's weights); --markdown ranks best m-u first."""
+    common = ["--shards", str(tiny_shards), "--params", str(PARAMS)]
+    # tuned.pt is the fine-tuned net written at 0.8; half.pt the fine-tuned net at 0.5 x 0.8 = 0.4
+    validate_models.main([str(checkpoints / "tuned.pt"), "--alphas", "0.4,0.8,1", "--markdown", *common])
+    out = capsys.readouterr().out
+    rows = [r for r in _rows(out) if "model" in r]
+    assert [r["wise_alpha"] for r in rows] == [0.4, 0.8, 1.0]
+    validate_models.main([str(checkpoints / "tuned.pt"), "--alphas", "1,0.8,0.4", *common])
+    again = {r["wise_alpha"]: r["validation"] for r in _rows(capsys.readouterr().out) if "model" in r}
+    assert again == {r["wise_alpha"]: r["validation"] for r in rows}
+    validate_models.main([str(checkpoints / "half.pt"), "--alphas", "1", *common])  # its own 1: as written
+    half = _rows(capsys.readouterr().out)[0]
+    assert half["validation"] == again[0.4]
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| model | wise_alpha | val u-u | val m-u |")
+    mu = [float(line.split(" | ")[3].split()[0]) for line in table[2:]]
+    assert mu == sorted(mu, reverse=True)
 
-    protocol = tmp_path / "protocol"
-    shutil.copytree(tiny_shards.parent / "ingest" / "protocol", protocol)
-    write_eval_pairs(lfw_small, protocol)
-    net = build_embedding_net("dlib_resnet", None, 0.0, "dlib", None, read_shard_set(tiny_shards).template)
-    start = {k: v.clone() for k, v in net.state_dict().items()}
-    torch.manual_seed(0)
-    tuned = {k: v + 0.05 * v.std() * torch.randn_like(v) if "conv" in k else v for k, v in start.items()}
-    torch.save({"model": tuned, "config": net.config, "meta": {"wise_alpha": 0.8}}, tmp_path / "tuned.pt")
-    torch.save({"model": interpolate_weights(start, tuned, 0.5), "config": net.config, "meta": {}},
-               tmp_path / "half.pt")
-    common = ["--shards", str(tiny_shards), "--params", str(PARAMS), "--test", "--aligned",
-              str(tiny_shards.parent / "aligned"), "--protocol", str(protocol)]
-    validate_models.main(["dlib", str(tmp_path / "tuned.pt"), "--alphas", "1,0.5", "--markdown", *common])
-    out = capsys.readouterr().out.splitlines()
-    rows = [json.loads(line) for line in out if line.startswith("{")]
-    assert [(r["model"].split("/")[-1], r["wise_alpha"]) for r in rows] == [("dlib", 1.0), ("tuned.pt", 0.8),
-                                                                            ("tuned.pt", 0.4)]
-    validate_models.main([str(tmp_path / "half.pt"), *common])
-    half = json.loads(capsys.readouterr().out)
-    drop = ("model", "wise_alpha")
-    assert {k: v for k, v in rows[2].items() if k not in drop} == {k: v for k, v in half.items() if k not in drop}
-    assert rows[1]["test"] != rows[2]["test"] and rows[0]["test"] != rows[1]["test"]
-    assert set(rows[0]["test"]) == {"rank1", "V1", "V2u"} and set(rows[0]["test"]["V1"]) == {"u-u", "m-u", "m-m"}
-    assert set(rows[0]["test"]["rank1"]) == {"mask_0", "mask_0.5", "mask_1.0"}
-    table = [line for line in out if line.startswith("|")]
-    assert table[0].startswith("| wise_alpha | models | val m-u |") and "V1 m-m" in table[0]
-    assert [line.split(" | ")[0] for line in table[2:]] == ["| 0.8", "| 0.4", "| dlib"]
+
+def test_the_rule_picks_the_best_masked_figure_that_does_not_forget_unmasked_faces():
+    """A candidate whose unmasked accuracy is significantly below dlib's is ruled out even with
+    the best masked-unmasked figure."""
+    def row(name, u_verdict):
+        cells = {t: {"value": 0.9, "vs_dlib": {"diff": 0.0, "low": 0.0, "high": 0.0, "verdict": 0}}
+                 for t in ("u-u", "m-u", "rank-1 0")}
+        cells["u-u"]["vs_dlib"]["verdict"] = u_verdict
+        return {"model": name, "wise_alpha": 1.0, "validation": cells}
+
+    sel = validate_models.SELECTION
+    scored = {}
+    for i, acc in enumerate((0.80, 0.95, 0.90)):
+        m = {"verification": {"masked_unmasked": {"accuracy": acc}}}
+        scored[i] = (m, {"replicates": {sel: torch.linspace(acc - 0.02, acc + 0.02, 200).numpy()}})
+    rows = [row("dlib", 0), row("forgets", -1), row("keeps", 0)]
+    picked = validate_models.choose(rows, scored, 0.95)
+    assert picked["chosen"]["model"] == "keeps" and "vs_runner_up" not in picked
+    rows[1] = row("forgets-not", 0)
+    picked = validate_models.choose(rows, scored, 0.95)
+    assert picked["chosen"]["model"] == "forgets-not" and picked["vs_runner_up"]["model"] == "keeps"
+    assert picked["vs_runner_up"]["diff"] == pytest.approx(0.05)
 
 
 def test_alphas_outside_the_unit_interval_are_refused(tiny_shards):
@@ -78,18 +105,10 @@ def test_alphas_outside_the_unit_interval_are_refused(tiny_shards):
         validate_models.main(["dlib", "--alphas", "0,1", "--shards", str(tiny_shards), "--params", str(PARAMS)])
 
 
-def test_val_pairs_do_not_follow_the_workspace_train_seed(tiny_shards):
-    """params.yaml's train.seed is whatever experiment was applied last: the val pairs come from
-    --val-seed (0, the default run's) instead, so figures stay comparable across calls."""
-    from pipeline.config import TrainParams
-
-    shards = read_shard_set(tiny_shards)
-    net = build_embedding_net("dlib_resnet", None, 0.0, "dlib", None, shards.template)
-    drawn = {}
-    for train_seed, val_seed in ((0, 0), (5, 0), (0, 5)):
-        v = validate_models.make_validator(TrainParams(seed=train_seed), shards, torch.device("cpu"), val_seed)
-        with torch.no_grad():
-            v(net)
-        drawn[train_seed, val_seed] = v.pairs
-    same = [all(np.array_equal(drawn[k][f], drawn[0, 0][f]) for f in drawn[0, 0]) for k in drawn]
-    assert same == [True, True, False]
+def test_along_the_line_past_the_written_model_recovers_the_fine_tuned_net():
+    start = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([3])}
+    tuned = {"w": torch.tensor([3.0, -2.0]), "n": torch.tensor([3])}
+    written = interpolate_weights(start, tuned, 0.7)
+    back = validate_models.along_line(start, written, 1 / 0.7)
+    assert torch.allclose(back["w"], tuned["w"], atol=1e-6) and torch.equal(back["n"], tuned["n"])
+    assert torch.equal(validate_models.along_line(start, written, 0.5)["w"], interpolate_weights(start, written, 0.5)["w"])

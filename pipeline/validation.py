@@ -1,0 +1,132 @@
+"""Validation: the held-out train people, measured as evaluate measures the test people.
+
+Every choice (checkpoint, recipe, hyperparameters, WiSE-FT alpha, align defaults, thresholds) is
+made here and never on test figures. The people are pack's val shards (``pack.val_fraction`` of
+the train people with >= 2 images, never trained on); their crops go through the same path as the
+test crops (:func:`pipeline.evaluation.embed_chunks`: fp32, the same template and flip handling)
+and the same scoring code with evaluate's settings, so a validation figure and a test figure of the
+same people agree:
+
+- verification in the three conditions on seeded LFW-style pairs of these people
+  (:func:`pipeline.protocols.build_validation_pairs`: ``validate.pairs_per_identity`` each);
+- gallery rank-1 at each mask portion and open-set DIR@FPIR (the evaluate stage's builders);
+- with intervals (the bootstrap over identities) and, in the validate stage, dlib's reference
+  network on the same pairs with paired differences, and :func:`resolution`: how many people it
+  takes to resolve a 1-point difference in masked-unmasked accuracy, from the spread measured here.
+
+The train stage runs :class:`pipeline.training.Validator` (the same figures, no intervals) to pick
+its checkpoint on :data:`SELECTION`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline.align.geometry import LEGACY_TEMPLATE
+from pipeline.config import EvaluateParams, ValidateParams
+from pipeline.devices import select_device
+from pipeline.embedders import Embedder
+from pipeline.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks, paired_comparison,
+                                 round_metrics, score_identification, score_verification)
+from pipeline.protocols import build_validation_pairs
+from pipeline.tar_chunks import list_chunks, write_json
+
+VAL_PREFIX = "val-"
+SELECTION = ("verification", "masked_unmasked", "accuracy")  # what the checkpoint and recipes are picked on
+RESOLVE = 0.01  # the difference in masked-unmasked accuracy validation must be able to resolve
+
+
+def validation_chunks(shards_dir: str | Path) -> list[Path]:
+    """pack's val-*.tar shards (the same members as aligned chunks: raw.jpg, masked.jpg, json)."""
+    return list_chunks(Path(shards_dir), prefix=VAL_PREFIX)
+
+
+def shards_template(shards_dir: str | Path) -> str:
+    index = Path(shards_dir) / "index.json"
+    if not index.is_file():
+        raise EvaluationError(f"{index} not found: run the pack stage")
+    return json.loads(index.read_text()).get("template", LEGACY_TEMPLATE)
+
+
+def embed_validation(embedder: Embedder | str, shards_dir: str | Path, *, params: EvaluateParams,
+                     device: str = "cpu") -> EmbeddedSet:
+    chunks = validation_chunks(shards_dir)
+    if not chunks:
+        raise EvaluationError(f"{shards_dir} holds no val-*.tar shards: pack.val_fraction is 0")
+    return embed_chunks(embedder, chunks, template=shards_template(shards_dir), flip=params.flip,
+                        batch_size=params.batch_size, device=device, where=f"{shards_dir} (val shards)")
+
+
+def score_validation(emb: EmbeddedSet, *, evaluate: EvaluateParams, validate: ValidateParams,
+                     intervals: bool = True) -> tuple[dict, dict]:
+    """Validation metrics of one embedder in the layout of evaluate's metrics.json (sections
+    ``verification``, ``gallery``, ``open_set``) and {"roc", "cmc", "replicates"} beside them;
+    ``intervals=False`` skips the bootstrap (the train stage's validation, every few steps)."""
+    pairs = build_validation_pairs(emb.image_ids, emb.identities, per_identity=validate.pairs_per_identity,
+                                   n_folds=evaluate.n_folds, seed=evaluate.seed)
+    metrics: dict = {"images": len(emb.image_ids), "identities": len(set(emb.identities)), "pairs": len(pairs)}
+    reps: Replicates = {}
+
+    def put(section: str, result: dict, r: Replicates) -> None:
+        metrics[section] = result
+        reps.update({(section, *k): v for k, v in r.items()})
+
+    _, cmc_curves = score_identification(emb, evaluate, put, bootstrap=intervals)
+    v, roc, r = score_verification(emb, pairs, evaluate if intervals else None)
+    put("verification", v, r)
+    return metrics, {"roc": roc, "cmc": cmc_curves, "replicates": reps}
+
+
+def training_figures(metrics: dict) -> dict[str, float]:
+    """The flat figures the train stage logs as val/<name>: ``accuracy`` (masked-unmasked, the
+    selection metric), ``accuracy_raw`` (unmasked), ``accuracy_masked`` (masked-masked), ``auc``
+    (masked-unmasked) and ``rank1_<mask portion>``."""
+    v = metrics["verification"]
+    out = {"accuracy": v["masked_unmasked"]["accuracy"], "accuracy_raw": v["unmasked_unmasked"]["accuracy"],
+           "accuracy_masked": v["masked_masked"]["accuracy"], "auc": v["masked_unmasked"]["auc"]}
+    out |= {f"rank1_{k}": x for k, x in metrics["gallery"]["rank1"].items()}
+    return out
+
+
+def _half_width(ci: dict | None) -> float | None:
+    return None if not ci else (ci["high"] - ci["low"]) / 2
+
+
+def resolution(metrics: dict, vs_dlib: dict | None, target: float = RESOLVE) -> dict:
+    """How many validation people it takes to resolve ``target`` in masked-unmasked accuracy, from
+    the spread measured here: an interval over identities narrows as 1 / sqrt(people), so
+    n_needed = n x (half-width / target)^2. ``figure``: one model's figure alone (the unpaired,
+    worst case); ``paired_vs_dlib``: a paired difference (two recipes compared on the same people
+    are paired too, and usually tighter still: scripts/validate_models.py prints theirs)."""
+    v = metrics["verification"]["masked_unmasked"]
+    n = v.get("bootstrap_identities")
+    out: dict = {"target": target, "identities": n, "pairs": metrics["pairs"]}
+    widths = {"figure": _half_width(v.get("accuracy_ci"))}
+    d = (vs_dlib or {}).get("verification", {}).get("masked_unmasked", {}).get("accuracy")
+    if d:
+        widths["paired_vs_dlib"] = (d["high"] - d["low"]) / 2
+    for name, hw in widths.items():
+        if hw is not None and n:
+            out[name] = {"half_width": hw, "identities_needed": int(math.ceil(n * (hw / target) ** 2))}
+    return out
+
+
+def run_validate(*, evaluate: EvaluateParams, validate: ValidateParams, shards_dir: str | Path,
+                 model_path: str | Path, out_dir: str | Path) -> dict:
+    """The validate stage: the model (and dlib's network, with ``evaluate.reference_dlib``) on the
+    val shards, with intervals and paired differences -> ``out_dir``/metrics.json."""
+    device = str(select_device(evaluate.device))
+    results = {"model": score_validation(embed_validation(str(model_path), shards_dir, params=evaluate,
+                                                          device=device), evaluate=evaluate, validate=validate)}
+    metrics = {**results["model"][0], "evaluation_set": "validation: held-out train people (pack.val_fraction)"}
+    if evaluate.reference_dlib:
+        results["dlib"] = score_validation(embed_validation("dlib", shards_dir, params=evaluate, device=device),
+                                           evaluate=evaluate, validate=validate)
+        metrics["reference"] = {"dlib": results["dlib"][0]}
+        metrics["vs_dlib"] = paired_comparison(results["model"], results["dlib"], evaluate.ci_level)
+    metrics["resolution"] = resolution(results["model"][0], metrics.get("vs_dlib"))
+    metrics = round_metrics(metrics)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
