@@ -1,5 +1,8 @@
-"""What does the crop geometry cost dlib's network? The same View 1 DevTest pairs, the same network
-(the torch port), five inputs made from the original photos:
+"""What does the crop geometry cost dlib's network? The same pairs, the same network (the torch
+port), five inputs made from the original photos. The pairs are the validation people's
+(``--pairs validation``, the default: pack's held-out train people, the validate stage's pairs),
+where the align defaults are chosen; ``--pairs devtest`` scores View 1 DevTest (test: not for
+choosing). The inputs:
 
 - ``own_chip``: dlib's own alignment: HOG face + 68 landmarks, ``get_face_chip(size=150,
   padding=0.25)`` (what the network was trained on);
@@ -9,10 +12,11 @@
   reference row and fine-tuning see them.
 
 Photos where HOG finds no face (upsample 0, then 1) or no Haar face is found use the cascade /
-landmark fallback of the align stage; their count is printed. One JSON line: 10-fold accuracy, AUC,
-EER and TAR at fixed FARs per input.
+landmark fallback of the align stage; their count is printed. One JSON line: 10-fold accuracy (with
+its 95% interval, bootstrap over identities), AUC, EER and TAR at fixed FARs per input, and each
+input's paired difference in accuracy to the default (landmarks_dlib150).
 
-    python scripts/dlib_geometry.py [--lfw data/sources/lfw]
+    python scripts/dlib_geometry.py [--lfw data/sources/lfw] [--shards data/shards] [--pairs validation]
 """
 from __future__ import annotations
 
@@ -33,16 +37,33 @@ from pipeline.align.detection import estimate_pair_transform  # noqa: E402
 from pipeline.dlib_models import SHAPE_68, dlib_models_dir  # noqa: E402
 from pipeline.dlib_resnet import DlibEmbeddingNet  # noqa: E402
 from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.metrics import l2_normalize, verification_metrics  # noqa: E402
-from pipeline.protocols import parse_pairs  # noqa: E402
+from pipeline.bootstrap import draw_identities, interval, paired_difference, replicate  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from pipeline.evaluation import round_metrics  # noqa: E402
+from pipeline.metrics import kfold_accuracy, l2_normalize, verification_metrics  # noqa: E402
+from pipeline.protocols import build_validation_pairs, parse_pairs  # noqa: E402
+from pipeline.tar_chunks import read_chunk  # noqa: E402
+from pipeline.validation import validation_chunks  # noqa: E402
+
+SHOWN = ("accuracy", "auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lfw", default="data/sources/lfw")
+    ap.add_argument("--shards", default="data/shards", help="pack's output: the validation people's images")
+    ap.add_argument("--pairs", choices=("validation", "devtest"), default="validation")
+    ap.add_argument("--params", default="params.yaml", help="evaluate and validation sections")
     args = ap.parse_args()
     lfw = Path(args.lfw)
-    pairs = parse_pairs(lfw / "pairsDevTest.txt")
+    params = load_params(args.params)
+    if args.pairs == "devtest":
+        pairs = parse_pairs(lfw / "pairsDevTest.txt")
+    else:
+        members = [json.loads(m["json"]) for c in validation_chunks(args.shards) for _, m in read_chunk(c)]
+        pairs = build_validation_pairs([m["image_id"] for m in members], [m["identity"] for m in members],
+                                       per_identity=params.validation.pairs_per_identity,
+                                       n_folds=params.evaluate.n_folds, seed=params.evaluate.seed)
     ids = sorted(set(pairs.a) | set(pairs.b))
     det = dlib.get_frontal_face_detector()
     sp = dlib.shape_predictor(str(dlib_models_dir() / SHAPE_68))
@@ -76,7 +97,11 @@ def main() -> None:
         with torch.inference_mode():
             return net(x).numpy()
 
-    out = {"pairs": len(pairs), "images": len(ids), "no_hog_face": no_hog, "routes": routes}
+    out = {"pairs_from": args.pairs, "pairs": len(pairs), "images": len(ids), "no_hog_face": no_hog, "routes": routes}
+    ev = params.evaluate
+    draws = draw_identities([a.split("/", 1)[0] for a in pairs.a], replicates=ev.bootstrap_replicates,
+                            seed=ev.seed, tag="dlib_geometry")
+    reps = {}
     for name, crops in inputs.items():
         have = [k for k, c in enumerate(crops) if c is not None]
         e = l2_normalize(np.concatenate([embed([crops[j] for j in have[k:k + 128]])
@@ -87,7 +112,17 @@ def main() -> None:
         m = verification_metrics(np.sum(e[[pos[a] for a in kept.a]] * e[[pos[b] for b in kept.b]], axis=1),
                                  kept.same, kept.fold)
         out[name] = {"pairs_scored": int(keep.sum()),
-                     **{k: round(float(v), 4) for k, v in m.items() if not k.startswith("pairs_")}}
+                     **{k: round(float(v), 4) for k, v in m.items() if k in SHOWN and v is not None}}
+        if keep.all():  # every pair scored: replicates on the common draws, paired across inputs
+            s = np.sum(e[[pos[a] for a in pairs.a]] * e[[pos[b] for b in pairs.b]], axis=1)
+            reps[name] = replicate(lambda i: {"accuracy": kfold_accuracy(s[i], pairs.same[i], pairs.fold[i]).accuracy},
+                                   draws)["accuracy"]
+            out[name]["accuracy_ci"] = round_metrics(interval(reps[name], ev.ci_level), 4)
+    base = "landmarks_dlib150"
+    for name in reps:
+        if name != base and base in reps:
+            out[name]["accuracy_vs_default"] = round_metrics(paired_difference(
+                out[name]["accuracy"], out[base]["accuracy"], reps[name], reps[base], ev.ci_level), 4)
     print(json.dumps(out))
 
 

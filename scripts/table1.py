@@ -49,9 +49,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def experiments(exp_show: list) -> list[dict]:
+def experiments(exp_show: list, metrics_file: str = METRICS_FILE) -> list[dict]:
     """[{rev, name, params (flat), metrics (flat)}] of every committed baseline and experiment with
-    metrics; the workspace is skipped (it repeats the last applied experiment)."""
+    ``metrics_file``; the workspace is skipped (it repeats the last applied experiment)."""
     records, seen = [], set()
 
     def add(entry: dict) -> None:
@@ -59,7 +59,7 @@ def experiments(exp_show: list) -> list[dict]:
         rev = data.get("rev") or entry.get("rev")
         if rev in (None, "workspace") or rev in seen or entry.get("error"):
             return
-        metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if not metrics or params is None:
             return

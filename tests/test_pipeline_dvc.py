@@ -40,7 +40,8 @@ TINY_PARAMS = {
               "warmup_steps": 1, "log_every": 1, "shuffle_buffer": 8},
     "evaluate": {"batch_size": 16, "bootstrap_replicates": 100},
 }
-STAGES = {"ingest@lfw", "mask@lfw", "align@lfw", "pack", "train", "eval_scope", "embed_reference", "evaluate"}
+STAGES = {"ingest@lfw", "mask@lfw", "align@lfw", "pack", "train", "validate", "eval_scope", "embed_reference",
+          "evaluate"}
 LFW_SIDE = {"ingest@lfw", "mask@lfw", "align@lfw", "embed_reference"}
 
 
@@ -105,7 +106,7 @@ def test_teammate_pulls_the_cache_and_recomputes_nothing(tiny_project, tmp_path)
 
 
 @pytest.mark.slow
-def test_changing_beta_reruns_only_train_and_evaluate(tiny_project):
+def test_changing_beta_reruns_only_train_validate_and_evaluate(tiny_project):
     params = tiny_project / "params.yaml"
     before = params.read_text()
     params.write_text(before.replace("beta: 1.0", "beta: 0.5", 1))
@@ -117,7 +118,7 @@ def test_changing_beta_reruns_only_train_and_evaluate(tiny_project):
     # only once train has run, and nothing upstream is touched
     assert changed == {"train"}, status
     out = dvc("repro", cwd=tiny_project).stdout
-    assert _ran(out) == {"train", "evaluate"}, out
+    assert _ran(out) == {"train", "validate", "evaluate"}, out
     params.write_text(before)
     dvc("repro", cwd=tiny_project)  # back to the committed experiment (train reruns fresh)
     _commit(tiny_project, "back to beta 1.0")
@@ -139,7 +140,7 @@ def test_changing_shard_size_reruns_pack_and_below_not_mask_or_align(tiny_projec
     out = dvc("repro", cwd=tiny_project).stdout
     ran = _ran(out)
     assert "pack" in ran and not ran & LFW_SIDE, out
-    assert ran == {"pack", "train", "evaluate"}, out
+    assert ran == {"pack", "train", "validate", "evaluate"}, out
     index = json.loads((tiny_project / "data" / "shards" / "index.json").read_text())
     assert len(index["train"]["shards"]) > len(before_index["train"]["shards"])
     assert all(s["bytes"] <= smaller for s in index["train"]["shards"] if s["samples"] > 1)
@@ -288,7 +289,7 @@ def test_switching_the_training_set_reruns_no_lfw_side_stage(external_project):
     assert params.read_text() != before
     out = dvc("repro", cwd=external_project).stdout
     ran = _ran(out)
-    assert ran == {"eval_scope", "pack", "train", "evaluate"}, out  # the scope file is unchanged
+    assert ran == {"eval_scope", "pack", "train", "validate", "evaluate"}, out  # the scope file is unchanged
     assert not ran & LFW_SIDE
     m = _metrics(external_project)
     assert m["training_set"]["name"] == "sim_folder" and m["training_set"]["identity_names_checkable"] == 1
