@@ -190,7 +190,7 @@ class TrainParams(Section):
     batch_size: int = Field(64, ge=2)  # pairs per step over all DDP ranks (GPU: 512)
     epochs: int = Field(3, ge=1)
     seed: int = Field(0, ge=0)
-    val_every: int = Field(50, ge=0)  # steps between validations (and at each epoch end); 0 = epoch ends only
+    val_every: int = Field(0, ge=0)  # steps between validations (also at step 0 and each epoch end); 0 = none between
     log_every: int = Field(10, ge=1)  # steps per dvclive point
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
@@ -200,7 +200,7 @@ class TrainParams(Section):
     # WiSE-FT (Wortsman et al., CVPR 2022) with the pretrained start, which gives back part of what
     # fine-tuning forgot on unmasked faces and keeps most of the masked gain. 1 = the fine-tuned
     # weights; below 1 needs a face-recognition start (pretrained dlib)
-    wise_alpha: float = Field(0.7, gt=0.0, le=1.0)
+    wise_alpha: float = Field(0.8, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _compatible(self) -> "TrainParams":
