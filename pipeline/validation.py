@@ -105,7 +105,7 @@ def resolution(metrics: dict, vs_dlib: dict | None, target: float = RESOLVE) -> 
     widths = {"figure": _half_width(v.get("accuracy_ci"))}
     d = (vs_dlib or {}).get("verification", {}).get("masked_unmasked", {}).get("accuracy")
     if d:
-        widths["paired_vs_dlib"] = (d["high"] - d["low"]) / 2
+        widths["paired_vs_dlib"] = _half_width(d)
     for name, hw in widths.items():
         if hw is not None and n:
             out[name] = {"half_width": hw, "identities_needed": int(math.ceil(n * (hw / target) ** 2))}

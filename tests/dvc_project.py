@@ -28,6 +28,19 @@ def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
 
 
+def init_repo(repo: Path, files: dict[str, str]) -> Path:
+    """A fresh git + DVC repository holding ``files`` (relative path -> text), committed."""
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "test@example.com"], repo)
+    run(["git", "config", "user.name", "test"], repo)
+    dvc("init", "-q", cwd=repo)
+    for rel, text in files.items():
+        (repo / rel).write_text(text)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
+    return repo
+
+
 def make_project(dest: Path, lfw_subset: Path, params: dict | None = None) -> Path:
     """Copy the tracked files, link the LFW subset as data/sources/lfw, merge params, commit."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_ROOT, capture_output=True,

@@ -179,7 +179,7 @@ def test_queued_experiments_and_table(tiny_project):
             data = r.get("data") or {}
             beta = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("train", {}) \
                 .get("distill", {}).get("beta")
-            if data.get("metrics", {}).get("eval/metrics.json"):
+            if data.get("metrics", {}).get("validation/metrics.json"):
                 betas.add(beta)
     assert {1, 2} <= betas, json.dumps(shown)[:3000]
     table = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "table1.py")], cwd=tiny_project,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.dvc_project import dvc, run
+from tests.dvc_project import dvc, init_repo
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
 import rank_experiments  # noqa: E402
@@ -49,17 +49,9 @@ DVC_YAML = """stages:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("sweep")
-    run(["git", "init", "-q"], repo)
-    run(["git", "config", "user.email", "test@example.com"], repo)
-    run(["git", "config", "user.name", "test"], repo)
-    dvc("init", "-q", cwd=repo)
-    (repo / "params.yaml").write_text("train:\n  raw_weight: 4\n  seed: 0\n")
-    (repo / "validate.py").write_text(VALIDATE)
-    (repo / "evaluate.py").write_text(EVALUATE)
-    (repo / "dvc.yaml").write_text(DVC_YAML)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "init"], repo)
+    repo = init_repo(tmp_path_factory.mktemp("sweep"), {"params.yaml": "train:\n  raw_weight: 4\n  seed: 0\n",
+                                                        "validate.py": VALIDATE, "evaluate.py": EVALUATE,
+                                                        "dvc.yaml": DVC_YAML})
     for w in (1, 2, 3):  # the sweep: up to validate only
         dvc("exp", "run", "-q", "validate", "-S", f"train.raw_weight={w}", cwd=repo)
     return repo
