@@ -121,6 +121,19 @@ class PackParams(Section):
     val_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     val_max_identities: int = Field(1000, ge=2)  # caps the held-out identities on big data sets
     val_images_per_identity: int = Field(20, ge=2)  # the first N (key order) of each
+    # mask types kept out of training (a train person's pairs wearing them are not packed);
+    # validation and test keep every type and report seen vs unseen types apart (by_mask.*)
+    unseen_mask_types: list[str] = Field(default_factory=lambda: ["gas", "kn95", "n95"])
+
+    @field_validator("unseen_mask_types")
+    @classmethod
+    def _unseen_types(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(MASK_TYPES))
+        if unknown or len(set(v)) != len(v):
+            raise ValueError(f"distinct mask types from {list(MASK_TYPES)}; got {v}")
+        if set(v) == set(MASK_TYPES):
+            raise ValueError("every mask type is unseen: training would have no pair left")
+        return sorted(v)
 
 
 class ArcFaceParams(Section):

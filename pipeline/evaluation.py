@@ -24,10 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.align.geometry import LEGACY_TEMPLATE
-from pipeline.config import EvaluateParams, Params
+from pipeline.config import MASK_TYPES, EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
+from pipeline.mask.records import COVERAGE_BINS, MaskRecord, coverage_bin, read_mask_records
 from pipeline.bootstrap import Draws, draw_identities, interval, paired_difference, replicate
 from pipeline.metrics import (FAR_TARGETS, Searches, cmc, identification_ranks, identity_scores, kfold_accuracy,
                               open_set_figures, open_set_searches, rate_key, roc_curve, tar_at_far, tar_key,
@@ -349,6 +350,88 @@ def score_open_set(emb: EmbeddedSet, gallery: Gallery, portions, seed: int,
     return out, reps
 
 
+def _mask_groups(records: list[MaskRecord], unseen: list[str]) -> dict[tuple[str, ...], np.ndarray]:
+    """Item masks per group: seen / unseen type, each type, each coverage bin (fixed bins)."""
+    types = np.array([r.mask_type for r in records])
+    bins = np.array([coverage_bin(r.coverage) for r in records])
+    out = {("seen",): ~np.isin(types, unseen), ("unseen",): np.isin(types, unseen)}
+    out |= {("type", t): types == t for t in MASK_TYPES}
+    out |= {("coverage", name): bins == name for name, _, _ in COVERAGE_BINS}
+    return out
+
+
+def _grouped_means(values: np.ndarray, groups: dict[tuple[str, ...], np.ndarray], draws: Draws | None,
+                   level: float) -> tuple[dict, Replicates]:
+    """Mean of ``values`` per group (None for an empty one), its count, ``seen_minus_unseen``;
+    with ``draws`` each with a bootstrap interval (a replicate without an item of a group: NaN)."""
+    out: dict = {"count": {}}
+    for path, g in groups.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = float(values[g].mean()) if g.any() else None
+        out["count"]["_".join(path)] = int(g.sum())
+    seen, unseen = groups[("seen",)], groups[("unseen",)]
+    out["seen_minus_unseen"] = (out["seen"] - out["unseen"]) if seen.any() and unseen.any() else None
+    reps: Replicates = {}
+    if draws is None:
+        return out, reps
+
+    def stat(idx: np.ndarray) -> dict:
+        r = {path: values[idx[g[idx]]].mean() if g[idx].any() else None for path, g in groups.items()}
+        if r[("seen",)] is not None and r[("unseen",)] is not None:
+            r[("seen_minus_unseen",)] = r[("seen",)] - r[("unseen",)]
+        return {"/".join(k): v for k, v in r.items()}
+
+    for key, v in replicate(stat, draws).items():
+        path = tuple(key.split("/"))
+        node = out
+        for k in path[:-1]:
+            node = node[k]
+        if node.get(path[-1]) is not None:
+            node[f"{path[-1]}_ci"] = interval(v, level)
+            reps[path] = v
+    return out, reps
+
+
+def score_by_mask(emb: EmbeddedSet, pairs: Pairs, gallery: Gallery, masks: dict[str, MaskRecord],
+                  unseen: list[str], params: EvaluateParams | None = None) -> tuple[dict, Replicates]:
+    """Figures per kind of mask: masked-unmasked verification accuracy with the pairs grouped by
+    the probe's mask (the second image: the masked one), and gallery rank-1 with every probe
+    masked, grouped by each probe's mask; groups: mask types seen vs unseen in training
+    (``unseen``: pack.unseen_mask_types), each type, each coverage bin
+    (:data:`pipeline.mask.records.COVERAGE_BINS`). ``seen_minus_unseen`` > 0: unseen types do
+    worse. A pair is right or wrong at the threshold chosen on the other folds (the condition's
+    10-fold accuracy), so a group's accuracy is the share of its pairs the protocol gets right.
+    With ``params``, intervals from the bootstrap draws of verification and gallery (the same
+    draws, so model - dlib per group is paired)."""
+    missing = {i for i in [*pairs.b, *gallery.probes] if i in emb.index()} - set(masks)
+    if missing:
+        raise EvaluationError(f"{len(missing)} evaluated images have no mask record (e.g. {sorted(missing)[:2]})")
+    scores, kept, _ = pair_scores(emb, pairs)
+    s = scores["masked_unmasked"]
+    kf = kfold_accuracy(s, kept.same, kept.fold)
+    threshold = dict(zip(np.unique(kept.fold).tolist(), kf.thresholds))
+    right = ((s > np.array([threshold[f] for f in kept.fold.tolist()])) == kept.same).astype(np.float64)
+    idx = emb.index()
+    ranks = identification_ranks(emb.raw[[idx[i] for i in gallery.enrolled]], gallery.enrolled_identity,
+                                 emb.masked[[idx[i] for i in gallery.probes]], gallery.probe_identity)
+    hits = (ranks == 1).astype(np.float64)
+    pair_draws = gallery_draws = None
+    if params is not None:
+        pair_draws = draw_identities([emb.identities[idx[a]] for a in kept.a], replicates=params.bootstrap_replicates,
+                                     seed=params.seed, tag=f"pairs:{pairs.source}")
+        gallery_draws = draw_identities(gallery.probe_identity, replicates=params.bootstrap_replicates,
+                                        seed=params.seed, tag="gallery")
+    level = params.ci_level if params is not None else 0.95
+    v, rv = _grouped_means(right, _mask_groups([masks[b] for b in kept.b], unseen), pair_draws, level)
+    g, rg = _grouped_means(hits, _mask_groups([masks[p] for p in gallery.probes], unseen), gallery_draws, level)
+    out = {"unseen_types": list(unseen), "verification_masked_unmasked": v, f"gallery_rank1_{portion_key(1.0)}": g}
+    reps = {("verification_masked_unmasked", *k): x for k, x in rv.items()}
+    reps |= {(f"gallery_rank1_{portion_key(1.0)}", *k): x for k, x in rg.items()}
+    return out, reps
+
+
 def decision_thresholds(emb: EmbeddedSet, gallery: Gallery) -> dict:
     """Thresholds for `identify`'s accept / "unknown" decision at each false-accept rate in
     :data:`FAR_TARGETS`, from masked-unmasked impostor scores: every gallery probe, masked, against
@@ -378,11 +461,14 @@ def score_identification(emb: EmbeddedSet, params: EvaluateParams, put: Callable
 
 
 def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: str | Path,
-                     train_identities: set[str]) -> tuple[dict, dict]:
+                     train_identities: set[str], masks: dict[str, MaskRecord] | None = None,
+                     unseen_types: list[str] | None = None) -> tuple[dict, dict]:
     """All metrics of one embedder, each headline figure with its bootstrap interval, and what is
     written beside them: {"roc": {cond: (fpr, tpr)}, "cmc": {portion: curve}, "thresholds":
     :func:`decision_thresholds`, "replicates": {path in metrics: bootstrap values}}. The draws
-    depend on the protocol and ``params.seed`` only, so two embedders' replicates are paired."""
+    depend on the protocol and ``params.seed`` only, so two embedders' replicates are paired.
+    With ``masks`` (the mask stage's records), a ``by_mask`` section (:func:`score_by_mask`) on
+    View 1's pairs and the gallery."""
     protocol_dir = Path(protocol_dir)
     test_ids = set(emb.identities)
     overlap = check_identity_overlap(train_identities, test_ids, allow=params.allow_identity_overlap)
@@ -400,6 +486,8 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
                            what="View 1 pair")
     v1, roc, r = score_verification(emb, view1, params)
     put("verification", v1, r)
+    if masks is not None:
+        put("by_mask", *score_by_mask(emb, view1, gallery, masks, list(unseen_types or []), params))
     view2_file = protocol_dir / VIEW2_PAIRS
     if view2_file.is_file():
         view2 = parse_pairs(view2_file)
@@ -477,6 +565,14 @@ def read_train_identities(shards_dir: str | Path) -> set[str]:
     if index.is_file():
         names |= set(json.loads(index.read_text()).get("val", {}).get("identities", []))
     return names
+
+
+def held_out_mask_types(shards_dir: str | Path) -> list[str]:
+    """The mask types pack kept out of training (index.json; none for shards packed before)."""
+    index = Path(shards_dir) / "index.json"
+    if not index.is_file():
+        return []
+    return list(json.loads(index.read_text()).get("params", {}).get("unseen_mask_types", []))
 
 
 def round_metrics(obj, digits: int = 6):
@@ -586,12 +682,14 @@ def run_embed_reference(*, params: EvaluateParams, aligned_dir: str | Path, out_
 
 def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir: str | Path,
                  protocol_dir: str | Path, model_path: str | Path, out_dir: str | Path,
-                 reference_path: str | Path | None = None, training_set: dict | None = None) -> dict:
+                 reference_path: str | Path | None = None, training_set: dict | None = None,
+                 masked_dir: str | Path | None = None) -> dict:
     """Score the trained model (and the dlib reference when enabled) and write every output.
 
     ``training_set`` (:func:`training_set_info`): with an external training set every LFW image is
     evaluated (View 2's 10 folds, View 1 DevTest, the gallery over every identity); with LFW's
-    View 1 train people only the View 1 test people are."""
+    View 1 train people only the View 1 test people are. ``masked_dir`` (LFW's mask stage output):
+    figures per mask type and coverage (``by_mask``), seen vs unseen types as packed."""
     out_dir = Path(out_dir)
     training_set = training_set or {"name": "lfw", "source": "lfw", "external": False,
                                     "identity_names_checkable": True}
@@ -613,8 +711,11 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
                                   f"rerun the embed_reference stage")
     emb = embed_aligned(str(model_path), aligned_dir, flip=params.flip, batch_size=params.batch_size,
                         device=str(select_device(params.device)), all_lfw=all_lfw)
+    masks = read_mask_records(masked_dir, emb.image_ids) if masked_dir is not None else None
+    unseen = held_out_mask_types(shards_dir)
+    by_mask = {"masks": masks, "unseen_types": unseen}
     results = {"model": score_embeddings(emb, params=params, protocol_dir=protocol_dir,
-                                         train_identities=train_ids)}
+                                         train_identities=train_ids, **by_mask)}
     metrics = dict(results["model"][0])
     metrics["embedder"] = {"flip": int(params.flip), "dim": emb.raw.shape[1]}
     metrics["training_set"] = {**training_set, "external": int(all_lfw),
@@ -625,7 +726,7 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
             raise EvaluationError(f"{reference_path} holds other LFW images than {aligned_dir}; "
                                   f"rerun the embed_reference stage")
         results["dlib"] = score_embeddings(ref, params=params, protocol_dir=protocol_dir,
-                                           train_identities=train_ids)
+                                           train_identities=train_ids, **by_mask)
         metrics["reference"] = {"dlib": results["dlib"][0]}
         metrics["vs_dlib"] = paired_comparison(results["model"], results["dlib"], params.ci_level)
     if out_dir.exists():

@@ -7,6 +7,10 @@ seed could not scale past LFW because of that I/O; DVC also slows to hours past 
   those with >= 2 images (``val_fraction``, at most ``val_max_identities``) is held out for every
   choice made on validation (:mod:`pipeline.validation`), so the split is part of the cached data
   set and training never has to filter it.
+- ``unseen_mask_types``: a training person's pairs whose twin wears one of these types (the mask
+  stage's status.parquet says which) are not packed, so evaluation can tell mask types the model
+  trained on from ones it never saw; validation people keep every type. A person left with no
+  pair becomes no class. ``index.json``'s ``held_out_mask_types`` counts them.
 - ``train-NNNNNN.tar``: the other kept identities' pairs, shuffled in one pass through seeded
   buckets (below). Labels are contiguous ints over the sorted training identities
   (``classes.json``).
@@ -53,9 +57,11 @@ from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import ComputeParams, PackParams
+from pipeline.mask.records import MaskRecordError, read_mask_types
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, seed_for
 from pipeline.tar_chunks import (dumps_json, file_sha256, list_chunks, member_bytes, read_chunk,
@@ -129,9 +135,11 @@ def bucket_order(seed: int, bucket: int, keys: list[str]) -> list[str]:
 
 # ------------------------------------------------------------------ pass 1: scan (json members)
 
-def scan_chunk(chunk: str) -> tuple[dict[str, list[int]], list[str]]:
-    """(identity -> [aligned pairs, image bytes], crop templates found) of one aligned train chunk
-    (checked: every sample has both twins and a json saying split train)."""
+def scan_chunk(job: tuple[str, frozenset[str]]) -> tuple[dict[str, list[int]], list[str]]:
+    """(identity -> [aligned pairs, image bytes, pairs of an unseen mask type, their bytes], crop
+    templates found) of one aligned train chunk; ``job``: (chunk path, ids of its unseen-type
+    pairs). Checked: every sample has both twins and a json saying split train."""
+    chunk, unseen = job
     out: dict[str, list[int]] = {}
     templates: set[str] = set()
     for key, members in read_chunk(chunk):
@@ -141,22 +149,26 @@ def scan_chunk(chunk: str) -> tuple[dict[str, list[int]], list[str]]:
         info = json.loads(members["json"])
         if info.get("split") != "train":
             raise PackError(f"{key}: json says split {info.get('split')!r}, chunk says 'train'")
-        entry = out.setdefault(info["identity"], [0, 0])
+        entry = out.setdefault(info["identity"], [0, 0, 0, 0])
+        size = sum(len(members[e]) for e in IMAGE_MEMBERS)
+        held = info.get("image_id", key) in unseen
         entry[0] += 1
-        entry[1] += sum(len(members[e]) for e in IMAGE_MEMBERS)
+        entry[1] += size
+        entry[2] += held
+        entry[3] += size * held
         templates.add(info.get("template", LEGACY_TEMPLATE))
     return out, sorted(templates)
 
 
 # ---------------------------------------------------------------- pass 2: scatter into buckets
 
-def scatter_chunk(job: tuple[str, dict[str, int], dict[str, int]], *, frag_dir: str, seed: int,
+def scatter_chunk(job: tuple[str, dict[str, int], dict[str, int], frozenset[str]], *, frag_dir: str, seed: int,
                   n_buckets: int, val_per_identity: int) -> dict:
     """Write one aligned chunk's kept pairs to bucket fragments ``train/<bucket>/<chunk>.tar``
     and its held-out identities' first keys to ``val/<chunk>.tar``. ``job``: (chunk path, train
-    identity -> label, val identity -> label), for this chunk's identities only.
+    identity -> label, val identity -> label, ids of the unseen-type pairs), for this chunk only.
     Returns {"buckets": {bucket: pairs}, "val": [(identity, key, sample bytes)]}."""
-    chunk, labels, val_labels = job
+    chunk, labels, val_labels, unseen = job
     name = Path(chunk).stem
     buckets: dict[int, list] = {}
     val: dict[str, list] = {}
@@ -164,6 +176,8 @@ def scatter_chunk(job: tuple[str, dict[str, int], dict[str, int]], *, frag_dir: 
         info = json.loads(members["json"])
         identity = info["identity"]
         if identity in labels:
+            if info.get("image_id", key) in unseen:
+                continue
             sample = {**{e: members[e] for e in IMAGE_MEMBERS}, **_small_members(info, labels[identity], "train")}
             buckets.setdefault(bucket_of(seed, key, n_buckets), []).append((key, sample))
         elif identity in val_labels:
@@ -274,15 +288,43 @@ def _val_shard_jobs(candidates: dict[str, list[tuple[str, int, str]]], val_ids: 
     return jobs, len(entries)
 
 
+def unseen_ids_by_chunk(aligned_dir: Path, masked_dir: Path, unseen_types: list[str]) -> dict[str, frozenset[str]]:
+    """aligned chunk name -> ids of its train pairs whose mask type is in ``unseen_types``."""
+    if not unseen_types:
+        return {}
+    try:
+        types = read_mask_types(masked_dir)
+    except MaskRecordError as e:
+        raise PackError(str(e)) from e
+    status = aligned_dir / "status.parquet"
+    if not status.is_file():
+        raise PackError(f"{status} not found: run the align stage")
+    t = pq.read_table(status, columns=["image_id", "split", "status", "chunk"]).to_pydict()
+    out: dict[str, set[str]] = {}
+    for image_id, split, state, chunk in zip(t["image_id"], t["split"], t["status"], t["chunk"]):
+        if split != "train" or state != "aligned":
+            continue
+        if image_id not in types:
+            raise PackError(f"{image_id} is aligned but {masked_dir}/status.parquet records no mask type for it")
+        if types[image_id] in unseen_types:
+            out.setdefault(chunk, set()).add(image_id)
+    return {c: frozenset(v) for c, v in out.items()}
+
+
 def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path,
-             compute: ComputeParams | None = None) -> dict:
+             compute: ComputeParams | None = None, masked_dir: str | Path | None = None) -> dict:
     """aligned train chunks -> train/val shards + classes.json + index.json; returns the index.
-    ``compute``: workers for the three chunk-parallel passes (default: this process only)."""
+    ``compute``: workers for the three chunk-parallel passes (default: this process only);
+    ``masked_dir``: the mask stage's output, for ``params.unseen_mask_types`` (default: the
+    aligned folder's sibling ``masked``, the stages' layout data/<set>/{masked,aligned})."""
     compute = compute or ComputeParams(n_jobs=1)
     aligned_dir, out_dir = Path(aligned_dir), Path(out_dir)
+    masked_dir = Path(masked_dir) if masked_dir is not None else aligned_dir.parent / "masked"
     chunks = list_chunks(aligned_dir / "chunks", prefix="train-")
     if not chunks:
         raise PackError(f"{aligned_dir}/chunks holds no aligned train chunks: run the align stage first")
+    unseen = unseen_ids_by_chunk(aligned_dir, masked_dir, params.unseen_mask_types)
+    chunk_unseen = [unseen.get(c.name, frozenset()) for c in chunks]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -291,16 +333,23 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     # Pass 1: identity counts and bytes, and which identities each chunk holds: O(identities).
     counts: Counter = Counter()
     image_bytes: Counter = Counter()
+    unseen_counts: Counter = Counter()
+    unseen_bytes: Counter = Counter()
     chunk_ids: list[list[str]] = []
     names: dict[str, str] = {}  # one string per identity, shared by every chunk's list
     templates: set[str] = set()
-    with closing(iter_chunks(scan_chunk, [str(c) for c in chunks], compute, desc="pack scan")) as scans:
+    with closing(iter_chunks(scan_chunk, [(str(c), u) for c, u in zip(chunks, chunk_unseen)], compute,
+                             desc="pack scan")) as scans:
         for found, chunk_templates in scans:
             templates.update(chunk_templates)
             chunk_ids.append([names.setdefault(i, i) for i in sorted(found)])
-            for identity, (n, size) in found.items():
+            for identity, (n, size, n_unseen, size_unseen) in found.items():
                 counts[identity] += n
                 image_bytes[identity] += size
+                unseen_counts[identity] += n_unseen
+                unseen_bytes[identity] += size_unseen
+    if sum(unseen_counts.values()) != sum(len(u) for u in chunk_unseen):
+        raise PackError(f"{aligned_dir}/status.parquet and the aligned chunks disagree on which pairs are there")
     if len(templates) != 1:
         raise PackError(f"{aligned_dir}: crops on {len(templates)} templates {sorted(templates)}; one model "
                         f"trains on one crop layout: rerun the align stage")
@@ -310,14 +359,16 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
         raise PackError(f"no train identity has >= {params.min_images_per_identity} aligned images")
     val_ids = split_val_identities({i: counts[i] for i in kept_ids}, params)
     val_label = {ident: i for i, ident in enumerate(val_ids)}
-    classes = {ident: label for label, ident in enumerate(i for i in kept_ids if i not in val_label)}
-    train_pairs = sum(counts[i] for i in classes)
-    train_bytes = sum(image_bytes[i] for i in classes) + SMALL_MEMBERS_BYTES * train_pairs
+    train_ids = [i for i in kept_ids if i not in val_label]
+    held_out = sum(unseen_counts[i] for i in train_ids)
+    classes = {ident: label for label, ident in enumerate(i for i in train_ids if counts[i] > unseen_counts[i])}
+    train_pairs = sum(counts[i] - unseen_counts[i] for i in classes)
+    train_bytes = sum(image_bytes[i] - unseen_bytes[i] for i in classes) + SMALL_MEMBERS_BYTES * train_pairs
     n_buckets = max(1, math.ceil(train_bytes / BUCKET_BYTES))
 
     # Pass 2: every kept pair to its bucket's fragment; val candidates to val fragments.
-    jobs = [(str(c), {i: classes[i] for i in ids if i in classes}, {i: val_label[i] for i in ids if i in val_label})
-            for c, ids in zip(chunks, chunk_ids)]
+    jobs = [(str(c), {i: classes[i] for i in ids if i in classes}, {i: val_label[i] for i in ids if i in val_label}, u)
+            for c, ids, u in zip(chunks, chunk_ids, chunk_unseen)]
     bucket_pairs: Counter = Counter()
     candidates: dict[str, list[tuple[str, int, str]]] = {}
     k = params.val_images_per_identity
@@ -357,8 +408,8 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     n_val = sum(s["samples"] for s in val_shards)
     filtered = n_aligned - sum(counts[i] for i in kept_ids)
     val_unused = sum(counts[i] for i in val_ids) - n_val_keys
-    if n_train != train_pairs or n_train + n_val + filtered + val_unused != n_aligned:
-        raise PackError("pack lost samples: train + val + filtered + unused val images != aligned")
+    if n_train != train_pairs or n_train + n_val + filtered + val_unused + held_out != n_aligned:
+        raise PackError("pack lost samples: train + val + filtered + unused val images + unseen mask types != aligned")
     write_json(out_dir / "classes.json", classes)
     index = {
         "params": params.model_dump(),
@@ -367,6 +418,9 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
         "aligned": n_aligned,
         "filtered": {"images": filtered, "identities": len(counts) - len(kept_ids),
                      "reason": f"identity with < {params.min_images_per_identity} aligned images"},
+        "held_out_mask_types": {"types": params.unseen_mask_types, "images": held_out,
+                                "identities_without_a_seen_pair": len(train_ids) - len(classes),
+                                "reason": "a training pair whose twin wears an unseen mask type"},
         "train": {"samples": n_train, "identities": len(classes), "buckets": n_buckets, "shards": train_shards},
         "val": {"samples": n_val, "identities": val_ids, "images_not_packed": val_unused,
                 "shards": val_shards},

@@ -10,6 +10,8 @@ same people agree:
 - verification in the three conditions on seeded LFW-style pairs of these people
   (:func:`pipeline.protocols.build_validation_pairs`: ``validate.pairs_per_identity`` each);
 - gallery rank-1 at each mask portion and open-set DIR@FPIR (the evaluate stage's builders);
+- in the validate stage, ``by_mask``: the same figures per mask type, seen vs unseen in training
+  (pack.unseen_mask_types) and per coverage bin (:func:`pipeline.evaluation.score_by_mask`);
 - with intervals (the bootstrap over identities) and, in the validate stage, dlib's reference
   network on the same pairs with paired differences, and :func:`resolution`: how many people it
   takes to resolve a 1-point difference in masked-unmasked accuracy, from the spread measured here.
@@ -27,8 +29,10 @@ from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import EvaluateParams, ValidateParams
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder
-from pipeline.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks, paired_comparison,
-                                 round_metrics, score_identification, score_verification)
+from pipeline.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks, held_out_mask_types,
+                                 paired_comparison, round_metrics, score_by_mask, score_identification,
+                                 score_verification)
+from pipeline.mask.records import MaskRecord, read_mask_records
 from pipeline.protocols import build_validation_pairs
 from pipeline.tar_chunks import list_chunks, write_json
 
@@ -59,7 +63,8 @@ def embed_validation(embedder: Embedder | str, shards_dir: str | Path, *, params
 
 
 def score_validation(emb: EmbeddedSet, *, evaluate: EvaluateParams, validate: ValidateParams,
-                     intervals: bool = True) -> tuple[dict, dict]:
+                     intervals: bool = True, masks: dict[str, MaskRecord] | None = None,
+                     unseen_types: list[str] | None = None) -> tuple[dict, dict]:
     """Validation metrics of one embedder in the layout of evaluate's metrics.json (sections
     ``verification``, ``gallery``, ``open_set``) and {"roc", "cmc", "replicates"} beside them;
     ``intervals=False`` skips the bootstrap (the train stage's validation, every few steps)."""
@@ -72,9 +77,12 @@ def score_validation(emb: EmbeddedSet, *, evaluate: EvaluateParams, validate: Va
         metrics[section] = result
         reps.update({(section, *k): v for k, v in r.items()})
 
-    _, cmc_curves = score_identification(emb, evaluate, put, bootstrap=intervals)
+    gallery, cmc_curves = score_identification(emb, evaluate, put, bootstrap=intervals)
     v, roc, r = score_verification(emb, pairs, evaluate if intervals else None)
     put("verification", v, r)
+    if masks is not None:
+        put("by_mask", *score_by_mask(emb, pairs, gallery, masks, list(unseen_types or []),
+                                      evaluate if intervals else None))
     return metrics, {"roc": roc, "cmc": cmc_curves, "replicates": reps}
 
 
@@ -113,16 +121,19 @@ def resolution(metrics: dict, vs_dlib: dict | None, target: float = RESOLVE) -> 
 
 
 def run_validate(*, evaluate: EvaluateParams, validate: ValidateParams, shards_dir: str | Path,
-                 model_path: str | Path, out_dir: str | Path) -> dict:
+                 model_path: str | Path, out_dir: str | Path, masked_dir: str | Path | None = None) -> dict:
     """The validate stage: the model (and dlib's network, with ``evaluate.reference_dlib``) on the
-    val shards, with intervals and paired differences -> ``out_dir``/metrics.json."""
+    val shards, with intervals and paired differences -> ``out_dir``/metrics.json; with
+    ``masked_dir`` (the training set's mask stage output) the ``by_mask`` figures too."""
     device = str(select_device(evaluate.device))
-    results = {"model": score_validation(embed_validation(str(model_path), shards_dir, params=evaluate,
-                                                          device=device), evaluate=evaluate, validate=validate)}
+    emb = embed_validation(str(model_path), shards_dir, params=evaluate, device=device)
+    by_mask = {"masks": read_mask_records(masked_dir, emb.image_ids) if masked_dir is not None else None,
+               "unseen_types": held_out_mask_types(shards_dir)}
+    results = {"model": score_validation(emb, evaluate=evaluate, validate=validate, **by_mask)}
     metrics = {**results["model"][0], "evaluation_set": "validation: held-out train people (pack.val_fraction)"}
     if evaluate.reference_dlib:
         results["dlib"] = score_validation(embed_validation("dlib", shards_dir, params=evaluate, device=device),
-                                           evaluate=evaluate, validate=validate)
+                                           evaluate=evaluate, validate=validate, **by_mask)
         metrics["reference"] = {"dlib": results["dlib"][0]}
         metrics["vs_dlib"] = paired_comparison(results["model"], results["dlib"], evaluate.ci_level)
     metrics["resolution"] = resolution(results["model"][0], metrics.get("vs_dlib"))

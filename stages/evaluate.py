@@ -12,6 +12,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--aligned", default="data/lfw/aligned")
+    ap.add_argument("--masked", default="data/lfw/masked", help="mask types and coverage (by_mask.*)")
     ap.add_argument("--shards", default="data/shards", help="classes.json + index.json (training and validation identities)")
     ap.add_argument("--protocol", default="data/lfw/ingest/protocol")
     ap.add_argument("--model", default="models/model.pt")
@@ -23,9 +24,11 @@ def main() -> None:
     metrics = run_evaluate(params=params.evaluate, aligned_dir=args.aligned, shards_dir=args.shards,
                            training_set={**training_set_info(params), "external": read_scope(args.scope)},
                            protocol_dir=args.protocol, model_path=args.model, out_dir=args.out,
-                           reference_path=args.reference)
+                           reference_path=args.reference, masked_dir=args.masked)
     brief = {"gallery.rank1": metrics["gallery"]["rank1"],
              "verification.accuracy": {c: v["accuracy"] for c, v in metrics["verification"].items()}}
+    b = metrics["by_mask"]["verification_masked_unmasked"]
+    brief["by_mask.masked_unmasked"] = {k: b[k] for k in ("seen", "unseen", "seen_minus_unseen")}
     if "reference" in metrics:
         brief["reference.dlib.gallery.rank1"] = metrics["reference"]["dlib"]["gallery"]["rank1"]
     print(json.dumps(brief))

@@ -12,14 +12,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--aligned", help="default: data/<train_set>/aligned")
+    ap.add_argument("--masked", help="default: data/<train_set>/masked (mask types, for pack.unseen_mask_types)")
     ap.add_argument("--out", default="data/shards")
     args = ap.parse_args()
     params = load_params(args.params)
     index = run_pack(params=params.pack, aligned_dir=args.aligned or f"data/{params.train_set}/aligned",
-                     out_dir=args.out, compute=params.compute)
+                     masked_dir=args.masked or f"data/{params.train_set}/masked", out_dir=args.out,
+                     compute=params.compute)
     print(json.dumps({"classes": index["classes"], "train": index["train"]["samples"],
                       "train_shards": len(index["train"]["shards"]), "val": index["val"]["samples"],
-                      "val_identities": len(index["val"]["identities"])}))
+                      "val_identities": len(index["val"]["identities"]),
+                      "held_out_unseen_mask_types": index["held_out_mask_types"]["images"]}))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--shards", default="data/shards", help="val-*.tar and index.json")
     ap.add_argument("--model", default="models/model.pt")
+    ap.add_argument("--masked", help="default: data/<train_set>/masked (mask types and coverage: by_mask.*)")
     ap.add_argument("--out", default="validation")
     args = ap.parse_args()
     params = load_params(args.params)
     metrics = run_validate(evaluate=params.evaluate, validate=params.validation, shards_dir=args.shards,
-                           model_path=args.model, out_dir=args.out)
+                           model_path=args.model, out_dir=args.out,
+                           masked_dir=args.masked or f"data/{params.train_set}/masked")
     section, cond, key = SELECTION
     print(json.dumps({"identities": metrics["identities"], "pairs": metrics["pairs"],
                       f"{cond}.{key}": metrics[section][cond][key], "resolution": metrics["resolution"]}))

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import EvaluateParams
+from pipeline.config import MASK_TYPES, EvaluateParams
+from pipeline.mask.records import read_mask_records
 from pipeline.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned, load_embeddings,
-                                 paired_comparison, read_train_identities, run_embed_reference, run_evaluate,
+                                 held_out_mask_types, paired_comparison, read_train_identities, run_embed_reference, run_evaluate,
                                  score_embeddings, score_gallery, score_verification)
 from pipeline.metrics import identification_ranks, l2_normalize
 from pipeline.models import EmbeddingNet
@@ -28,7 +29,7 @@ def tiny(tmp_path_factory, lfw_small, tiny_shards):
     people, an untrained model in the checkpoint format and the cached dlib reference."""
     d = tmp_path_factory.mktemp("eval_inputs")
     root = tiny_shards.parent
-    for name in ("aligned", "shards"):
+    for name in ("masked", "aligned", "shards"):
         (d / name).symlink_to(root / name, target_is_directory=True)
     shutil.copytree(root / "ingest" / "protocol", d / "protocol")
     write_eval_pairs(lfw_small, d / "protocol")
@@ -44,7 +45,7 @@ def tiny(tmp_path_factory, lfw_small, tiny_shards):
 def _evaluate(d, out, params=None, shards=None):
     return run_evaluate(params=params or PARAMS, aligned_dir=d / "aligned", shards_dir=shards or d / "shards",
                         protocol_dir=d / "protocol", model_path=d / "model.pt",
-                        out_dir=out, reference_path=d / "reference" / "dlib.parquet")
+                        out_dir=out, reference_path=d / "reference" / "dlib.parquet", masked_dir=d / "masked")
 
 
 PARAMS = EvaluateParams(device="cpu", batch_size=16, paper_protocol=True)
@@ -95,9 +96,15 @@ def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
     train = read_train_identities(tiny / "shards")
     ref = load_embeddings(tiny / "reference" / "dlib.parquet")
     emb = embed_aligned(str(tiny / "model.pt"), tiny / "aligned", flip=False, batch_size=16)
+    masks = read_mask_records(tiny / "masked", emb.image_ids)
+    assert metrics["by_mask"]["unseen_types"] == held_out_mask_types(tiny / "shards")
+    assert sum(metrics["by_mask"]["verification_masked_unmasked"]["count"][f"type_{t}"] for t in MASK_TYPES) == (
+        metrics["verification"]["masked_unmasked"]["pairs_same"] + metrics["verification"]["masked_unmasked"]["pairs_different"])
+    assert "masked_unmasked" in metrics["vs_dlib"]["verification"] and "by_mask" in metrics["vs_dlib"]
     for name, e, written in (("model", emb, metrics), ("dlib", ref, metrics["reference"]["dlib"])):
         computed, curves = score_embeddings(e, params=PARAMS, protocol_dir=tiny / "protocol",
-                                            train_identities=train)
+                                            train_identities=train, masks=masks,
+                                            unseen_types=held_out_mask_types(tiny / "shards"))
         _assert_same_metrics({k: v for k, v in written.items()
                                if k not in ("embedder", "reference", "training_set", "evaluation_set", "vs_dlib")},
                              computed)
@@ -247,7 +254,7 @@ def test_reference_embeddings_must_match_the_settings(tiny, tmp_path):
 def test_a_model_on_another_crop_template_is_refused(tiny, tmp_path):
     net = EmbeddingNet("resnet18", 8, template="arcface112").eval()
     torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, tmp_path / "m112.pt")
-    with pytest.raises(EvaluationError, match="takes arcface112 crops but .* holds dlib150 crops"):
+    with pytest.raises(EvaluationError, match="takes arcface112 crops but .* hold dlib150 crops"):
         run_evaluate(params=PARAMS, aligned_dir=tiny / "aligned", shards_dir=tiny / "shards",
                      protocol_dir=tiny / "protocol", model_path=tmp_path / "m112.pt", out_dir=tmp_path / "e",
                      reference_path=tiny / "reference" / "dlib.parquet")
@@ -438,3 +445,64 @@ def test_hand_made_model_vs_reference_is_paired_per_figure(tmp_path):
         for key, ci in m["gallery"]["rank1_ci"].items():
             assert ci["low"] <= m["gallery"]["rank1"][key] <= ci["high"], (name, key)
         assert m["gallery"]["bootstrap_identities"] == m["verification"]["masked_unmasked"]["bootstrap_identities"] == 4
+
+
+# mask records of the hand-made set: one type and coverage per identity
+HAND_MASKS = {"Anna": ("n95", 0.45), "Bert": ("cloth", 0.30), "Cleo": ("surgical", 0.55), "Dirk": ("gas", 0.30)}
+
+
+def _hand_masks(emb: EmbeddedSet) -> dict:
+    from pipeline.mask.records import MaskRecord
+
+    return {i: MaskRecord(*HAND_MASKS[who]) for i, who in zip(emb.image_ids, emb.identities)}
+
+
+def test_hand_made_figures_per_mask_type_seen_unseen_and_coverage():
+    """by_mask on the hand-made pairs, grouped by the masked image (the second of a pair):
+    right / wrong per pair at the other fold's threshold (above: the same pairs and the 'two on'
+    pairs right, the 'previous' ones wrong) gives, with n95 unseen,
+      Anna_2 (n95, 0.45): (Anna, Anna) right, (Bert, Anna) wrong, (Cleo, Anna) right -> 2/3
+      Bert_2 (cloth, 0.30): right; Dirk_2 (gas, 0.30): right
+      Cleo_2 (surgical, 0.55): (Cleo, Cleo) right, (Anna, Cleo) right, (Dirk, Cleo) wrong -> 2/3
+    seen = 4/5, unseen = 2/3, gap 2/15; coverage below_0.40 = 1, 0.40_0.50 = 2/3, above_0.50 = 2/3.
+    Planted defects this catches: grouping by the first image (Anna_1's pairs are both right: 1.0),
+    a group's figure from the pairs' own best threshold, a missing record passing silently."""
+    from pipeline.evaluation import score_by_mask
+
+    emb = _hand_made()
+    same, diff = _hand_made_pairs()
+    pairs = Pairs([a for a, _ in same + diff], [b for _, b in same + diff], np.array([True] * 4 + [False] * 4),
+                  np.array([0, 0, 1, 1, 0, 0, 1, 1]), "hand-made")
+    gallery = build_gallery(emb.image_ids, emb.identities, seed=0)
+    out, reps = score_by_mask(emb, pairs, gallery, _hand_masks(emb), ["n95"])
+    v = out["verification_masked_unmasked"]
+    assert out["unseen_types"] == ["n95"] and not reps  # no params: no bootstrap
+    assert v["seen"] == pytest.approx(4 / 5) and v["unseen"] == pytest.approx(2 / 3)
+    assert v["seen_minus_unseen"] == pytest.approx(4 / 5 - 2 / 3)
+    assert v["type"] == pytest.approx({"n95": 2 / 3, "cloth": 1.0, "surgical": 2 / 3, "gas": 1.0, "kn95": None})
+    assert v["coverage"] == pytest.approx({"below_0.40": 1.0, "0.40_0.50": 2 / 3, "above_0.50": 2 / 3})
+    assert v["count"]["seen"] == 5 and v["count"]["unseen"] == 3 and v["count"]["type_kn95"] == 0
+    # every probe masked ranks its identity 2nd: rank-1 0 in every group ...
+    g = out["gallery_rank1_mask_1.0"]
+    assert g["seen"] == g["unseen"] == 0.0 and g["count"]["seen"] + g["count"]["unseen"] == len(gallery.probes)
+    # ... unless Anna's mask hides nothing: her probes rank 1st, unseen type n95 -> 1.0, seen 0
+    anna = [i for i, who in enumerate(emb.identities) if who == "Anna"]
+    blind = EmbeddedSet(emb.image_ids, emb.identities, emb.raw, emb.masked.copy(), {})
+    blind.masked[anna] = emb.raw[anna]
+    g = score_by_mask(blind, pairs, gallery, _hand_masks(emb), ["n95"])[0]["gallery_rank1_mask_1.0"]
+    assert (g["unseen"], g["seen"], g["seen_minus_unseen"]) == (1.0, 0.0, -1.0)
+    assert g["type"]["n95"] == 1.0 and g["count"]["unseen"] == sum(p.startswith("Anna/") for p in gallery.probes)
+    # no unseen type: no unseen figure and no gap, the seen group is every pair
+    v = score_by_mask(emb, pairs, gallery, _hand_masks(emb), [])[0]["verification_masked_unmasked"]
+    assert v["unseen"] is None and v["seen_minus_unseen"] is None and v["seen"] == pytest.approx(6 / 8)
+    # with the bootstrap: intervals around each figure, the gap's too; paired against a reference
+    params = EvaluateParams(bootstrap_replicates=200, n_folds=2)
+    out, reps = score_by_mask(emb, pairs, gallery, _hand_masks(emb), ["n95"], params)
+    v = out["verification_masked_unmasked"]
+    for k in ("seen", "unseen", "seen_minus_unseen"):
+        assert v[f"{k}_ci"]["low"] <= v[k] <= v[f"{k}_ci"]["high"]
+    assert ("verification_masked_unmasked", "type", "n95") in reps and len(reps[("verification_masked_unmasked", "seen")]) == 200
+    masks = _hand_masks(emb)
+    del masks[_img("Cleo", 2)]
+    with pytest.raises(EvaluationError, match="no mask record"):
+        score_by_mask(emb, pairs, gallery, masks, ["n95"])

@@ -10,7 +10,8 @@ import pytest
 import webdataset as wds
 
 from pipeline import pack
-from pipeline.config import ComputeParams, PackParams
+from pipeline.config import MASK_TYPES, ComputeParams, PackParams
+from pipeline.mask.records import read_mask_types
 from pipeline.pack import PackError, run_pack
 from pipeline.tar_chunks import FIXED_MTIME, file_sha256, list_chunks, read_chunk
 
@@ -37,9 +38,15 @@ def test_shards_layout_labels_and_index(tiny_shards):
         assert 1 <= sh["samples"] <= 4  # the fixture's shard_max_count
         with tarfile.open(tiny_shards / sh["name"]) as tar:  # fixed metadata: reproducible bytes
             assert {(m.mtime, m.uname, m.gname, m.mode) for m in tar} == {(FIXED_MTIME, "", "", 0o644)}
-    # every aligned train pair: once, in the train shards (shuffled) or the val shards (key order)
+    # every aligned train pair: once, in the train shards (shuffled), the val shards (key order) or
+    # held out for its unseen mask type (a training person's only)
     val_ids = index["val"]["identities"]
-    assert sorted(s["__key__"] for s in train + val) == _aligned_keys(aligned, "train")
+    types = read_mask_types(tiny_shards.parent / "masked")
+    held = [k for k in _aligned_keys(aligned, "train")
+            if types[k] in index["params"]["unseen_mask_types"] and k.split("/")[0] not in val_ids]
+    assert index["held_out_mask_types"]["images"] == len(held)  # none in this fixture: test below
+    assert sorted([s["__key__"] for s in train + val] + held) == _aligned_keys(aligned, "train")
+    assert not {types[s["__key__"]] for s in train} & set(index["params"]["unseen_mask_types"])
     assert [s["__key__"] for s in val] == sorted(s["__key__"] for s in val)
     assert [s["__key__"] for s in train] != sorted(s["__key__"] for s in train)  # globally shuffled
     for s in train:
@@ -70,7 +77,8 @@ def test_long_keys_pack_and_load_end_to_end(tiny_shards, tmp_path):
             samples.append((long_key, {**members, "json": json.dumps(meta).encode()}))
         write_chunk(aligned / "chunks" / chunk.name, samples)
     shutil.copy(tiny_shards.parent / "aligned" / "status.parquet", aligned / "status.parquet")
-    index = run_pack(params=PackParams(shard_max_count=4), aligned_dir=aligned, out_dir=tmp_path / "shards")
+    every_type = {"unseen_mask_types": []}  # renamed keys: the mask stage recorded none of them
+    index = run_pack(params=PackParams(shard_max_count=4, **every_type), aligned_dir=aligned, out_dir=tmp_path / "shards")
     shards = list_chunks(tmp_path / "shards", "train-")
     with tarfile.open(shards[0]) as tar:
         assert max(len(m.name) for m in tar) > 200 and tar.pax_headers == {}
@@ -78,7 +86,7 @@ def test_long_keys_pack_and_load_end_to_end(tiny_shards, tmp_path):
     keys = [k for *_, ks in loader for k in ks]
     assert len(keys) == index["train"]["samples"] and all(len(k) == 200 for k in keys)
     # and the shard cut counts the long-name records: no shard over its byte budget
-    small = run_pack(params=PackParams(shard_max_bytes=40_000), aligned_dir=aligned, out_dir=tmp_path / "s2")
+    small = run_pack(params=PackParams(shard_max_bytes=40_000, **every_type), aligned_dir=aligned, out_dir=tmp_path / "s2")
     assert all(s["bytes"] <= 40_000 or s["samples"] == 1 for s in small["train"]["shards"])
 
 
@@ -110,7 +118,8 @@ def test_min_images_filter_and_errors(tiny_shards, tmp_path):
     idx = run_pack(params=PackParams(min_images_per_identity=cut), aligned_dir=aligned, out_dir=tmp_path / "f")
     kept = {i for i, c in counts.items() if c >= cut}
     assert idx["classes"] + len(idx["val"]["identities"]) == len(kept)
-    assert idx["train"]["samples"] + idx["val"]["samples"] + idx["val"]["images_not_packed"] == sum(counts[i] for i in kept)
+    assert (idx["train"]["samples"] + idx["val"]["samples"] + idx["val"]["images_not_packed"]
+            + idx["held_out_mask_types"]["images"] == sum(counts[i] for i in kept))
     assert idx["filtered"]["images"] == sum(counts.values()) - sum(counts[i] for i in kept)
     with pytest.raises(PackError, match="no train identity"):
         run_pack(params=PackParams(min_images_per_identity=10_000), aligned_dir=aligned, out_dir=tmp_path / "g")
@@ -140,7 +149,9 @@ def test_bucket_shuffle_is_the_same_whatever_the_workers_and_memory(tiny_shards,
         assert {p.name: p.read_bytes() for p in (tmp_path / other).iterdir()} == files
     assert all(p.is_file() for p in (tmp_path / "a").iterdir())  # no .fragments folder left
     classes = json.loads((tmp_path / "a" / "classes.json").read_text())
-    train_keys = [k for k in _aligned_keys(aligned, "train") if k.split("/")[0] in classes]
+    types = read_mask_types(tiny_shards.parent / "masked")
+    train_keys = [k for k in _aligned_keys(aligned, "train")
+                  if k.split("/")[0] in classes and types[k] not in params.unseen_mask_types]
     n = a["train"]["buckets"]
     expected = [k for bucket in range(n)
                 for k in pack.bucket_order(5, bucket, [k for k in train_keys if pack.bucket_of(5, k, n) == bucket])]
@@ -160,7 +171,7 @@ def test_val_takes_the_first_images_of_each_held_out_identity(tiny_shards, tmp_p
     samples = [s for c in list_chunks(src / "chunks", prefix="train-") for s in read_chunk(c)]
     for i in range(0, len(samples), 3):  # 3 pairs per chunk: identities span chunks
         write_chunk(aligned / "chunks" / f"train-{i // 3:06d}.tar", samples[i:i + 3])
-    params = PackParams(val_fraction=0.5, val_images_per_identity=2, shard_max_count=3)
+    params = PackParams(val_fraction=0.5, val_images_per_identity=2, shard_max_count=3, unseen_mask_types=[])
     index = run_pack(params=params, aligned_dir=aligned, out_dir=tmp_path / "s", compute=ComputeParams(n_jobs=2))
     by_id: dict[str, list[str]] = {}
     for key, _ in samples:
@@ -186,3 +197,48 @@ def test_validation_people_are_drawn_among_those_with_two_images():
     assert split_val_identities(counts, PackParams(val_fraction=0.0)) == []
     with pytest.raises(PackError, match="none would be left to train on"):
         split_val_identities({"a": 2, "b": 2, "c": 1}, PackParams(val_fraction=0.5))
+
+
+def test_unseen_mask_types_stay_out_of_training_only(tiny_shards, tmp_path):
+    """pack.unseen_mask_types: a training person's pairs of those types are not packed (counted in
+    held_out_mask_types), a validation person's are; a person left with no pair gets no class.
+    Every type unseen but one changes which pairs train; none unseen packs them all."""
+    aligned, masked = tiny_shards.parent / "aligned", tiny_shards.parent / "masked"
+    types = read_mask_types(masked)
+    keys = _aligned_keys(aligned, "train")
+    seen_in_set = sorted({types[k] for k in keys})
+    assert len(seen_in_set) >= 2  # the tiny set wears several types
+    keep = seen_in_set[0]
+    unseen = sorted(set(MASK_TYPES) - {keep})
+    idx = run_pack(params=PackParams(unseen_mask_types=unseen), aligned_dir=aligned, masked_dir=masked,
+                   out_dir=tmp_path / "a")
+    train = [s["__key__"] for sh in idx["train"]["shards"] for s in _samples(tmp_path / "a" / sh["name"])]
+    val = [s["__key__"] for sh in idx["val"]["shards"] for s in _samples(tmp_path / "a" / sh["name"])]
+    val_ids = set(idx["val"]["identities"])
+    assert train and all(types[k] == keep for k in train)
+    assert {types[k] for k in val} - {keep}  # validation keeps the unseen types
+    held = [k for k in keys if k.split("/")[0] not in val_ids and types[k] != keep]
+    assert idx["held_out_mask_types"] == {"types": unseen, "images": len(held),
+                                          "identities_without_a_seen_pair": idx["held_out_mask_types"][
+                                              "identities_without_a_seen_pair"],
+                                          "reason": "a training pair whose twin wears an unseen mask type"}
+    classes = json.loads((tmp_path / "a" / "classes.json").read_text())
+    trained_people = {k.split("/")[0] for k in keys if k.split("/")[0] not in val_ids}
+    assert set(classes) == {k.split("/")[0] for k in train}
+    assert idx["held_out_mask_types"]["identities_without_a_seen_pair"] == len(trained_people - set(classes))
+    none = run_pack(params=PackParams(unseen_mask_types=[]), aligned_dir=aligned, out_dir=tmp_path / "b")
+    assert none["train"]["samples"] == idx["train"]["samples"] + len(held)
+    assert none["held_out_mask_types"]["images"] == 0
+    with pytest.raises(ValueError, match="every mask type is unseen"):
+        PackParams(unseen_mask_types=list(MASK_TYPES))
+    with pytest.raises(ValueError, match="distinct mask types"):
+        PackParams(unseen_mask_types=["n99"])
+    # an aligned pair the mask stage has no type for is an error, not a silent keep
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    (tmp_path / "m").mkdir()
+    t = pq.read_table(masked / "status.parquet")
+    pq.write_table(t.filter(pc.not_equal(t.column("image_id"), keys[0])), tmp_path / "m" / "status.parquet")
+    with pytest.raises(PackError, match="records no mask type"):
+        run_pack(params=PackParams(), aligned_dir=aligned, masked_dir=tmp_path / "m", out_dir=tmp_path / "c")

@@ -124,7 +124,7 @@ def test_validation_identities_never_train_and_the_model_is_written(tiny_shards,
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and metrics["best_val_accuracy"] == s["best_val_accuracy"]
     assert metrics["model_val"] == ckpt["meta"]["model_val"]
-    assert 0.0 <= metrics["val"]["rank1_masked"] <= 1.0 and 0.0 <= metrics["val"]["rank1_raw"] <= 1.0
+    assert 0.0 <= metrics["val"]["rank1_mask_1.0"] <= 1.0 and 0.0 <= metrics["val"]["rank1_mask_0"] <= 1.0
     for name in ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked", "lr",
                  "samples_per_s"):
         rows = (tmp_path / "live" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()
@@ -357,7 +357,7 @@ def test_fine_tuning_params_are_checked_against_the_backbone():
     with pytest.raises(ParamsError, match="128"):
         parse_params({"train": {"backbone": "dlib_resnet", "embedding_dim": 512}})
     for start in ("none", "imagenet"):  # WiSE-FT needs a face model to move back towards
-        with pytest.raises(ParamsError, match=f"train.wise_alpha=0.7 .*pretrained {start} is no face model; allowed there: 1"):
+        with pytest.raises(ParamsError, match=f"train.wise_alpha=0.8 .*pretrained {start} is no face model; allowed there: 1"):
             parse_params({"train": {"backbone": "resnet18", "pretrained": start, "distill": {"teacher": "self"}}})
         assert parse_params({"train": {"backbone": "resnet18", "pretrained": start, "distill": {"teacher": "self"},
                                         "wise_alpha": 1}}).train.wise_alpha == 1

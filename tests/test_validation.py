@@ -14,6 +14,7 @@ from pipeline.models import build_embedding_net
 from pipeline.protocols import build_validation_pairs
 from pipeline.tar_chunks import list_chunks
 from pipeline.training import Validator, read_shard_set
+from pipeline.config import MASK_TYPES
 from pipeline.validation import (embed_validation, resolution, run_validate, score_validation, shards_template,
                                  training_figures, validation_chunks)
 
@@ -89,9 +90,13 @@ def test_run_validate_writes_figures_paired_differences_and_the_size_it_takes(ti
     net = build_embedding_net("dlib_resnet", None, 0.0, "dlib", None, read_shard_set(tiny_shards).template)
     torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, tmp_path / "model.pt")
     m = run_validate(evaluate=EVAL, validate=VAL, shards_dir=tiny_shards, model_path=tmp_path / "model.pt",
-                     out_dir=tmp_path / "validation")
+                     out_dir=tmp_path / "validation", masked_dir=tiny_shards.parent / "masked")
     assert json.loads((tmp_path / "validation" / "metrics.json").read_text()) == m
     assert m["verification"] == m["reference"]["dlib"]["verification"]
+    # by_mask on the validation pairs: every pair in one type group, the same for model and dlib
+    b = m["by_mask"]["verification_masked_unmasked"]
+    assert sum(b["count"][f"type_{t}"] for t in MASK_TYPES) == m["pairs"] == b["count"]["seen"] + b["count"]["unseen"]
+    assert m["by_mask"] == m["reference"]["dlib"]["by_mask"]
     d = m["vs_dlib"]["gallery"]["rank1"]["mask_1.0"]
     assert d == {"diff": 0.0, "low": 0.0, "high": 0.0, "verdict": 0}
     # 2 held-out people: too few to resample verification (no interval, so no size from it)
