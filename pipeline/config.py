@@ -309,6 +309,22 @@ def _check_weights(v: dict[str, float], allowed: tuple[str, ...]) -> dict[str, f
     return dict(sorted(v.items()))
 
 
+class OverlapParams(Section):
+    """Overlap by face between an external training set and LFW (pipeline/overlap.py)."""
+
+    action: Literal["drop", "refuse"] = "drop"  # what pack does with training people who are LFW people
+    far: float = Field(1e-4, gt=0.0, lt=1.0)  # share of different LFW people the threshold lets pass
+    images_per_identity: int = Field(5, ge=1)  # crops per training identity in its centroid
+
+
+class PairBenchmarkParams(Section):
+    """An evaluation set from outside: a folder of photos and an LFW-format pairs file naming them
+    (``<path>/<name>/<name>_<NNNN>.jpg``, as LFW lays them out)."""
+
+    path: str  # the photos' folder
+    pairs: str  # 'N' or 'SETS N', then same pairs 'name n1 n2' and different pairs 'name1 n1 name2 n2'
+
+
 class Params(Section):
     """The whole params.yaml. Sections a stage does not use are still validated."""
 
@@ -326,15 +342,23 @@ class Params(Section):
     train: TrainParams = TrainParams()
     validation: ValidateParams = ValidateParams()
     evaluate: EvaluateParams = EvaluateParams()
+    overlap: OverlapParams = OverlapParams()
     standalone: StandaloneParams = StandaloneParams()
+    # extra pair benchmarks (DVC stages pair_benchmark@<name>), e.g. a real-mask set of your own
+    pair_benchmarks: dict[str, PairBenchmarkParams] = Field(default_factory=dict)
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("pair_benchmarks", "datasets")
+    @classmethod
+    def _folder_names(cls, v: dict) -> dict:
+        bad = [k for k in v if not re.match(DATASET_NAME, k)]
+        if bad:
+            raise ValueError(f"names {bad} must use letters, digits, '_' or '-' (they name folders)")
+        return v
 
     @field_validator("datasets")
     @classmethod
     def _datasets(cls, v: dict[str, DatasetParams]) -> dict[str, DatasetParams]:
-        bad = [k for k in v if not re.match(DATASET_NAME, k)]
-        if bad:
-            raise ValueError(f"data set names {bad} must use letters, digits, '_' or '-' (they name folders)")
         if EVAL_SET not in v or v[EVAL_SET].source != "lfw":
             raise ValueError(f"needs an entry {EVAL_SET!r} with source 'lfw': LFW is the evaluation set")
         others = [k for k, d in v.items() if d.source == "lfw" and k != EVAL_SET]

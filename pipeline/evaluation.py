@@ -7,8 +7,8 @@ same aligned crops: :func:`embed_chunks` then :func:`score_embeddings`; validati
 `embed_reference` stage computes it once into a parquet that DVC caches; `evaluate` only scores it.
 
 Outputs (``out_dir``): metrics.json (nested, so ``dvc metrics show`` flattens it to keys like
-``gallery.rank1.mask_0.5``), thresholds.json (`identify`'s decision thresholds per false-accept
-rate, keyed by embedder), plots/roc/<embedder>/<condition>.csv, plots/cmc/<embedder>/mask_<p>.csv
+``gallery.rank1.mask_0.5``; ``identify_thresholds``: validation's 1:N thresholds checked on
+the test people), plots/roc/<embedder>/<condition>.csv, plots/cmc/<embedder>/mask_<p>.csv
 (DVC plot data), roc.png and cmc.png.
 """
 from __future__ import annotations
@@ -30,12 +30,13 @@ from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
 from pipeline.mask.records import COVERAGE_BINS, MaskRecord, coverage_bin, read_mask_records
 from pipeline.bootstrap import Draws, draw_identities, interval, paired_difference, replicate
-from pipeline.metrics import (FAR_TARGETS, Searches, cmc, identification_ranks, identity_scores, kfold_accuracy,
-                              open_set_figures, open_set_searches, rate_key, roc_curve, tar_at_far, tar_key,
-                              thin_roc, threshold_at_rate, verification_metrics)
+from pipeline.metrics import (FAR_TARGETS, Searches, cmc, identification_ranks, kfold_accuracy, kfold_correct,
+                              open_set_figures, open_set_searches, roc_curve, tar_at_far, tar_key, thin_roc,
+                              verification_metrics)
 from pipeline.protocols import (Gallery, Pairs, build_gallery, build_open_set, build_paper_protocol,
                                 check_identity_overlap, parse_pairs)
 from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk, write_json
+from pipeline.thresholds import ThresholdError, check_thresholds, find_entry
 
 CONDITIONS = ("unmasked_unmasked", "masked_unmasked", "masked_masked")
 VIEW1_PAIRS = "pairsDevTest.txt"
@@ -409,10 +410,7 @@ def score_by_mask(emb: EmbeddedSet, pairs: Pairs, gallery: Gallery, masks: dict[
     if missing:
         raise EvaluationError(f"{len(missing)} evaluated images have no mask record (e.g. {sorted(missing)[:2]})")
     scores, kept, _ = pair_scores(emb, pairs)
-    s = scores["masked_unmasked"]
-    kf = kfold_accuracy(s, kept.same, kept.fold)
-    threshold = dict(zip(np.unique(kept.fold).tolist(), kf.thresholds))
-    right = ((s > np.array([threshold[f] for f in kept.fold.tolist()])) == kept.same).astype(np.float64)
+    right = kfold_correct(scores["masked_unmasked"], kept.same, kept.fold)
     idx = emb.index()
     ranks = identification_ranks(emb.raw[[idx[i] for i in gallery.enrolled]], gallery.enrolled_identity,
                                  emb.masked[[idx[i] for i in gallery.probes]], gallery.probe_identity)
@@ -432,22 +430,6 @@ def score_by_mask(emb: EmbeddedSet, pairs: Pairs, gallery: Gallery, masks: dict[
     return out, reps
 
 
-def decision_thresholds(emb: EmbeddedSet, gallery: Gallery) -> dict:
-    """Thresholds for `identify`'s accept / "unknown" decision at each false-accept rate in
-    :data:`FAR_TARGETS`, from masked-unmasked impostor scores: every gallery probe, masked, against
-    the enrolled (raw) image of every other identity (the case an access-control system meets: a
-    masked stranger at the door, unmasked enrolment photos)."""
-    idx = emb.index()
-    names, scores = identity_scores(emb.raw[[idx[i] for i in gallery.enrolled]], gallery.enrolled_identity,
-                                    emb.masked[[idx[i] for i in gallery.probes]])
-    impostor = scores[np.asarray(gallery.probe_identity)[:, None] != names[None, :]]
-    out = {"impostor_scores": int(impostor.size), "source": "LFW evaluation: masked probe vs unmasked enrolled, "
-           "different identities", "far": {}}
-    for far in FAR_TARGETS:
-        out["far"][rate_key(far)] = round(threshold_at_rate(impostor, far), 6)
-    return out
-
-
 def score_identification(emb: EmbeddedSet, params: EvaluateParams, put: Callable[[str, dict, Replicates], None],
                          bootstrap: bool = True) -> tuple[Gallery, dict]:
     """The gallery (closed set, rank-1 per mask portion) and open-set sections of one embedder,
@@ -464,8 +446,8 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
                      train_identities: set[str], masks: dict[str, MaskRecord] | None = None,
                      unseen_types: list[str] | None = None) -> tuple[dict, dict]:
     """All metrics of one embedder, each headline figure with its bootstrap interval, and what is
-    written beside them: {"roc": {cond: (fpr, tpr)}, "cmc": {portion: curve}, "thresholds":
-    :func:`decision_thresholds`, "replicates": {path in metrics: bootstrap values}}. The draws
+    written beside them: {"roc": {cond: (fpr, tpr)}, "cmc": {portion: curve}, "replicates": {path
+    in metrics: bootstrap values}}. The draws
     depend on the protocol and ``params.seed`` only, so two embedders' replicates are paired.
     With ``masks`` (the mask stage's records), a ``by_mask`` section (:func:`score_by_mask`) on
     View 1's pairs and the gallery."""
@@ -511,8 +493,7 @@ def score_embeddings(emb: EmbeddedSet, *, params: EvaluateParams, protocol_dir: 
         pm, _, _ = score_gallery(emb, paper, params.mask_portions, params.cmc_max_rank)
         metrics["paper_protocol"] = {"rank1": pm["rank1"], "not_comparable": 1,
                                      "note": paper.notes["note"]}
-    return metrics, {"roc": roc, "cmc": cmc_curves, "thresholds": decision_thresholds(emb, gallery),
-                     "replicates": reps}
+    return metrics, {"roc": roc, "cmc": cmc_curves, "replicates": reps}
 
 
 def figure_at(tree: dict | None, path: tuple[str, ...]):
@@ -683,13 +664,18 @@ def run_embed_reference(*, params: EvaluateParams, aligned_dir: str | Path, out_
 def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir: str | Path,
                  protocol_dir: str | Path, model_path: str | Path, out_dir: str | Path,
                  reference_path: str | Path | None = None, training_set: dict | None = None,
-                 masked_dir: str | Path | None = None) -> dict:
+                 masked_dir: str | Path | None = None, thresholds_path: str | Path | None = None,
+                 overlap: dict | None = None) -> dict:
     """Score the trained model (and the dlib reference when enabled) and write every output.
 
     ``training_set`` (:func:`training_set_info`): with an external training set every LFW image is
     evaluated (View 2's 10 folds, View 1 DevTest, the gallery over every identity); with LFW's
     View 1 train people only the View 1 test people are. ``masked_dir`` (LFW's mask stage output):
-    figures per mask type and coverage (``by_mask``), seen vs unseen types as packed."""
+    figures per mask type and coverage (``by_mask``), seen vs unseen types as packed.
+    ``thresholds_path`` (the validate stage's thresholds.json): identify's 1:N thresholds, set on
+    validation people, applied once to the test people (``identify_thresholds``: the FPIR and FNIR
+    they give here, raw enrolment, masked searches). ``overlap``: the overlap stage's finding
+    (training people who are LFW people by face), recorded as ``training_set.overlap_by_face``."""
     out_dir = Path(out_dir)
     training_set = training_set or {"name": "lfw", "source": "lfw", "external": False,
                                     "identity_names_checkable": True}
@@ -717,9 +703,27 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
     results = {"model": score_embeddings(emb, params=params, protocol_dir=protocol_dir,
                                          train_identities=train_ids, **by_mask)}
     metrics = dict(results["model"][0])
+    checks = {}
+    if thresholds_path is not None:
+        for name, e in (("model", emb), ("dlib", ref)):
+            if e is None:
+                continue
+            info = {"model_sha256": "dlib" if name == "dlib" else file_sha256(model_path),
+                    "template": e.embedder.get("template"), "flip": bool(params.flip)}
+            try:
+                entry = find_entry(thresholds_path, info)
+            except ThresholdError as err:
+                raise EvaluationError(f"{err} (the validate stage writes them)") from err
+            checks[name] = check_thresholds(entry, e.raw, e.masked, e.identities, seed=params.seed,
+                                            replicates=params.bootstrap_replicates, level=params.ci_level)
+        metrics["identify_thresholds"] = checks["model"]
     metrics["embedder"] = {"flip": int(params.flip), "dim": emb.raw.shape[1]}
     metrics["training_set"] = {**training_set, "external": int(all_lfw),
                                "identity_names_checkable": int(training_set["identity_names_checkable"])}
+    if overlap is not None:
+        metrics["training_set"]["overlap_by_face"] = {
+            k: overlap[k] for k in ("checked", "matches", "action", "threshold", "far_measurable", "same_people_caught",
+                                    "train_identities", "lfw_identities") if k in overlap}
     metrics["evaluation_set"] = "LFW, all images" if all_lfw else "LFW View 1 test people"
     if ref is not None:
         if ref.image_ids != emb.image_ids:
@@ -727,7 +731,8 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
                                   f"rerun the embed_reference stage")
         results["dlib"] = score_embeddings(ref, params=params, protocol_dir=protocol_dir,
                                            train_identities=train_ids, **by_mask)
-        metrics["reference"] = {"dlib": results["dlib"][0]}
+        metrics["reference"] = {"dlib": {**results["dlib"][0], **({"identify_thresholds": checks["dlib"]}
+                                                                  if "dlib" in checks else {})}}
         metrics["vs_dlib"] = paired_comparison(results["model"], results["dlib"], params.ci_level)
     if out_dir.exists():
         for old in (out_dir / "plots").rglob("*.csv"):
@@ -738,11 +743,4 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
     draw_figures(out_dir, results)
     metrics = round_metrics(metrics)
     write_json(out_dir / "metrics.json", metrics)
-    # next to the metrics, keyed by the embedder they belong to: `identify` checks the model's sha256
-    thresholds = {"model": {**results["model"][1]["thresholds"], "model_sha256": file_sha256(model_path),
-                            "template": emb.embedder.get("template"), "flip": bool(params.flip)}}
-    if "dlib" in results:
-        thresholds["dlib"] = {**results["dlib"][1]["thresholds"], "model_sha256": "dlib",
-                              "template": ref.embedder.get("template"), "flip": bool(params.flip)}
-    write_json(out_dir / "thresholds.json", thresholds)
     return metrics

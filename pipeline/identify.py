@@ -5,10 +5,12 @@ Who is this, or nobody we know? An access-control check: the enrolled people are
 `python -m pipeline.embed`; each identity is enrolled as the mean of its photos' embeddings. The
 probe (masked or not) is aligned and embedded like `embed` does, compared by cosine similarity,
 and gets the top-k identities with their scores AND a decision: the best identity when its score
-is above the threshold, else "unknown". The threshold is the one for a target false-accept rate
-(``--far``, default 1e-3), measured by the `evaluate` stage on masked-unmasked impostor pairs
-and stored in eval/thresholds.json for that very model (checked by its sha256); ``--threshold``
-sets one by hand.
+is above the threshold, else "unknown". The threshold is the one for a target false-positive
+identification rate at this gallery's size (``--fpir``, default 1e-2: the share of strangers'
+searches that return somebody), set on people no choice was tested on with this same enrolment
+(:mod:`pipeline.thresholds`): validation/thresholds.json from the validate stage (masked probes,
+synthetic masks), or a file `python -m pipeline.calibrate` wrote from the deployer's own labelled
+photos; always for that very model (checked by its sha256). ``--threshold`` sets one by hand.
 """
 from __future__ import annotations
 
@@ -25,22 +27,15 @@ from pipeline.embed import (add_model_args, embed_folder, embed_paths, embedder_
                             table_embedder)
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.metrics import l2_normalize
+from pipeline.thresholds import ThresholdError, describe, enrol, find_entry, threshold_for
 
 UNKNOWN = "unknown"
-DEFAULT_FAR = "1e-3"
+DEFAULT_FPIR = "1e-2"
+DEFAULT_THRESHOLDS = "validation/thresholds.json"
 
 
 class GalleryError(ValueError):
     pass
-
-
-def enrol(identities: list[str], embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """(sorted identity names, one unit template each): the normalised mean of an identity's
-    photos, which is steadier than any one photo (and one comparison per person)."""
-    names = sorted(set(identities))
-    ids = np.asarray(identities)
-    templates = np.stack([embeddings[ids == n].mean(axis=0) for n in names])
-    return names, l2_normalize(templates).astype(np.float32)
 
 
 def load_gallery(gallery: str | Path, *, model: str, flip: bool, device: str,
@@ -68,31 +63,25 @@ def rank_identities(probe: np.ndarray, names: list[str], templates: np.ndarray, 
     return sorted(zip(names, scores.tolist()), key=lambda kv: (-kv[1], kv[0]))[:top_k]
 
 
-def load_threshold(path: str | Path, info: dict, far: str) -> float:
-    """The decision threshold for ``far`` that `evaluate` measured for this very embedder."""
-    path = Path(path)
-    if not path.is_file():
-        raise GalleryError(f"no decision threshold: {path} not found (run `dvc repro evaluate` for this model, "
-                           f"or pass --threshold)")
-    entries = json.loads(path.read_text())
-    for entry in entries.values():
-        if all(entry.get(k) == info.get(k) for k in ("model_sha256", "template", "flip")):
-            if far not in entry["far"]:
-                raise GalleryError(f"--far {far}: {path} has thresholds for {', '.join(entry['far'])}")
-            return float(entry["far"][far])
-    raise GalleryError(f"{path} holds no thresholds for this model (sha256 {info.get('model_sha256')}, "
-                       f"flip={info.get('flip')}): evaluate it first, or pass --threshold")
-
-
 def identify(probes: list[str], *, gallery: str, model: str, top_k: int = 5, flip: bool = False,
              device: str = "cpu", standalone: StandaloneParams | None = None, threshold: float | None = None,
-             far: str = DEFAULT_FAR, thresholds_path: str | Path = "eval/thresholds.json") -> list[dict]:
+             fpir: str = DEFAULT_FPIR, thresholds_path: str | Path = DEFAULT_THRESHOLDS) -> list[dict]:
     embedder = make_embedder(model, device=device)
     info = embedder_info(embedder, model, flip)
-    if threshold is None:
-        threshold = load_threshold(thresholds_path, info, far)
+    try:
+        entry = None if threshold is not None else find_entry(thresholds_path, info)
+    except ThresholdError as e:
+        raise GalleryError(str(e)) from e
     names, templates, gal_info, photos = load_gallery(gallery, model=model, flip=flip, device=device,
                                                       standalone=standalone, embedder=embedder)
+    if entry is not None:
+        try:
+            threshold, _, _ = threshold_for(entry, fpir, len(names))
+            meaning = describe(entry, fpir, len(names))
+        except ThresholdError as e:
+            raise GalleryError(f"{thresholds_path}: {e}") from e
+    else:
+        meaning = f"threshold {threshold:.4f}: set by hand"
     for key in ("model_sha256", "flip", "template"):
         if gal_info.get(key) != info.get(key):
             raise GalleryError(f"{gallery} was embedded with {key}={gal_info.get(key)!r}, the probe "
@@ -103,7 +92,7 @@ def identify(probes: list[str], *, gallery: str, model: str, top_k: int = 5, fli
     out = []
     for p, row in zip(probes, rows):
         result = {"probe": str(p), "status": row["status"], "route": row["route"], "reason": row["reason"],
-                  "threshold": round(threshold, 4)}
+                  "threshold": round(threshold, 4), "gallery_size": len(names), "threshold_means": meaning}
         if row["embedding"] is not None:
             ranked = rank_identities(np.array(row["embedding"], np.float32), names, templates, top_k)
             result["matches"] = [{"identity": n, "score": round(float(s), 4), "photos": photos[n]} for n, s in ranked]
@@ -118,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("probe", nargs="+", help="probe photo(s)")
     ap.add_argument("--gallery", required=True, help="folder <identity>/<photos>, or embeddings .parquet")
     ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--far", default=DEFAULT_FAR, help="target false-accept rate of the decision: 1e-2 | 1e-3 | 1e-4 "
-                                                       "(per comparison: with N people enrolled a stranger is let in "
-                                                       "about N times as often)")
-    ap.add_argument("--thresholds", default="eval/thresholds.json", help="the evaluate stage's thresholds file")
+    ap.add_argument("--fpir", default=DEFAULT_FPIR, help="target false-positive identification rate at this gallery's "
+                                                         "size (the share of strangers let in): 1e-2 | 1e-1")
+    ap.add_argument("--thresholds", default=DEFAULT_THRESHOLDS,
+                    help="1:N thresholds: the validate stage's, or one pipeline.calibrate wrote from your photos")
     ap.add_argument("--threshold", type=float, help="decide at this cosine score instead (overrides --far)")
     ap.add_argument("--json", action="store_true", help="print JSON (one object per probe) instead of a table")
     add_model_args(ap)
@@ -135,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = identify(args.probe, gallery=args.gallery, model=args.model, top_k=args.top_k,
                            flip=args.flip, device=str(select_device(args.device)),
-                           standalone=standalone_params(args), threshold=args.threshold, far=args.far,
+                           standalone=standalone_params(args), threshold=args.threshold, fpir=args.fpir,
                            thresholds_path=args.thresholds)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -148,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             if "matches" not in r:
                 print(f"  not identified: {r['reason']}")
                 continue
-            print(f"  decision: {r['decision']}  (threshold {r['threshold']:.4f})")
+            print(f"  decision: {r['decision']}  ({r['threshold_means']})")
             for k, m in enumerate(r["matches"], start=1):
                 print(f"  {k}. {m['identity']:<40s} {m['score']:.4f}")
     return 0 if all("matches" in r for r in results) else 1

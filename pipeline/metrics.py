@@ -133,6 +133,16 @@ def kfold_accuracy(scores, labels, folds) -> KFoldResult:
     return KFoldResult(float(np.mean(accs)), float(np.std(accs)), accs, ths)
 
 
+def kfold_correct(scores, labels, folds) -> np.ndarray:
+    """Per pair, right (1.0) or wrong (0.0) at the threshold :func:`kfold_accuracy` chose for its
+    fold on the other folds: the mean per fold is that fold's accuracy."""
+    scores, labels = _check_scores(scores, labels)
+    folds = np.asarray(folds).ravel()
+    kf = kfold_accuracy(scores, labels, folds)
+    threshold = dict(zip(np.unique(folds).tolist(), kf.thresholds))
+    return ((scores > np.array([threshold[f] for f in folds.tolist()])) == labels).astype(np.float64)
+
+
 def tar_key(far: float) -> str:
     return f"tar_at_far_{rate_key(far)}"
 

@@ -288,6 +288,13 @@ def _val_shard_jobs(candidates: dict[str, list[tuple[str, int, str]]], val_ids: 
     return jobs, len(entries)
 
 
+def read_overlap(path: str | Path | None) -> dict:
+    """The overlap stage's finding (:mod:`pipeline.overlap`); none checked when there is no file."""
+    if path is None or not Path(path).is_file():
+        return {"checked": 0, "reason": "no overlap file", "action": "drop", "matches": 0, "matched": []}
+    return json.loads(Path(path).read_text())
+
+
 def unseen_ids_by_chunk(aligned_dir: Path, masked_dir: Path, unseen_types: list[str]) -> dict[str, frozenset[str]]:
     """aligned chunk name -> ids of its train pairs whose mask type is in ``unseen_types``."""
     if not unseen_types:
@@ -312,11 +319,14 @@ def unseen_ids_by_chunk(aligned_dir: Path, masked_dir: Path, unseen_types: list[
 
 
 def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path,
-             compute: ComputeParams | None = None, masked_dir: str | Path | None = None) -> dict:
+             compute: ComputeParams | None = None, masked_dir: str | Path | None = None,
+             overlap: dict | None = None) -> dict:
     """aligned train chunks -> train/val shards + classes.json + index.json; returns the index.
     ``compute``: workers for the three chunk-parallel passes (default: this process only);
     ``masked_dir``: the mask stage's output, for ``params.unseen_mask_types`` (default: the
-    aligned folder's sibling ``masked``, the stages' layout data/<set>/{masked,aligned})."""
+    aligned folder's sibling ``masked``, the stages' layout data/<set>/{masked,aligned});
+    ``overlap``: the overlap stage's finding (:mod:`pipeline.overlap`): its matched people are left
+    out, or the pack refused, as its ``action`` says."""
     compute = compute or ComputeParams(n_jobs=1)
     aligned_dir, out_dir = Path(aligned_dir), Path(out_dir)
     masked_dir = Path(masked_dir) if masked_dir is not None else aligned_dir.parent / "masked"
@@ -355,6 +365,14 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
                         f"trains on one crop layout: rerun the align stage")
     n_aligned = sum(counts.values())
     kept_ids = sorted(i for i, c in counts.items() if c >= params.min_images_per_identity)
+    matched = {m["train_identity"] for m in (overlap or {}).get("matched", [])}
+    if matched and overlap.get("action") == "refuse":
+        raise PackError(f"{len(matched)} training identities are LFW people by face (overlap.action refuse): "
+                        + ", ".join(f"{m['train_identity']} ~ {m['lfw_identity']} ({m['score']:.3f})"
+                                    for m in overlap["matched"][:10]))
+    overlap_images = sum(counts[i] for i in kept_ids if i in matched)
+    overlap_ids = [i for i in kept_ids if i in matched]
+    kept_ids = [i for i in kept_ids if i not in matched]
     if not kept_ids:
         raise PackError(f"no train identity has >= {params.min_images_per_identity} aligned images")
     val_ids = split_val_identities({i: counts[i] for i in kept_ids}, params)
@@ -406,9 +424,9 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
 
     n_train = sum(s["samples"] for s in train_shards)
     n_val = sum(s["samples"] for s in val_shards)
-    filtered = n_aligned - sum(counts[i] for i in kept_ids)
+    filtered = n_aligned - sum(counts[i] for i in kept_ids) - overlap_images
     val_unused = sum(counts[i] for i in val_ids) - n_val_keys
-    if n_train != train_pairs or n_train + n_val + filtered + val_unused + held_out != n_aligned:
+    if n_train != train_pairs or n_train + n_val + filtered + val_unused + held_out + overlap_images != n_aligned:
         raise PackError("pack lost samples: train + val + filtered + unused val images + unseen mask types != aligned")
     write_json(out_dir / "classes.json", classes)
     index = {
@@ -416,7 +434,7 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
         "template": templates.pop(),
         "classes": len(classes),
         "aligned": n_aligned,
-        "filtered": {"images": filtered, "identities": len(counts) - len(kept_ids),
+        "filtered": {"images": filtered, "identities": len(counts) - len(kept_ids) - len(overlap_ids),
                      "reason": f"identity with < {params.min_images_per_identity} aligned images"},
         "held_out_mask_types": {"types": params.unseen_mask_types, "images": held_out,
                                 "identities_without_a_seen_pair": len(train_ids) - len(classes),
@@ -425,5 +443,8 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
         "val": {"samples": n_val, "identities": val_ids, "images_not_packed": val_unused,
                 "shards": val_shards},
     }
+    if (overlap or {}).get("checked"):  # an external set, checked by face
+        index["overlap_dropped"] = {"images": overlap_images, "identities": overlap_ids,
+                                    "reason": "the same face as an LFW person (the overlap stage)"}
     write_json(out_dir / "index.json", index)
     return index

@@ -34,7 +34,8 @@ from pipeline.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed
                                  score_verification)
 from pipeline.mask.records import MaskRecord, read_mask_records
 from pipeline.protocols import build_validation_pairs
-from pipeline.tar_chunks import list_chunks, write_json
+from pipeline.tar_chunks import file_sha256, list_chunks, write_json
+from pipeline.thresholds import calibrate
 
 VAL_PREFIX = "val-"
 SELECTION = ("verification", "masked_unmasked", "accuracy")  # what the checkpoint and recipes are picked on
@@ -124,7 +125,8 @@ def run_validate(*, evaluate: EvaluateParams, validate: ValidateParams, shards_d
                  model_path: str | Path, out_dir: str | Path, masked_dir: str | Path | None = None) -> dict:
     """The validate stage: the model (and dlib's network, with ``evaluate.reference_dlib``) on the
     val shards, with intervals and paired differences -> ``out_dir``/metrics.json; with
-    ``masked_dir`` (the training set's mask stage output) the ``by_mask`` figures too."""
+    ``masked_dir`` (the training set's mask stage output) the ``by_mask`` figures too; identify's
+    1:N thresholds of both -> ``out_dir``/thresholds.json (:func:`identify_thresholds`)."""
     device = str(select_device(evaluate.device))
     emb = embed_validation(str(model_path), shards_dir, params=evaluate, device=device)
     by_mask = {"masks": read_mask_records(masked_dir, emb.image_ids) if masked_dir is not None else None,
@@ -132,12 +134,27 @@ def run_validate(*, evaluate: EvaluateParams, validate: ValidateParams, shards_d
     results = {"model": score_validation(emb, evaluate=evaluate, validate=validate, **by_mask)}
     metrics = {**results["model"][0], "evaluation_set": "validation: held-out train people (pack.val_fraction)"}
     if evaluate.reference_dlib:
-        results["dlib"] = score_validation(embed_validation("dlib", shards_dir, params=evaluate, device=device),
-                                           evaluate=evaluate, validate=validate, **by_mask)
+        ref = embed_validation("dlib", shards_dir, params=evaluate, device=device)
+        results["dlib"] = score_validation(ref, evaluate=evaluate, validate=validate, **by_mask)
         metrics["reference"] = {"dlib": results["dlib"][0]}
         metrics["vs_dlib"] = paired_comparison(results["model"], results["dlib"], evaluate.ci_level)
     metrics["resolution"] = resolution(results["model"][0], metrics.get("vs_dlib"))
     metrics = round_metrics(metrics)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / "metrics.json", metrics)
+    thresholds = {"model": identify_thresholds(emb, evaluate, model_sha256=file_sha256(model_path))}
+    if evaluate.reference_dlib:
+        thresholds["dlib"] = identify_thresholds(ref, evaluate, model_sha256="dlib")
+    write_json(Path(out_dir) / "thresholds.json", thresholds)
     return metrics
+
+
+def identify_thresholds(emb: EmbeddedSet, evaluate: EvaluateParams, *, model_sha256: str) -> dict:
+    """`identify`'s entry for one embedder (:mod:`pipeline.thresholds`): the validation people's
+    raw crops enrolled, their masked twins searching (a masked stranger at the door, unmasked
+    enrolment photos); keyed by what identify checks (the model's sha256, template, flip)."""
+    block = calibrate(emb.raw, emb.masked, emb.identities, seed=evaluate.seed, replicates=evaluate.bootstrap_replicates,
+                      level=evaluate.ci_level, probes="masked twins (synthetic masks) against raw enrolment",
+                      source=f"validation people ({len(set(emb.identities))}, held-out train people)")
+    return {"model_sha256": model_sha256, "template": emb.embedder.get("template"), "flip": bool(evaluate.flip),
+            "one_to_n": block}

@@ -20,6 +20,8 @@ VERDICT = {1: "better", -1: "worse", 0: "within noise"}
 CONDITIONS = {"unmasked_unmasked": "u-u", "masked_unmasked": "m-u", "masked_masked": "m-m"}
 VIEWS = {"verification": "View 1 DevTest", "verification_view2": "View 2",
          "verification_view2_unseen": "View 2 unseen people"}
+GAP_VERDICT = {1: "larger gap", -1: "smaller gap", 0: "within noise"}  # for a gap, lower is better
+BY_MASK = {"verification_masked_unmasked": "View 1 m-u accuracy", "gallery_rank1_mask_1.0": "rank-1, all probes masked"}
 
 
 def _pct(v: float | None) -> str:
@@ -51,6 +53,20 @@ def figure_rows(m: dict) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
             if v is not None:
                 rows.append((f"open set DIR @ FPIR {fig.removeprefix('dir_at_fpir_')}, {p.replace('_', ' ')}",
                              ("open_set", fig, p), ("open_set", f"{fig}_ci", p)))
+    for sec, title in BY_MASK.items():
+        b = m.get("by_mask", {}).get(sec)
+        if not b:
+            continue
+        unseen = "/".join(m["by_mask"]["unseen_types"]) or "none"
+        for group, name in (("seen", "mask types seen in training"), ("unseen", f"unseen types ({unseen})"),
+                            ("seen_minus_unseen", "seen - unseen")):
+            if b.get(group) is not None:
+                rows.append((f"{title}, {name}", ("by_mask", sec, group), ("by_mask", sec, f"{group}_ci")))
+        for kind in ("type", "coverage"):
+            for k, v in b[kind].items():
+                if not k.endswith("_ci") and v is not None:
+                    label = f"type {k}" if kind == "type" else f"face coverage {k.replace('_', ' ')}"
+                    rows.append((f"{title}, {label}", ("by_mask", sec, kind, k), ("by_mask", sec, kind, f"{k}_ci")))
     return rows
 
 
@@ -77,7 +93,7 @@ def table(m: dict) -> str:
         diff = f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "n/a"
         lines.append(f"| {title} | {_with_ci(_get(m, path), _get(m, ci_path))} | "
                      f"{_with_ci(_get(ref, path), _get(ref, ci_path)) if ref else 'n/a'} | {diff} | "
-                     f"{VERDICT[d['verdict']] if d else 'n/a'} |")
+                     f"{(GAP_VERDICT if path[-1] == 'seen_minus_unseen' else VERDICT)[d['verdict']] if d else 'n/a'} |")
     notes = unreachable(m)
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 

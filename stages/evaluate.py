@@ -6,6 +6,7 @@ import json
 
 from pipeline.config import load_params
 from pipeline.evaluation import read_scope, run_evaluate, training_set_info
+from pipeline.pack import read_overlap
 
 
 def main() -> None:
@@ -18,13 +19,16 @@ def main() -> None:
     ap.add_argument("--model", default="models/model.pt")
     ap.add_argument("--reference", default="data/reference/dlib.parquet")
     ap.add_argument("--scope", default="data/eval_scope.json", help="the eval_scope stage's output")
+    ap.add_argument("--thresholds", default="validation/thresholds.json", help="the validate stage's 1:N thresholds")
+    ap.add_argument("--overlap", default="data/overlap.json", help="the overlap stage's finding")
     ap.add_argument("--out", default="eval")
     args = ap.parse_args()
     params = load_params(args.params)
     metrics = run_evaluate(params=params.evaluate, aligned_dir=args.aligned, shards_dir=args.shards,
                            training_set={**training_set_info(params), "external": read_scope(args.scope)},
                            protocol_dir=args.protocol, model_path=args.model, out_dir=args.out,
-                           reference_path=args.reference, masked_dir=args.masked)
+                           reference_path=args.reference, masked_dir=args.masked,
+                           thresholds_path=args.thresholds, overlap=read_overlap(args.overlap))
     brief = {"gallery.rank1": metrics["gallery"]["rank1"],
              "verification.accuracy": {c: v["accuracy"] for c, v in metrics["verification"].items()}}
     b = metrics["by_mask"]["verification_masked_unmasked"]

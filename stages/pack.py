@@ -5,7 +5,7 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.pack import run_pack
+from pipeline.pack import read_overlap, run_pack
 
 
 def main() -> None:
@@ -13,16 +13,18 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--aligned", help="default: data/<train_set>/aligned")
     ap.add_argument("--masked", help="default: data/<train_set>/masked (mask types, for pack.unseen_mask_types)")
+    ap.add_argument("--overlap", default="data/overlap.json", help="the overlap stage's finding")
     ap.add_argument("--out", default="data/shards")
     args = ap.parse_args()
     params = load_params(args.params)
     index = run_pack(params=params.pack, aligned_dir=args.aligned or f"data/{params.train_set}/aligned",
                      masked_dir=args.masked or f"data/{params.train_set}/masked", out_dir=args.out,
-                     compute=params.compute)
+                     compute=params.compute, overlap=read_overlap(args.overlap))
     print(json.dumps({"classes": index["classes"], "train": index["train"]["samples"],
                       "train_shards": len(index["train"]["shards"]), "val": index["val"]["samples"],
                       "val_identities": len(index["val"]["identities"]),
-                      "held_out_unseen_mask_types": index["held_out_mask_types"]["images"]}))
+                      "held_out_unseen_mask_types": index["held_out_mask_types"]["images"],
+                      "overlap_dropped": len(index.get("overlap_dropped", {}).get("identities", []))}))
 
 
 if __name__ == "__main__":

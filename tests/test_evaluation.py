@@ -39,13 +39,20 @@ def tiny(tmp_path_factory, lfw_small, tiny_shards):
     params = EvaluateParams(device="cpu", batch_size=16)
     run_embed_reference(params=params, aligned_dir=d / "aligned",
                         out_path=d / "reference" / "dlib.parquet")
+    # identify's 1:N thresholds, set on the validation people as the validate stage does
+    from pipeline.config import ValidateParams
+    from pipeline.validation import run_validate
+
+    run_validate(evaluate=params, validate=ValidateParams(), shards_dir=d / "shards", model_path=d / "model.pt",
+                 out_dir=d / "validation")
     return d
 
 
 def _evaluate(d, out, params=None, shards=None):
     return run_evaluate(params=params or PARAMS, aligned_dir=d / "aligned", shards_dir=shards or d / "shards",
                         protocol_dir=d / "protocol", model_path=d / "model.pt",
-                        out_dir=out, reference_path=d / "reference" / "dlib.parquet", masked_dir=d / "masked")
+                        out_dir=out, reference_path=d / "reference" / "dlib.parquet", masked_dir=d / "masked",
+                        thresholds_path=d / "validation" / "thresholds.json")
 
 
 PARAMS = EvaluateParams(device="cpu", batch_size=16, paper_protocol=True)
@@ -106,7 +113,8 @@ def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
                                             train_identities=train, masks=masks,
                                             unseen_types=held_out_mask_types(tiny / "shards"))
         _assert_same_metrics({k: v for k, v in written.items()
-                               if k not in ("embedder", "reference", "training_set", "evaluation_set", "vs_dlib")},
+                               if k not in ("embedder", "reference", "training_set", "evaluation_set", "vs_dlib",
+                                         "identify_thresholds")},
                              computed)
         rows = (out / "plots" / "cmc" / name / "mask_0.5.csv").read_text().splitlines()[1:]
         assert [float(r.split(",")[1]) for r in rows] == pytest.approx(curves["cmc"]["mask_0.5"], abs=1e-5)
@@ -135,11 +143,11 @@ def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_open_set_figures_and_decision_thresholds_are_written(tiny, evaluated):
-    """DIR at FPIR 1% / 10% per mask portion for both embedders, and `identify`'s thresholds per
-    false-accept rate in thresholds.json, keyed by the embedder they belong to."""
-    from pipeline.tar_chunks import file_sha256
-
+def test_open_set_figures_and_the_validation_thresholds_checked_on_test(tiny, evaluated, tmp_path):
+    """DIR at FPIR 1% / 10% per mask portion for both embedders, and `identify`'s 1:N thresholds
+    (set on the validation people) applied to the test people, each embedder its own; the tiny
+    set's few searches reach no FPIR target: None, not a figure. A thresholds file without this
+    model's entry is refused."""
     for m in (evaluated, evaluated["reference"]["dlib"]):
         o = m["open_set"]
         assert o["identities_enrolled"] == m["gallery"]["identities_enrolled"] // 2
@@ -152,11 +160,17 @@ def test_open_set_figures_and_decision_thresholds_are_written(tiny, evaluated):
             assert all((v is not None) == reached for v in o[key].values()), key
             assert all(0.0 <= v <= 1.0 for v in o[key].values() if v is not None)
         assert o["nonmated_probes"] < 100 and o["dir_at_fpir_1e-1"]["mask_0"] is None
-    t = json.loads((tiny / "eval" / "thresholds.json").read_text())
-    assert t["model"]["model_sha256"] == file_sha256(tiny / "model.pt") and t["dlib"]["model_sha256"] == "dlib"
-    for entry in t.values():
-        assert entry["template"] == "dlib150" and entry["flip"] is False and entry["impostor_scores"] > 0
-        assert entry["far"]["1e-4"] >= entry["far"]["1e-3"] >= entry["far"]["1e-2"]
+    for m in (evaluated, evaluated["reference"]["dlib"]):
+        c = m["identify_thresholds"]
+        assert c["people"] == m["identities"] and c["thresholds_from"].startswith("validation people (2,")
+        assert c["gallery_size"] == m["identities"] - 1 and c["1e-2"] is None and c["1e-1"] is None
+    other = tmp_path / "thresholds.json"
+    t = json.loads((tiny / "validation" / "thresholds.json").read_text())
+    other.write_text(json.dumps({"dlib": t["dlib"]}))
+    with pytest.raises(EvaluationError, match="holds no thresholds for this model"):
+        run_evaluate(params=PARAMS, aligned_dir=tiny / "aligned", shards_dir=tiny / "shards",
+                     protocol_dir=tiny / "protocol", model_path=tiny / "model.pt", out_dir=tmp_path / "e",
+                     reference_path=tiny / "reference" / "dlib.parquet", thresholds_path=other)
 
 
 def test_paper_protocol_is_labelled_and_leaks(tiny, evaluated):
@@ -213,8 +227,7 @@ def test_paper_protocol_is_labelled_and_leaks(tiny, evaluated):
 
 def test_same_inputs_give_identical_outputs(tiny, evaluated, tmp_path):
     _evaluate(tiny, tmp_path)
-    for name in ("metrics.json", "thresholds.json"):
-        assert (tmp_path / name).read_bytes() == (tiny / "eval" / name).read_bytes()
+    assert (tmp_path / "metrics.json").read_bytes() == (tiny / "eval" / "metrics.json").read_bytes()
     csvs = sorted((tiny / "eval" / "plots").rglob("*.csv"))
     assert len(csvs) == 2 * (3 + 3)
     for f in csvs:

@@ -39,9 +39,12 @@ TINY_PARAMS = {
     "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "val_every": 0,
               "warmup_steps": 1, "log_every": 1, "shuffle_buffer": 8},
     "evaluate": {"batch_size": 16, "bootstrap_replicates": 100},
+    # an outside pair benchmark: the subset's own photos and View 1 test pairs, aligned standalone
+    "pair_benchmarks": {"tiny": {"path": "data/sources/lfw/lfw-deepfunneled", "pairs": "data/sources/lfw/pairsDevTest.txt"}},
 }
-STAGES = {"ingest@lfw", "mask@lfw", "align@lfw", "pack", "train", "validate", "eval_scope", "embed_reference",
-          "evaluate"}
+STAGES = {"ingest@lfw", "mask@lfw", "align@lfw", "overlap", "pack", "train", "validate", "eval_scope",
+          "embed_reference", "evaluate", "pair_benchmark@tiny"}
+MODEL_SIDE = {"train", "validate", "evaluate", "pair_benchmark@tiny"}  # what a new model reruns
 LFW_SIDE = {"ingest@lfw", "mask@lfw", "align@lfw", "embed_reference"}
 
 
@@ -80,7 +83,10 @@ def test_whole_pipeline_runs_once_then_nothing(tiny_project):
     metrics = json.loads((tiny_project / "eval" / "metrics.json").read_text())
     assert {"mask_0", "mask_0.5", "mask_1.0"} <= set(metrics["gallery"]["rank1"])
     shown = dvc("metrics", "show", "--json", cwd=tiny_project).stdout
-    assert "gallery" in shown and "verification" in shown
+    assert "gallery" in shown and "verification" in shown and "eval/benchmarks/tiny/metrics.json" in shown
+    bench = json.loads((tiny_project / "eval" / "benchmarks" / "tiny" / "metrics.json").read_text())
+    assert bench["pairs"] == bench["model"]["pairs_scored"] + bench["pairs_failed"] > 0
+    assert "by_mask" in metrics and "identify_thresholds" in metrics
     plots = dvc("plots", "show", "--json", cwd=tiny_project).stdout
     assert "contact_sheet.png" in plots and "roc" in plots
 
@@ -118,7 +124,7 @@ def test_changing_beta_reruns_only_train_validate_and_evaluate(tiny_project):
     # only once train has run, and nothing upstream is touched
     assert changed == {"train"}, status
     out = dvc("repro", cwd=tiny_project).stdout
-    assert _ran(out) == {"train", "validate", "evaluate"}, out
+    assert _ran(out) == MODEL_SIDE, out
     params.write_text(before)
     dvc("repro", cwd=tiny_project)  # back to the committed experiment (train reruns fresh)
     _commit(tiny_project, "back to beta 1.0")
@@ -140,7 +146,7 @@ def test_changing_shard_size_reruns_pack_and_below_not_mask_or_align(tiny_projec
     out = dvc("repro", cwd=tiny_project).stdout
     ran = _ran(out)
     assert "pack" in ran and not ran & LFW_SIDE, out
-    assert ran == {"pack", "train", "validate", "evaluate"}, out
+    assert ran == {"pack"} | MODEL_SIDE, out
     index = json.loads((tiny_project / "data" / "shards" / "index.json").read_text())
     assert len(index["train"]["shards"]) > len(before_index["train"]["shards"])
     assert all(s["bytes"] <= smaller for s in index["train"]["shards"] if s["samples"] > 1)
@@ -232,7 +238,7 @@ def external_project(tmp_path_factory, tiny_shards):
     write(simulate(aligned, EXTERNAL_IMAGES["sim_folder"], 20, seed=1), None, root / "sim_folder", 20)
     subset = make_lfw_subset(root / "lfw", 6, 4)
     write_eval_pairs(subset)
-    params = {**TINY_PARAMS, "compute": {"n_jobs": 2},
+    params = {**TINY_PARAMS, "compute": {"n_jobs": 2}, "pair_benchmarks": {},
               # the GPU recipe's network (ResNet18 from scratch, ArcFace + twin distillation, on
               # insightface's 112 template): these tests are about the DAG, and it is the cheaper one
               "align": {"template": "arcface112"},
@@ -245,7 +251,7 @@ def external_project(tmp_path_factory, tiny_shards):
               "train_set": "sim_rec"}
     project = make_project(root / "E", subset, params)
     out = dvc("repro", cwd=project).stdout
-    assert _ran(out) == STAGES | {"ingest@sim_rec", "mask@sim_rec", "align@sim_rec",
+    assert _ran(out) == STAGES - {"pair_benchmark@tiny"} | {"ingest@sim_rec", "mask@sim_rec", "align@sim_rec",
                                   "ingest@sim_folder", "mask@sim_folder", "align@sim_folder"}, out
     _commit(project, "external training set")
     return project
@@ -289,7 +295,7 @@ def test_switching_the_training_set_reruns_no_lfw_side_stage(external_project):
     assert params.read_text() != before
     out = dvc("repro", cwd=external_project).stdout
     ran = _ran(out)
-    assert ran == {"eval_scope", "pack", "train", "validate", "evaluate"}, out  # the scope file is unchanged
+    assert ran == {"eval_scope", "overlap", "pack", "train", "validate", "evaluate"}, out  # the scope file is unchanged
     assert not ran & LFW_SIDE
     m = _metrics(external_project)
     assert m["training_set"]["name"] == "sim_folder" and m["training_set"]["identity_names_checkable"] == 1

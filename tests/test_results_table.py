@@ -36,3 +36,20 @@ def test_cells_verdicts_and_unreachable_points():
     assert not any("TAR @ FAR" in r and r.startswith("|") for r in rows)
     assert not any("View 2" in r or "DIR" in r for r in rows)
     assert rows[-1] == "- View 1 DevTest: TAR @ FAR 1e-2, 1e-3 not reported (500 impostor pairs reach FAR >= 0.02)"
+
+
+def test_by_mask_rows_seen_unseen_gap_types_and_coverage():
+    m = _block(0.643, 0.954)
+    b = {"seen": 0.96, "seen_ci": {"low": 0.95, "high": 0.97}, "unseen": 0.93, "unseen_ci": None,
+         "seen_minus_unseen": 0.03, "seen_minus_unseen_ci": {"low": 0.01, "high": 0.05},
+         "type": {"gas": 0.9, "kn95": None}, "coverage": {"below_0.40": 0.97}, "count": {}}
+    m["by_mask"] = {"unseen_types": ["gas", "kn95", "n95"], "verification_masked_unmasked": b}
+    m["vs_dlib"] = {"by_mask": {"verification_masked_unmasked": {"seen_minus_unseen": {
+        "diff": -0.02, "low": -0.04, "high": -0.001, "verdict": -1}}}}
+    rows = table(m).splitlines()
+    assert "| View 1 m-u accuracy, mask types seen in training | 96.0 [95.0, 97.0] | n/a | n/a | n/a |" in rows
+    assert "| View 1 m-u accuracy, unseen types (gas/kn95/n95) | 93.0 | n/a | n/a | n/a |" in rows
+    assert ("| View 1 m-u accuracy, seen - unseen | 3.0 [1.0, 5.0] | n/a | -2.0 [-4.0, -0.1] | smaller gap |") in rows
+    assert "| View 1 m-u accuracy, type gas | 90.0 | n/a | n/a | n/a |" in rows
+    assert not any("kn95 |" in r for r in rows)  # no pair of that type: no row
+    assert "| View 1 m-u accuracy, face coverage below 0.40 | 97.0 | n/a | n/a | n/a |" in rows

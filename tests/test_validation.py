@@ -15,6 +15,7 @@ from pipeline.protocols import build_validation_pairs
 from pipeline.tar_chunks import list_chunks
 from pipeline.training import Validator, read_shard_set
 from pipeline.config import MASK_TYPES
+from pipeline.tar_chunks import file_sha256
 from pipeline.validation import (embed_validation, resolution, run_validate, score_validation, shards_template,
                                  training_figures, validation_chunks)
 
@@ -97,6 +98,11 @@ def test_run_validate_writes_figures_paired_differences_and_the_size_it_takes(ti
     b = m["by_mask"]["verification_masked_unmasked"]
     assert sum(b["count"][f"type_{t}"] for t in MASK_TYPES) == m["pairs"] == b["count"]["seen"] + b["count"]["unseen"]
     assert m["by_mask"] == m["reference"]["dlib"]["by_mask"]
+    # identify's 1:N thresholds from the same people, keyed as identify looks them up
+    t = json.loads((tmp_path / "validation" / "thresholds.json").read_text())
+    assert t["model"]["model_sha256"] == file_sha256(tmp_path / "model.pt") and t["dlib"]["model_sha256"] == "dlib"
+    assert t["model"]["one_to_n"] == t["dlib"]["one_to_n"]  # the same network
+    assert t["model"]["one_to_n"]["people"] == 2 and t["model"]["template"] == "dlib150"
     d = m["vs_dlib"]["gallery"]["rank1"]["mask_1.0"]
     assert d == {"diff": 0.0, "low": 0.0, "high": 0.0, "verdict": 0}
     # 2 held-out people: too few to resample verification (no interval, so no size from it)
