@@ -312,7 +312,9 @@ def _check_weights(v: dict[str, float], allowed: tuple[str, ...]) -> dict[str, f
 class OverlapParams(Section):
     """Overlap by face between an external training set and LFW (pipeline/overlap.py)."""
 
-    action: Literal["drop", "refuse"] = "drop"  # what pack does with training people who are LFW people
+    # what pack does with training people who are LFW people: leave them out, stop, or keep them
+    # (listed and reported only: a set simulated from LFW's own crops, or a knowing choice)
+    action: Literal["drop", "refuse", "keep"] = "drop"
     far: float = Field(1e-4, gt=0.0, lt=1.0)  # share of different LFW people the threshold lets pass
     images_per_identity: int = Field(5, ge=1)  # crops per training identity in its centroid
 

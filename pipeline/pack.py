@@ -366,6 +366,8 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     n_aligned = sum(counts.values())
     kept_ids = sorted(i for i, c in counts.items() if c >= params.min_images_per_identity)
     matched = {m["train_identity"] for m in (overlap or {}).get("matched", [])}
+    if overlap and overlap.get("action") == "keep":
+        matched = set()  # kept knowingly: overlap.json and metrics.json still list them
     if matched and overlap.get("action") == "refuse":
         raise PackError(f"{len(matched)} training identities are LFW people by face (overlap.action refuse): "
                         + ", ".join(f"{m['train_identity']} ~ {m['lfw_identity']} ({m['score']:.3f})"

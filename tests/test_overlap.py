@@ -91,6 +91,8 @@ def test_numbered_folders_hiding_lfw_people_are_caught_and_dropped(hidden, tmp_p
     assert idx["overlap_dropped"]["identities"] == ["0000", "0001", "0002"] and idx["overlap_dropped"]["images"] == 9
     with pytest.raises(PackError, match="3 training identities are LFW people by face"):
         run_pack(params=params, aligned_dir=root / "aligned", out_dir=tmp_path / "s2", overlap={**out, "action": "refuse"})
+    kept = run_pack(params=params, aligned_dir=root / "aligned", out_dir=tmp_path / "s3", overlap={**out, "action": "keep"})
+    assert kept["classes"] == 6 and kept["overlap_dropped"]["identities"] == []
     # LFW's own split: nothing compared, and said so
     none = run_overlap(params=OverlapParams(), external=False, train_aligned=root / "aligned",
                        reference_path=root / "reference" / "dlib.parquet", out_path=tmp_path / "o2.json")

@@ -139,6 +139,7 @@ def test_changing_shard_size_reruns_pack_and_below_not_mask_or_align(tiny_projec
     params = tiny_project / "params.yaml"
     before = params.read_text()
     before_index = json.loads((tiny_project / "data" / "shards" / "index.json").read_text())
+    before_model = lock_hashes(tiny_project)["train"]["models"]
     one_pair = max(s["bytes"] / s["samples"] for s in before_index["train"]["shards"])
     smaller = int(one_pair * 2.5)  # about two pairs per shard instead of four
     params.write_text(before.replace("shard_max_bytes: 16000000", f"shard_max_bytes: {smaller}", 1))
@@ -146,7 +147,9 @@ def test_changing_shard_size_reruns_pack_and_below_not_mask_or_align(tiny_projec
     out = dvc("repro", cwd=tiny_project).stdout
     ran = _ran(out)
     assert "pack" in ran and not ran & LFW_SIDE, out
-    assert ran == {"pack"} | MODEL_SIDE, out
+    # the same pairs cut finer may train the very same bytes: then the benchmark stays cached
+    model_changed = lock_hashes(tiny_project)["train"]["models"] != before_model
+    assert ran == {"pack", "train", "validate", "evaluate"} | ({"pair_benchmark@tiny"} if model_changed else set()), out
     index = json.loads((tiny_project / "data" / "shards" / "index.json").read_text())
     assert len(index["train"]["shards"]) > len(before_index["train"]["shards"])
     assert all(s["bytes"] <= smaller for s in index["train"]["shards"] if s["samples"] > 1)
@@ -239,6 +242,9 @@ def external_project(tmp_path_factory, tiny_shards):
     subset = make_lfw_subset(root / "lfw", 6, 4)
     write_eval_pairs(subset)
     params = {**TINY_PARAMS, "compute": {"n_jobs": 2}, "pair_benchmarks": {},
+              # the simulated sets ARE LFW people (jittered LFW crops): the overlap check finds them
+              # (asserted below) and keeps them, as these tests are about the DAG
+              "overlap": {"action": "keep"},
               # the GPU recipe's network (ResNet18 from scratch, ArcFace + twin distillation, on
               # insightface's 112 template): these tests are about the DAG, and it is the cheaper one
               "align": {"template": "arcface112"},
@@ -268,9 +274,12 @@ def test_external_recordio_set_trains_and_all_of_lfw_is_evaluated(external_proje
     import json
 
     m = _metrics(external_project)
+    found = m["training_set"].pop("overlap_by_face")
     assert m["training_set"] == {"name": "sim_rec", "source": "recordio", "external": 1,
                                  "identity_names_checkable": 0}
     assert m["evaluation_set"] == "LFW, all images"
+    # faces, not names: the .rec's numbered identities are jittered LFW people, and most are found
+    assert found["checked"] == 1 and found["action"] == "keep" and found["matches"] >= found["train_identities"] // 2
     # every LFW identity with >= 2 images is enrolled: the subset's 6 train + 4 test people
     assert m["gallery"]["identities_enrolled"] == 10 and m["identities"] == 10
     v2 = m["verification_view2"]
