@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          "size (the share of strangers let in): 1e-2 | 1e-1")
     ap.add_argument("--thresholds", default=DEFAULT_THRESHOLDS,
                     help="1:N thresholds: the validate stage's, or one pipeline.calibrate wrote from your photos")
-    ap.add_argument("--threshold", type=float, help="decide at this cosine score instead (overrides --far)")
+    ap.add_argument("--threshold", type=float, help="decide at this cosine score instead (overrides --fpir)")
     ap.add_argument("--json", action="store_true", help="print JSON (one object per probe) instead of a table")
     add_model_args(ap)
     args = ap.parse_args(argv)

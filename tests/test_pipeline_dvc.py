@@ -221,7 +221,7 @@ def test_code_change_retrains_from_scratch(tiny_project):
 
 
 # ---------------------------------------------------------------- an external training set
-EXTERNAL_IMAGES = {"sim_rec": 1600, "sim_folder": 400}  # ~2k simulated pre-aligned crops in all
+EXTERNAL_IMAGES = {"sim_rec": 800, "sim_folder": 200}  # 1k simulated pre-aligned crops in all
 
 
 @pytest.fixture(scope="module")
