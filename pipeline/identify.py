@@ -26,7 +26,6 @@ from pipeline.config import StandaloneParams
 from pipeline.embed import (add_model_args, embed_folder, embed_paths, embedder_info, standalone_params,
                             table_embedder)
 from pipeline.embedders import Embedder, make_embedder
-from pipeline.metrics import l2_normalize
 from pipeline.thresholds import ThresholdError, describe, enrol, find_entry, threshold_for
 
 UNKNOWN = "unknown"

@@ -80,7 +80,7 @@ def main() -> None:
                    if ln.strip() and int(ln.split()[1]) >= 2]
     people = sorted(test_people)[:: max(1, len(test_people) // args.people)][:args.people]
     strangers = sorted(str(p.relative_to(args.rmfd)) for p in Path(args.rmfd).rglob("*.jpg"))
-    rows, lines = {}, []
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         probes = masked_photos(people, Path(tmp))
         for name in ("model", "dlib"):
