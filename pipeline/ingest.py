@@ -34,7 +34,7 @@ from pipeline.config import ComputeParams, DatasetParams, IngestParams
 from pipeline.image_check import check_image
 from pipeline.parallel import iter_chunks
 from pipeline.protocols import ProtocolError, read_people
-from pipeline.tar_chunks import dumps_json, write_chunk, write_json
+from pipeline.tar_chunks import dumps_json, record_chunks, write_chunk, write_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LFW_IMAGE_DIRS = ("lfw-deepfunneled", "lfw_funneled", "lfw-funneled", "lfw")
@@ -150,10 +150,7 @@ def walk_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
             return
         for e in entries:
             r = f"{rel}/{e.name}" if rel else e.name
-            try:
-                is_dir = e.is_dir()
-            except OSError:  # e.g. a link loop pointing at itself
-                is_dir = False
+            is_dir = _is_dir(e)
             if not e.is_symlink() and is_dir:
                 walk(e.path, r, decided)
             elif not e.is_symlink():
@@ -165,9 +162,18 @@ def walk_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
                 add_file(r, e.path, link=True)
 
     # Top-level folder links first: their targets belong to their identities, whatever sorts first.
-    top_links = sorted(e.name for e in os.scandir(top) if e.is_symlink() and e.is_dir())
+    top_links = sorted(e.name for e in os.scandir(top) if e.is_symlink() and _is_dir(e))
     walk(top, "", {n: take_folder(n, os.path.join(top, n)) for n in top_links})
     return sorted(files), sorted(skipped)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; False for a link loop (``a -> a``, ``a -> b -> a``), which
+    :func:`walk_source` then reports as a link it cannot reach."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _walk_files(root: Path) -> list[str]:
@@ -425,6 +431,7 @@ def run_ingest(*, params: IngestParams, dataset: DatasetParams, compute: Compute
                 if r["status"] == "accepted":
                     prefixes += bytes.fromhex(r["sha256"][:2 * DIGEST_PREFIX])
     del jobs
+    record_chunks(out_dir / "chunks")
     n_acc = summary.accepted
     if summary.inputs != n_items or len(prefixes) != n_acc * DIGEST_PREFIX:
         raise IngestError(f"accounting broken: {n_items} in, {summary.inputs} rows, {n_acc} accepted")

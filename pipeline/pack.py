@@ -65,7 +65,7 @@ from pipeline.mask.records import MaskRecordError, read_mask_types
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, seed_for
 from pipeline.tar_chunks import (dumps_json, file_sha256, list_chunks, member_bytes, read_chunk,
-                                 tar_file_size, write_chunk, write_json, write_tar)
+                                 record_chunks, tar_file_size, write_chunk, write_json, write_tar)
 
 # Most sample bytes a shard writer holds in memory at once (a bigger bucket is read once per group
 # of shards of at most this size). Does not change the output.
@@ -430,6 +430,7 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     val_unused = sum(counts[i] for i in val_ids) - n_val_keys
     if n_train != train_pairs or n_train + n_val + filtered + val_unused + held_out + overlap_images != n_aligned:
         raise PackError("pack lost samples: train + val + filtered + unused val images + unseen mask types != aligned")
+    record_chunks(out_dir, train_shards + val_shards)
     write_json(out_dir / "classes.json", classes)
     index = {
         "params": params.model_dump(),

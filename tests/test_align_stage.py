@@ -15,7 +15,7 @@ from pipeline.align.stage import AlignStageError, run_align
 from pipeline.config import AlignParams, ComputeParams, DatasetParams, IngestParams, MaskParams
 from pipeline.ingest import run_ingest
 from pipeline.mask.stage import run_mask
-from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk
+from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk
 from tests.conftest import make_lfw_subset
 
 # Issue 4 asks for >= 95% of images with both dlib eyes within 4 px of the template eyes. Haar eye
@@ -119,6 +119,7 @@ def test_missing_twin_is_a_recorded_rejection(tiny, tmp_path):
     samples = list(read_chunk(chunk))
     dropped = samples[0][0]
     write_chunk(chunk, samples[1:])
+    record_chunks(masked / "chunks")
     table = pq.read_table(masked / "status.parquet").to_pylist()
     for r in table:
         if r["image_id"] == dropped:

@@ -73,7 +73,7 @@ def _bad_folder(root: Path) -> dict[str, str]:
         "Bob/anim.png": (enc(Image.new("RGB", (32, 32)), "GIF"), "unsupported image format GIF"),
         "Bob/noext": (face, "unsupported extension (none)"),
         "stray.jpg": (face, "file not inside an identity folder"),
-        "Carol/bomb.png": (enc(Image.new("1", (9000, 9000)), "PNG"), "decompression bomb"),
+        "Carol/bomb.png": (enc(Image.new("1", (9000, 9000)), "PNG"), "too many pixels: 9000x9000"),
         "Carol/half.png": (enc(im, "PNG")[:2000], "truncated or corrupt"),
         "Dave/garbage.webp": (b"RIFF\x00\x00\x00\x00WEBPVP8 " + b"\x13" * 50, "corrupt"),
         "Dave/html.bmp": (b"<html>404</html>", "not an image"),
@@ -195,6 +195,20 @@ def test_link_loop_ends_and_each_file_is_ingested_once(tmp_path, lfw_small):
     link = rows["Alice/up"]
     assert link["status"] == "rejected" and s["rejected"] == 1
     assert link["reason"] == "folder link not followed: points inside the source (to .)"
+
+
+def test_link_loops_at_the_top_of_the_source_are_rejected_rows(tmp_path, lfw_small):
+    """`Self_Loop -> Self_Loop` and `A -> B -> A` right under the root crashed ingest (ELOOP)."""
+    root = tmp_path / "src"
+    files = _linked_tree(root, lfw_small)
+    (root / "Self_Loop").symlink_to("Self_Loop")
+    (root / "Loop_A").symlink_to("Loop_B")
+    (root / "Loop_B").symlink_to("Loop_A")
+    s, rows = _ingest_folder(root, tmp_path / "out")
+    assert _accepted(rows) == {p: p.split("/")[0] for fs in files.values() for p in fs}
+    for name in ("Self_Loop", "Loop_A", "Loop_B"):
+        assert rows[name]["status"] == "rejected" and "link loop" in rows[name]["reason"], rows[name]
+    assert s["rejected"] == 3
 
 
 def test_link_to_a_sibling_identity_does_not_ingest_it_twice(tmp_path, lfw_small):

@@ -15,7 +15,7 @@ from pipeline.mask.landmarks import LandmarkModelError
 from pipeline.mask.overlay import apply_overlay
 from pipeline.mask.stage import choose_style, image_rng, run_mask
 from pipeline.stage_report import status_rows
-from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk
+from pipeline.tar_chunks import UnsafeArchiveError, file_sha256, list_chunks, read_chunk
 from tests.test_mask_landmarks import lfw_rgb
 
 SERIAL = ComputeParams(n_jobs=1)
@@ -172,10 +172,9 @@ def test_status_is_written_and_checked_chunk_by_chunk(ingested, masked, tmp_path
     with pytest.raises(stage.MaskStageError, match=rf"accounting broken in {chunks[1].name}: {n} ingested, {n - 1} status"):
         run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "m")
     assert len(calls) == 2 < len(chunks) and not (tmp_path / "m" / "status.parquet").exists()
-    # an ingest chunk gone missing: its images have no status row
+    # an ingest chunk gone missing: refused against ingest's chunks.json before any work
     monkeypatch.setattr(stage, "mask_chunk", real)
     shutil.copytree(ingested, tmp_path / "ingest")
     (tmp_path / "ingest" / "chunks" / chunks[0].name).unlink()
-    n = len(list(read_chunk(chunks[0])))
-    with pytest.raises(stage.MaskStageError, match=rf"{n} ingested image\(s\) of chunk {chunks[0].name} have no status"):
+    with pytest.raises(UnsafeArchiveError, match=rf"chunks recorded but missing \['{chunks[0].name}'\]"):
         run_mask(params=MaskParams(), compute=SERIAL, in_dir=tmp_path / "ingest", out_dir=tmp_path / "m")

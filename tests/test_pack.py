@@ -13,7 +13,7 @@ from pipeline import pack
 from pipeline.config import MASK_TYPES, ComputeParams, PackParams
 from pipeline.mask.records import read_mask_types
 from pipeline.pack import PackError, run_pack
-from pipeline.tar_chunks import FIXED_MTIME, file_sha256, list_chunks, read_chunk
+from pipeline.tar_chunks import FIXED_MTIME, file_sha256, list_chunks, read_chunk, record_chunks
 
 
 def _aligned_keys(aligned: Path, split: str) -> list[str]:
@@ -76,6 +76,7 @@ def test_long_keys_pack_and_load_end_to_end(tiny_shards, tmp_path):
             meta = json.loads(members["json"]) | {"image_id": long_key}
             samples.append((long_key, {**members, "json": json.dumps(meta).encode()}))
         write_chunk(aligned / "chunks" / chunk.name, samples)
+    record_chunks(aligned / "chunks")
     shutil.copy(tiny_shards.parent / "aligned" / "status.parquet", aligned / "status.parquet")
     every_type = {"unseen_mask_types": []}  # renamed keys: the mask stage recorded none of them
     index = run_pack(params=PackParams(shard_max_count=4, **every_type), aligned_dir=aligned, out_dir=tmp_path / "shards")
@@ -171,6 +172,7 @@ def test_val_takes_the_first_images_of_each_held_out_identity(tiny_shards, tmp_p
     samples = [s for c in list_chunks(src / "chunks", prefix="train-") for s in read_chunk(c)]
     for i in range(0, len(samples), 3):  # 3 pairs per chunk: identities span chunks
         write_chunk(aligned / "chunks" / f"train-{i // 3:06d}.tar", samples[i:i + 3])
+    record_chunks(aligned / "chunks")
     params = PackParams(val_fraction=0.5, val_images_per_identity=2, shard_max_count=3, unseen_mask_types=[])
     index = run_pack(params=params, aligned_dir=aligned, out_dir=tmp_path / "s", compute=ComputeParams(n_jobs=2))
     by_id: dict[str, list[str]] = {}

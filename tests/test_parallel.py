@@ -148,7 +148,7 @@ def test_mask_and_align_on_a_dask_cluster_are_byte_identical_to_joblib(tiny, das
     for stage, reference_dir in (("masked", tiny / "masked"), ("aligned", tiny / "aligned")):
         reference, got = _files(reference_dir), _files(tmp_path / stage)
         assert {"status.parquet", "summary.json", "contact_sheet.png"} <= set(reference)
-        assert sum(k.startswith("chunks/") for k in reference) == n_chunks
+        assert sum(k.startswith("chunks/") and k.endswith(".tar") for k in reference) == n_chunks
         assert sorted(got) == sorted(reference), stage
         differ = [k for k in reference if got[k] != reference[k]]
         assert not differ, f"{stage}: files differ from the joblib run: {differ}"

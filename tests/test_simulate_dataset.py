@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import recordio
 from pipeline.images import decode_rgb
-from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk
+from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk
 from tests.conftest import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
@@ -109,6 +109,7 @@ def test_refuses_folders_without_train_crops(aligned, tmp_path, capsys):
     only_test.mkdir(parents=True)
     for chunk in list_chunks(aligned / "chunks", prefix="test-"):
         shutil.copy(chunk, only_test)
+    record_chunks(only_test)
     assert list_chunks(only_test)
     with pytest.raises(sim.SimulateError, match="no aligned train chunks"):
         sim.simulate(only_test.parent, N)
@@ -120,6 +121,7 @@ def test_refuses_folders_without_train_crops(aligned, tmp_path, capsys):
     disguised.mkdir(parents=True)
     test_chunk = list_chunks(aligned / "chunks", prefix="test-")[0]
     write_chunk(disguised / "train-000000.tar", list(read_chunk(test_chunk)))
+    record_chunks(disguised)
     with pytest.raises(sim.SimulateError, match="has split 'test'"):
         sim.simulate(disguised.parent, N)
 

@@ -36,7 +36,7 @@ from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
 from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,
                                    write_png)
-from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
+from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, record_chunks, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("identity", pa.string()), ("split", pa.string()),
@@ -263,6 +263,7 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
     mask_status = masked_dir / "status.parquet"
     if not mask_status.is_file():
         raise AlignStageError(f"{mask_status} not found: run the mask stage first")
+    list_chunks(masked_dir / "chunks")  # the twins' chunks as the mask stage recorded them
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / "chunks").mkdir(parents=True)
@@ -273,6 +274,7 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
                           mask_status=str(mask_status), params=params, out_chunks=str(out_dir / "chunks"))
     collect_chunk_rows(chunks, results, accounting=accounting, status_path=out_dir / "status.parquet",
                        schema=STATUS_SCHEMA, on_rows=lambda _chunk, rows: (summary.add(rows), picks.add(rows)))
+    record_chunks(out_dir / "chunks")
     result = summary.result()
     write_json(out_dir / "summary.json", result)
     write_png(out_dir / "contact_sheet.png", contact_sheet(picks.picks(), out_dir, geo.get_template(params.template)))

@@ -29,7 +29,7 @@ from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, rank_key
 from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,
                                    fit_tile, write_png)
-from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, write_chunk, write_json
+from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, record_chunks, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("identity", pa.string()), ("split", pa.string()),
@@ -238,6 +238,7 @@ def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path, 
     collect_chunk_rows(chunks, results, accounting=accounting, status_path=out_dir / "status.parquet",
                        schema=STATUS_SCHEMA,
                        on_rows=lambda chunk, rows: (summary.add(rows), picks.add(rows, chunk.name)))
+    record_chunks(out_dir / "chunks")
     result = summary.result()
     write_json(out_dir / "summary.json", result)
     write_png(out_dir / "contact_sheet.png", contact_sheet(picks.by_type(), in_dir, out_dir))
