@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from pipeline.pair_loader import check_shard_count, make_pair_loader
 from pipeline.tar_chunks import dumps_json, file_sha256, list_chunks
 from pipeline.validation import score_validation, training_figures
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: the best point travels inside last.pt (no best.pt)
 CODE_DIRS = ("pipeline", "stages")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Params that change how fast, not what is learned: a checkpoint stays resumable across them.
@@ -273,7 +272,7 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 def model_checkpoint(net: nn.Module, meta: dict) -> dict:
     """The stage's model file: embedding net only (no ArcFace head), plain types + tensors."""
-    return {"model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    return {"model": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
             "config": dict(net.config), "meta": meta}
 
 
@@ -296,6 +295,7 @@ class RunState:
     best: float = -1.0
     history: list = field(default_factory=list)
     resumed: bool = False
+    best_point: dict | None = None  # model_checkpoint() of the best validation point
 
 
 def load_resume(resume_dir: Path, fp: str, model: "PairModel",
@@ -311,20 +311,77 @@ def load_resume(resume_dir: Path, fp: str, model: "PairModel",
     model.net.load_state_dict(ckpt["model"])
     model.head.load_state_dict(ckpt["head"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    return RunState(ckpt["epoch"], ckpt["step"], ckpt["best_val_accuracy"], json.loads(ckpt["history"]), True)
+    return RunState(ckpt["epoch"], ckpt["step"], ckpt["best_val_accuracy"], json.loads(ckpt["history"]), True,
+                    ckpt["best_point"])
 
 
 def save_resume(resume_dir: Path, fp: str, state: RunState, model: "PairModel",
                 optimizer: torch.optim.Optimizer) -> None:
+    """One file, written atomically, holds the whole resume point, the best point included: a kill
+    before the rename resumes from the epoch before (replayed to the same weights), after it from
+    this one; never a best point of one epoch with the training state of another."""
     save_atomic({"format": CHECKPOINT_FORMAT, "fingerprint": fp, "epoch": state.epoch, "step": state.step,
                  "best_val_accuracy": float(state.best), "history": json.dumps(state.history),
                  "model": model.net.state_dict(), "head": model.head.state_dict(),
-                 "optimizer": optimizer.state_dict()}, resume_dir / "last.pt")
+                 "optimizer": optimizer.state_dict(), "best_point": state.best_point},
+                resume_dir / "last.pt")
 
 
-def discard_resume_state(resume_dir: Path) -> None:
-    """A finished run's resume state goes: a finished run is never "resumed"."""
-    shutil.rmtree(resume_dir)
+RESUME_FILES = ("last.pt", "last.pt.tmp")  # all the trainer ever writes into the resume folder
+
+
+def discard_resume_state(resume_dir: Path, remove_folder: bool = True) -> None:
+    """A finished run's resume state goes (a finished run is never "resumed"): the trainer's own
+    files only, then the folder when it is left empty and ``remove_folder`` (the trainer made it)."""
+    for name in RESUME_FILES:
+        (resume_dir / name).unlink(missing_ok=True)
+    if remove_folder and resume_dir.is_dir() and not any(resume_dir.iterdir()):
+        resume_dir.rmdir()
+
+
+PROJECT_MARKERS = (".git", ".dvc", "dvc.yaml")
+
+
+def dvc_outputs(project: Path) -> list[Path]:
+    """Every output path dvc.yaml names (outs, metrics, plots), templated ones (``data/${key}/x``)
+    cut at their first template part, relative to ``project``; none without a dvc.yaml."""
+    import yaml
+
+    spec = project / "dvc.yaml"
+    if not spec.is_file():
+        return []
+    paths = []
+    for stage in (yaml.safe_load(spec.read_text()) or {}).get("stages", {}).values():
+        stage = stage.get("do", stage) if isinstance(stage, dict) else {}
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                name = next(iter(entry)) if isinstance(entry, dict) else entry
+                if isinstance(name, str):
+                    parts = Path(name.split("${")[0]).parts if "${" in name else Path(name).parts
+                    if parts:
+                        paths.append(project / Path(*parts))
+    return paths
+
+
+def check_resume_dir(resume_dir: Path, *keep: Path, project: Path | None = None) -> None:
+    """Refuse a resume folder the trainer could harm: the project root or a folder above it (or
+    one holding .git, .dvc or dvc.yaml), a DVC output or a folder holding or inside one, or one of
+    ``keep`` (the run's own outputs and inputs). The trainer only ever deletes its own files there,
+    and these rules keep even those away from what DVC tracks."""
+    project = (project or Path.cwd()).resolve()
+    r = resume_dir.resolve()
+
+    def overlaps(p: Path) -> bool:
+        p = p.resolve()
+        return r == p or p.is_relative_to(r) or r.is_relative_to(p)
+
+    if project.is_relative_to(r) or any((r / m).exists() for m in PROJECT_MARKERS):
+        raise ValueError(f"--resume-dir {resume_dir}: the project root or a folder holding one; "
+                         "use a folder of its own (the default checkpoints/train)")
+    for p in (*keep, *dvc_outputs(project)):
+        if overlaps(p):
+            raise ValueError(f"--resume-dir {resume_dir}: overlaps {p} (a DVC output, or the run's own "
+                             "input or output); use a folder of its own (the default checkpoints/train)")
 
 
 def all_ranks(rank: Dist, device: torch.device, *flags: bool) -> list[bool]:
@@ -399,16 +456,17 @@ class Trainer:
             meta = {"epoch": epoch, "step": s.step, "val_accuracy": float(acc),
                     "val_identities": len(self.shards.val_identities), "train_pairs": self.shards.train_samples,
                     "world_size": self.rank.world, "params": json.loads(self.fp)["params"]}
-            save_atomic(model_checkpoint(self.model.net, meta), self.resume_dir / "best.pt")
+            s.best_point = model_checkpoint(self.model.net, meta)
         self.live.summary["best_val_accuracy"] = float(s.best)
         self.live.make_summary()
 
     def final_checkpoint(self) -> dict:
-        """Rank 0, after the last epoch: best.pt moved towards the start by ``wise_alpha``, with
+        """Rank 0, after the last epoch: the best point moved towards the start by ``wise_alpha``, with
         the validation figures of exactly these weights in its meta and the dvclive summary
         (``model_val``): validated anew when moved (the training net is overwritten with them:
         training is over), else the best point's own figures from the history."""
-        ckpt = torch.load(self.resume_dir / "best.pt", map_location="cpu", weights_only=True)
+        best = self.state.best_point
+        ckpt = {"model": dict(best["model"]), "config": dict(best["config"]), "meta": dict(best["meta"])}
         if self.start is not None:
             ckpt["model"] = interpolate_weights(self.start, ckpt["model"], self.params.wise_alpha)
         ckpt["meta"]["wise_alpha"] = self.params.wise_alpha
@@ -424,9 +482,10 @@ class Trainer:
             self.live.make_summary()
         return ckpt
 
-    def log(self, window: dict, n: int, pairs: int, elapsed: float, lr: float) -> dict[str, float]:
-        metrics = {k: float(v) / n for k, v in window.items()}
-        metrics |= {"lr": lr, "samples_per_s": pairs * self.rank.world / max(elapsed, 1e-9)}
+    def log(self, window: dict, n: int, lr: float) -> dict[str, float]:
+        """Window means to dvclive. No timings: dvclive's files are cached outputs, and a speed
+        would change them on every rerun (speed is on the progress bar and in the stage's summary)."""
+        metrics = {k: float(v) / n for k, v in window.items()} | {"lr": lr}
         self.live.step = self.state.step
         for k, v in metrics.items():
             self.live.log_metric(f"train/{k}", float(v))
@@ -482,8 +541,9 @@ class Trainer:
                 if self.rank.world == 1:  # with DDP every rank decides together, in all_ranks above
                     _check_finite(bool(finite), s.step)
                 if self.rank.main:
-                    m = self.log(window, n_window, n_pairs, time.time() - t_window, lr)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc_m=f"{m['acc_masked']:.2f}")
+                    m = self.log(window, n_window, lr)
+                    pairs_s = n_pairs * self.rank.world / max(time.time() - t_window, 1e-9)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc_m=f"{m['acc_masked']:.2f}", pairs_s=f"{pairs_s:.1f}")
                 window, t_window, n_window, n_pairs = {}, time.time(), 0, 0
             if p.val_every and s.step % p.val_every == 0:
                 self.validate(epoch + 1)
@@ -566,6 +626,8 @@ def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, l
 
     Returns a summary dict (rank 0; other ranks get theirs too, without the files)."""
     out_dir, live_dir, resume_dir = Path(out_dir), Path(live_dir), Path(resume_dir)
+    check_resume_dir(resume_dir, out_dir, live_dir, Path(shards_dir))
+    made_resume_dir = not resume_dir.exists()
     tr = setup(params, Path(shards_dir), resume_dir, make_loader or make_pair_loader, evaluate, validate)
     s = tr.state
     if tr.rank.main:
@@ -604,7 +666,7 @@ def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, l
     if tr.rank.main:
         # the finished run's output, then its resume state goes
         save_atomic(tr.final_checkpoint(), out_dir / "model.pt")
-        discard_resume_state(resume_dir)
+        discard_resume_state(resume_dir, remove_folder=made_resume_dir or s.resumed)
         tr.live.end()
     if tr.rank.world > 1:
         dist.destroy_process_group()

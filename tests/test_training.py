@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -125,10 +124,14 @@ def test_validation_identities_never_train_and_the_model_is_written(tiny_shards,
     assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and metrics["best_val_accuracy"] == s["best_val_accuracy"]
     assert metrics["model_val"] == ckpt["meta"]["model_val"]
     assert 0.0 <= metrics["val"]["rank1_mask_1.0"] <= 1.0 and 0.0 <= metrics["val"]["rank1_mask_0"] <= 1.0
-    for name in ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked", "lr",
-                 "samples_per_s"):
-        rows = (tmp_path / "live" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()
+    curves = tmp_path / "live" / "plots" / "metrics" / "train"
+    for name in ("loss", "ce_raw", "ce_masked", "distill", "distill_fraction", "acc_raw", "acc_masked", "lr"):
+        rows = (curves / f"{name}.tsv").read_text().splitlines()
         assert len(rows) == s["steps"] + 1, name  # header + one row per step (log_every=1)
+    # no timing in a cached output (it changed dvc.lock on every rerun): speed is in the summary only
+    assert {p.stem for p in curves.glob("*.tsv")} == {"loss", "ce_raw", "ce_masked", "distill", "distill_fraction",
+                                                     "acc_raw", "acc_masked", "lr"}
+    assert "per_s" not in json.dumps(metrics) and s["pairs_per_s"] > 0
 
 
 def test_too_few_shards_fail_before_training(tiny_shards, tmp_path):
@@ -195,7 +198,7 @@ def test_resume_state_of_other_code_is_ignored(tiny_shards, tmp_path, monkeypatc
     params = TrainParams(**TINY, epochs=1, val_every=0)
     kw = dict(params=params, shards_dir=tiny_shards, live_dir=tmp_path / "live", resume_dir=tmp_path / "r")
     monkeypatch.setattr(training, "code_fingerprint", lambda root=None: "old code")
-    monkeypatch.setattr(training, "discard_resume_state", lambda d: None)
+    monkeypatch.setattr(training, "discard_resume_state", lambda d, **kw: None)
     first = train(out_dir=tmp_path / "a", **kw)
     assert (tmp_path / "r" / "last.pt").is_file()  # as if the run had been killed after its last epoch
     monkeypatch.undo()
@@ -380,7 +383,7 @@ def test_the_written_model_is_the_best_point_moved_towards_the_start(tiny_shards
     tr.model.train()
     tr.run_epoch(0)
     tuned = {k: v.detach().clone() for k, v in tr.model.net.state_dict().items()}
-    save_atomic(model_checkpoint(tr.model.net, {"val_accuracy": 0.0}), tmp_path / "resume" / "best.pt")
+    tr.state.best_point = model_checkpoint(tr.model.net, {"val_accuracy": 0.0})
     ckpt = tr.final_checkpoint()
     start = build_embedding_net("dlib_resnet", pretrained="dlib", template="dlib150").state_dict()
     moved = [k for k in tuned if not torch.equal(tuned[k], start[k])]
@@ -394,3 +397,54 @@ def test_the_written_model_is_the_best_point_moved_towards_the_start(tiny_shards
         fresh = Validator(tr.shards.val, tr.shards.template, torch.device("cpu"), 64)(load_embedding_model(path))
     assert ckpt["meta"]["model_val"] == pytest.approx(fresh)
     assert json.loads((tmp_path / "live" / "metrics.json").read_text())["model_val"] == pytest.approx(fresh)
+
+
+# ----------------------------------------------------------------------------- the resume folder
+def test_a_resume_folder_that_holds_what_dvc_tracks_is_refused(tiny_shards, tmp_path):
+    """`--resume-dir models` once deleted the model it had just written, `--resume-dir .` the checkout."""
+    kw = dict(params=TrainParams(**TINY, epochs=1), shards_dir=tiny_shards, out_dir=tmp_path / "models",
+              live_dir=tmp_path / "live")
+    for bad, match in ((tmp_path / "models", "overlaps"), (tmp_path, "overlaps"), (tiny_shards, "overlaps"),
+                       (ROOT, "the project root"), (ROOT.parent, "the project root"),
+                       (ROOT / "models", "overlaps"), (ROOT / "data" / "shards" / "x", "overlaps"),
+                       (ROOT / "data", "overlaps")):
+        with pytest.raises(ValueError, match=f"--resume-dir .*{match}"):
+            train(resume_dir=bad, **kw)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "live").exists()
+
+
+def test_the_trainer_deletes_only_its_own_files(tiny_shards, tmp_path):
+    resume = tmp_path / "mine"
+    resume.mkdir()
+    (resume / "notes.txt").write_text("a user's file")
+    train(params=TrainParams(**TINY, epochs=1), shards_dir=tiny_shards, out_dir=tmp_path / "m",
+          live_dir=tmp_path / "l", resume_dir=resume)
+    assert (tmp_path / "m" / "model.pt").is_file()
+    assert sorted(p.name for p in resume.iterdir()) == ["notes.txt"]  # the folder it did not make stays
+
+
+def test_a_kill_at_the_resume_write_resumes_to_the_same_model(tiny_shards, tmp_path, monkeypatch):
+    """The best point travels inside last.pt (one atomic write per epoch): a kill after the new file
+    is written but before it replaces the old one resumes from the epoch before, to the same model."""
+    import pipeline.training as training
+
+    params = TrainParams(**TINY, epochs=2)
+    kw = dict(params=params, shards_dir=tiny_shards)
+    train(out_dir=tmp_path / "a", live_dir=tmp_path / "la", resume_dir=tmp_path / "ra", **kw)
+    real = training.save_atomic
+
+    def killed_before_the_rename(obj, path):
+        if path.name == "last.pt" and obj["epoch"] == 2:
+            torch.save(obj, path.with_name("last.pt.tmp"))
+            raise KeyboardInterrupt("killed")
+        real(obj, path)
+
+    monkeypatch.setattr(training, "save_atomic", killed_before_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train(out_dir=tmp_path / "b", live_dir=tmp_path / "lb", resume_dir=tmp_path / "rb", **kw)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "rb" / "last.pt", weights_only=True)["epoch"] == 1
+    assert not list((tmp_path / "rb").glob("best*")) and not (tmp_path / "b").exists()
+    s = train(out_dir=tmp_path / "b", live_dir=tmp_path / "lb", resume_dir=tmp_path / "rb", **kw)
+    assert s["resumed"] and not (tmp_path / "rb").exists()
+    assert (tmp_path / "b" / "model.pt").read_bytes() == (tmp_path / "a" / "model.pt").read_bytes()
