@@ -56,8 +56,9 @@ def _pixel_limit(max_pixels: int) -> tuple[int, str]:
     """
     pil = Image.MAX_IMAGE_PIXELS
     if pil is not None and pil < max_pixels:
-        return pil, f"PIL's own limit Image.MAX_IMAGE_PIXELS={pil} (ingest.max_pixels={max_pixels} is higher)"
-    return max_pixels, f"max_pixels={max_pixels}"
+        return pil, (f"PIL's own limit Image.MAX_IMAGE_PIXELS={pil} against decompression bombs "
+                     f"(ingest.max_pixels={max_pixels} is higher)")
+    return max_pixels, f"ingest.max_pixels={max_pixels} (raise it to accept larger photos)"
 
 
 def check_image(raw: bytes, *, min_side: int = 16, max_pixels: int = 40_000_000) -> CheckedImage:
@@ -71,7 +72,7 @@ def check_image(raw: bytes, *, min_side: int = 16, max_pixels: int = 40_000_000)
         fmt = im.format or ""
         w, h = im.size
         if w * h > limit:
-            return CheckedImage("rejected", f"decompression bomb: {w}x{h} exceeds {limit_name}",
+            return CheckedImage("rejected", f"too many pixels: {w}x{h} = {w * h} exceeds {limit_name}",
                                 sha, w, h, fmt)
         if fmt not in ACCEPTED_FORMATS:
             return CheckedImage("rejected", f"unsupported image format {fmt or 'unknown'}", sha, w, h, fmt)

@@ -152,8 +152,11 @@ def build_table(exp_show: list, columns=DEFAULT_COLUMNS, assume: dict | None = N
     if ref:
         row = {"method": "dlib ResNet (pretrained, mask-unaware reference)", "seeds": 0, "seed_values": []}
         for c in columns:
-            vals = {m.get(f"reference.dlib.{c}") for m in ref} - {None}
-            row[c] = sorted(vals)[:1]  # the same evaluation for every run
+            vals = sorted({m.get(f"reference.dlib.{c}") for m in ref} - {None})
+            if len(vals) > 1:  # the same evaluation for every run, unless the runs differ in what they score
+                print(f"note: the dlib reference differs between runs for {c}: {vals} (shown as mean ± std)",
+                      file=sys.stderr)
+            row[c] = vals
         rows.append(row)
     return rows
 
@@ -210,7 +213,9 @@ def to_markdown(rows: list[dict], columns=DEFAULT_COLUMNS) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         seeds = str(r["seeds"]) if r["seeds"] else "-"
-        lines.append("| " + " | ".join([r["method"], seeds] + [cell(r[c]) for c in columns]) + " |")
+        cells = [cell(r[c]) + (f" ({len(r[c])} of {r['seeds']} seeds)" if r["seeds"] and 0 < len(r[c]) < r["seeds"]
+                               else "") for c in columns]
+        lines.append("| " + " | ".join([r["method"], seeds] + cells) + " |")
     caption = ("Percent, mean ± sample std over training seeds, on the validation people (held-out train "
                "people, the validate stage). val rank-1 <p>: gallery rank-1, probes masked with probability p. "
                "val u-u / m-u / m-m: verification accuracy unmasked / one side masked / both masked.")

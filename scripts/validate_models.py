@@ -53,7 +53,9 @@ GUARDS = ("u-u", "rank-1 0")
 
 def cached_model(rev: str) -> Path:
     """models/model.pt of the train stage in ``rev``'s dvc.lock, from the DVC cache."""
-    shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], capture_output=True, text=True)
+    if rev.startswith("-"):  # `--output=x` would be read by git as an option
+        raise SystemExit(f"{rev!r} is neither a model file nor a git revision")
+    shown = subprocess.run(["git", "show", "--end-of-options", f"{rev}:dvc.lock"], capture_output=True, text=True)
     if shown.returncode != 0:
         raise SystemExit(f"{rev!r} is neither a model file nor a git revision with a dvc.lock: "
                          f"{shown.stderr.strip()}")

@@ -94,6 +94,22 @@ def test_runs_differing_in_other_params_are_not_averaged():
     assert [(r["method"], r["seeds"]) for r in rows] == [("from scratch: ArcFace + self distillation (mse, beta=1)", 2)]
 
 
+def test_a_seed_without_a_metric_is_counted_and_a_differing_reference_is_shown(capsys):
+    def rec(rev, seed, metrics):
+        params = {"train": {"seed": seed, "distill": {"kind": "mse", "beta": 1}}}
+        return {"rev": rev, "name": rev, "error": None, "experiments": None,
+                "data": {"rev": rev, "params": {"params.yaml": {"data": params}},
+                         "metrics": {"validation/metrics.json": {"data": metrics}}}}
+    cols = ("a", "b")
+    data = [rec("r0", 0, {"a": 0.5, "b": 0.6, "reference": {"dlib": {"a": 0.4}}}),
+            rec("r1", 1, {"a": 0.7, "reference": {"dlib": {"a": 0.6}}})]
+    rows = table1.build_table(data, cols)
+    assert "differs between runs for a: [0.4, 0.6]" in capsys.readouterr().err
+    md = table1.to_markdown(rows, cols)
+    assert "| 2 | 60.0 ± 14.1 | 60.0 (1 of 2 seeds) |" in md  # not the 1-seed figure passed off as 2
+    assert "| dlib ResNet (pretrained, mask-unaware reference) | - | 50.0 ± 14.1 | - |" in md  # not the minimum
+
+
 def test_fine_tuning_rows_name_their_start_and_teacher():
     label = table1.method_label({"train.pretrained": "dlib", "train.arcface.weight": 0.0,
                                  "train.distill.kind": "cosine", "train.distill.beta": 1.0,

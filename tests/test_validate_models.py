@@ -55,6 +55,13 @@ def test_a_name_that_is_neither_a_file_nor_a_revision_is_a_clear_error(tiny_shar
         validate_models.main(["no-such-rev-xyz", "--shards", str(tiny_shards), "--params", str(PARAMS)])
 
 
+def test_a_revision_that_reads_as_a_git_option_is_refused(tmp_path):
+    out = tmp_path / "written_by_git"
+    with pytest.raises(SystemExit, match="neither a model file nor a git revision"):
+        validate_models.cached_model(f"--output={out}")
+    assert not out.exists()  # `git show --output=<file>` would have written it
+
+
 def test_alphas_score_the_model_moved_towards_dlib_in_any_order(tiny_shards, checkpoints, capsys):
     """--alphas b scores a model written at wise_alpha a as start + (b / a) (model - start): as a
     checkpoint of those weights scores, whatever order the alphas come in (each starts again from
