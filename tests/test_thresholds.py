@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.metrics import l2_normalize
-from pipeline.thresholds import (ThresholdError, calibrate, describe, fpir_at, split_enrolment, threshold_at_fpir,
-                                 threshold_for)
+from pipeline.thresholds import (ThresholdError, calibrate, describe, enrol, fpir_at, searches, split_enrolment,
+                                 threshold_at_fpir, threshold_for)
 
 
 def test_fpir_at_gallery_size_by_hand():
@@ -33,6 +33,24 @@ def test_enrolment_is_a_seeded_half_of_each_person():
     assert enrolled[:4].sum() == 2 and enrolled[4:7].sum() == 1 and not enrolled[7] and (probe == ~enrolled).all()
     assert (split_enrolment(ids, seed=0)[0] == enrolled).all()
     assert any((split_enrolment(ids, seed=s)[0] != enrolled).any() for s in range(1, 5))
+
+
+def test_templates_are_the_normalised_mean_of_each_persons_photos_by_hand():
+    """a's photos (1,0,0) and (0,1,0) enrol as (1,1,0)/sqrt 2, so a probe (1,1,0)/sqrt 2 of a scores
+    1.0 against a, where a first-photo template would give 0.71 (the planted defect)."""
+    r = 1 / np.sqrt(2)
+    ids = ["b", "a", "a", "b"]
+    emb = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    names, templates = enrol(ids, emb)
+    assert names == ["a", "b"]
+    np.testing.assert_allclose(templates, [[r, r, 0], [0, 0, 1]], atol=1e-6)
+    # through the calibration's searches: 2 photos each, one enrols (seeded), the other searches
+    ids = ["a", "a", "a", "a", "b", "b"]
+    emb = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]], np.float32)
+    s = searches(emb, np.array([[r, r, 0]] * 6, np.float32), ids, seed=0)
+    enrolled, _ = split_enrolment(ids, seed=0)
+    a_mean = emb[:4][enrolled[:4]].mean(axis=0)
+    assert s.scores[0, 0] == pytest.approx(float(np.array([r, r, 0]) @ (a_mean / np.linalg.norm(a_mean))), abs=1e-6)
 
 
 def _people(n_people: int, photos: int, noise: float, dim: int = 64, seed: int = 0):
