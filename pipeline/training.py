@@ -6,8 +6,8 @@ One readable loop in the spirit of nanoGPT's train.py. What it guarantees:
   (``val-*.tar``, never in a training step); verification pairs among them, probe side masked, give
   ``val/accuracy``; the best point by it, moved back towards the pretrained start by
   ``wise_alpha`` (WiSE-FT), becomes ``models/model.pt``, validated once more as it is written.
-- Resume without stale results: the resume state (``last.pt``, ``best.pt``) lives in its own folder
-  OUTSIDE the DVC output, written atomically after every epoch. It is resumed only when its
+- Resume without stale results: the resume state (``last.pt``, the best point inside it) lives in
+  its own folder OUTSIDE the DVC output, written atomically after every epoch. It is resumed only when its
   fingerprint matches: params, shard hashes, world size AND the code (every .py of pipeline/ and
   stages/), so a code change always trains from scratch. A finished run deletes it, so a finished
   run is never "resumed". Data order and dropout are seeded by (seed, epoch): a killed and resumed
