@@ -31,21 +31,18 @@ def worker(images: int, steps: int, out: Path) -> None:
 
     from pipeline.config import TrainParams
     from pipeline.embedders import make_embedder
-    from pipeline.images import decode_rgb
+    from pipeline.evaluation import aligned_eval_chunks, read_aligned_chunk
     from pipeline.pair_loader import make_pair_loader
-    from pipeline.tar_chunks import list_chunks, read_chunk
+    from pipeline.tar_chunks import list_chunks
     from pipeline.training import build_pair_model, train_step
 
     torch.manual_seed(0)
     crops = []
-    for chunk in list_chunks("data/lfw/aligned/chunks", prefix="test-"):
-        for _, m in read_chunk(chunk):
-            crops.append(decode_rgb(m["raw.jpg"]))
-            if len(crops) == images:
-                break
-        if len(crops) == images:
+    for chunk in aligned_eval_chunks("data/lfw/aligned"):  # the test crops embed_reference embeds
+        crops.extend(read_aligned_chunk(chunk)[2])
+        if len(crops) >= images:
             break
-    emb = make_embedder("dlib").embed(np.stack(crops), batch_size=64)
+    emb = make_embedder("dlib").embed(np.stack(crops[:images]), batch_size=64)
 
     params = TrainParams(batch_size=16, num_workers=0, shuffle_buffer=16, device="cpu")
     classes = json.loads(Path("data/shards/classes.json").read_text())
