@@ -103,6 +103,31 @@ def test_whole_pipeline_runs_once_then_nothing(tiny_project):
 
 
 @pytest.mark.slow
+def test_plots_render_offline_in_a_headless_browser(tiny_project, tmp_path):
+    """`make plots`: every vega chart of `dvc plots show` drawn by Chromium with no network (each host
+    name unresolvable); DVC's own page, which loads vega from a CDN, draws none of them there."""
+    import subprocess
+    import sys
+
+    from tests.browser import drawn_vega_charts, rendered_dom
+    from tests.conftest import PROJECT_ROOT
+
+    template = tmp_path / "template.html"
+    subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "plots_offline.py"), "--out", str(template)],
+                   check=True, capture_output=True)
+    drawn = {}
+    for name, extra in (("offline", ["--html-template", str(template)]), ("cdn", [])):
+        dvc("plots", "show", *extra, "-o", str(tmp_path / name), cwd=tiny_project)
+        page = tmp_path / name / "index.html"
+        sources = re.findall(r'<script src="([^"]+)"', page.read_text())
+        assert sources and all(src.startswith("data:" if name == "offline" else "https://") for src in sources)
+        drawn[name] = drawn_vega_charts(page, rendered_dom(page))
+    # the validation curves, ROC and CMC per condition, the training curves (the PNGs are <img>s)
+    assert len(drawn["offline"]) >= 10 and all(n > 0 for n in drawn["offline"].values()), drawn["offline"]
+    assert drawn["cdn"].keys() == drawn["offline"].keys() and not any(drawn["cdn"].values()), drawn["cdn"]
+
+
+@pytest.mark.slow
 def test_teammate_pulls_the_cache_and_recomputes_nothing(tiny_project, tmp_path):
     from tests.dvc_project import run
 
