@@ -124,8 +124,13 @@ def prepare_lfw(dest: str | Path, source: str | None = None, base_url: str = DEF
         if src.is_dir() and is_lfw_folder(src):
             if dest.is_symlink() and dest.resolve() == src:
                 return dest
-            if dest.exists() or dest.is_symlink():
-                (dest.unlink() if dest.is_symlink() else shutil.rmtree(dest))
+            if dest.is_symlink():
+                dest.unlink()
+            elif (dest / COMPLETE_MARKER).is_file():  # a copy this tool extracted: replaced by the link
+                shutil.rmtree(dest)
+            elif dest.exists():
+                raise LfwSourceError(f"{dest} is a folder this tool did not make: move it away (nothing "
+                                     f"is deleted that was not made here) to link {src} there instead")
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.symlink_to(src, target_is_directory=True)
             verify_protocol(dest)

@@ -20,6 +20,21 @@ def test_links_a_local_folder_once(tmp_path):
     assert dest.lstat().st_mtime_ns == before
 
 
+def test_a_folder_it_did_not_make_is_never_deleted(tmp_path):
+    """Linking LFW_SOURCE over data/sources/lfw replaced whatever folder stood there (rmtree)."""
+    dest = tmp_path / "data" / "sources" / "lfw"
+    (dest / "mine").mkdir(parents=True)
+    (dest / "mine" / "notes.txt").write_text("a user's own files")
+    with pytest.raises(LfwSourceError, match="a folder this tool did not make: move it away"):
+        prepare_lfw(dest, source=str(lfw_root()))
+    assert (dest / "mine" / "notes.txt").read_text() == "a user's own files"
+    (dest / "mine" / "notes.txt").unlink()
+    (dest / "mine").rmdir()
+    (dest / ".lfw_complete").write_text("ok\n")  # one this tool extracted: replaced by the link
+    prepare_lfw(dest, source=str(lfw_root()))
+    assert dest.is_symlink() and dest.resolve() == lfw_root().resolve()
+
+
 def test_extracts_an_archive_with_protocol_files(tmp_path, lfw_small):
     src = tmp_path / "dl"
     src.mkdir()
