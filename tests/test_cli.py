@@ -128,7 +128,9 @@ def test_identify_unmasked_and_masked_probes_with_dlib(gallery, tmp_path):
     assert all(n in [m["identity"] for m in r["matches"][:2]] for r, n in found)
 
 
-def test_identify_against_saved_embeddings_refuses_another_model(gallery, model, tmp_path):
+def test_identify_against_saved_embeddings_refuses_another_model(gallery, model, tmp_path, capsys, monkeypatch):
+    from pipeline.identify import main as identify_main
+
     saved = tmp_path / "gallery.parquet"
     assert cli("pipeline.embed", gallery, "--model", "dlib", "--out", saved).returncode == 0
     probe = lfw_root() / "lfw-deepfunneled" / "Colin_Powell" / "Colin_Powell_0003.jpg"
@@ -136,13 +138,20 @@ def test_identify_against_saved_embeddings_refuses_another_model(gallery, model,
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[1].split()[:2] == ["decision:", "Colin_Powell"]
     assert p.stdout.splitlines()[2].split()[:2] == ["1.", "Colin_Powell"]
-    p = cli("pipeline.identify", probe, "--gallery", saved, "--model", model, "--device", "cpu", "--threshold", "0.5")
-    assert p.returncode == 2 and "re-embed the gallery with the same model" in p.stderr
+
+    # the refusals through the same main() the command runs, in this process (no start-up per call)
+    monkeypatch.chdir(PROJECT_ROOT)  # where the command runs: validation/thresholds.json is relative
+
+    def refused(*args) -> str:
+        capsys.readouterr()
+        assert identify_main([str(a) for a in args]) == 2
+        return capsys.readouterr().err
+
+    assert "re-embed the gallery with the same model" in refused(probe, "--gallery", saved, "--model", model,
+                                                                  "--device", "cpu", "--threshold", "0.5")
     # a model the evaluation never scored has no threshold for the decision: said, not guessed
-    p = cli("pipeline.identify", probe, "--gallery", saved, "--model", model, "--device", "cpu")
-    assert p.returncode == 2 and "no thresholds for this model" in p.stderr
-    p = cli("pipeline.identify", tmp_path / "nobody.jpg", "--gallery", saved, "--model", "dlib")
-    assert p.returncode == 2 and "probe not found" in p.stderr
+    assert "no thresholds for this model" in refused(probe, "--gallery", saved, "--model", model, "--device", "cpu")
+    assert "probe not found" in refused(tmp_path / "nobody.jpg", "--gallery", saved, "--model", "dlib")
 
 
 def _masked_copy(src, dest) -> None:
