@@ -32,7 +32,7 @@ from pipeline.align.geometry import ARCFACE_112, Template
 from pipeline.config import STANDALONE_ROUTES, StandaloneParams, load_params
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.image_check import check_image
-from pipeline.ingest import IMAGE_EXTENSIONS, _walk_files
+from pipeline.ingest import IMAGE_EXTENSIONS, walk_source
 from pipeline.tar_chunks import file_sha256
 
 SCHEMA = pa.schema([("path", pa.string()), ("identity", pa.string()), ("status", pa.string()),
@@ -137,17 +137,22 @@ def write_sheet(path: str | Path, tiles: list[tuple[np.ndarray, str]], *, reject
 def embed_folder(folder: str | Path, *, model: str, flip: bool = False, batch_size: int = 64,
                  standalone: StandaloneParams | None = None, device: str = "cpu",
                  sheet: str | Path | None = None, embedder: Embedder | None = None) -> pa.Table:
-    """Every file under ``folder`` (sorted, recursive) -> one row; metadata names the embedder
-    (``embedder``: the one already loaded for ``model``)."""
+    """Every file under ``folder`` (sorted, recursive, links as ingest takes them) -> one row, and one
+    rejected row per link not taken; metadata names the embedder (``embedder``: the one already
+    loaded for ``model``)."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"not a folder: {root}")
-    files = _walk_files(root)
+    files, links_not_taken = walk_source(root)
     if not files:
         raise ValueError(f"{root}: no files found")
     embedder = embedder or make_embedder(model, device=device)
     table = embed_paths(root, files, embedder=embedder, flip=flip, batch_size=batch_size,
                         standalone=standalone, sheet=sheet)
+    if links_not_taken:  # one rejected row each, as ingest reports them, sorted in by path
+        rows = table.to_pylist() + [{"path": rel, "identity": identity_of(rel), "status": "rejected", "reason": reason,
+                                     "route": "link", "embedding": None} for rel, reason in links_not_taken]
+        table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["path"]), schema=SCHEMA)
     meta = embedder_info(embedder, model, flip)
     return table.replace_schema_metadata({"embedder": json.dumps(meta, sort_keys=True)})
 

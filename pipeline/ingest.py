@@ -92,57 +92,44 @@ def _inside(path: str, folder: str) -> bool:
 def walk_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Files under root (relative, sorted, any depth) and the links not taken, each with a reason.
 
-    Links are followed with care, so that every real file is listed once, under the identity of its
-    real place: a folder link into the source (a sibling identity, or a parent: a cycle) is not
-    followed, as it would list those files again under the wrong identity; a folder link out of
-    the source (subsets built from links to identity folders elsewhere) is followed, once per real
-    folder. The targets of top-level links count as source, so a link deeper down cannot take
-    another identity's folder. A file link into the source is not listed (its target is), nor a
-    second path to a file already listed. ``root`` itself may be a link.
+    Ingest reads exactly what DVC hashes for the stage's source dependency, so that a change to
+    anything it read reruns it: DVC reads a file link's target but never looks behind a folder link
+    (nor can it hash a broken one), so ingest follows file links and no folder link. A folder link
+    into the source would list its files again under another identity; one out of the source holds
+    files DVC would not see change (copy the folder in, or link its files: ``cp -rs``). A file link
+    into the source is not listed (its target is), nor a second link to the same file. ``root``
+    itself may be a link (DVC follows the dependency's own path).
     """
     top = os.path.realpath(root)
-    source: list[tuple[str, str]] = [(top, "")]  # real folders walked -> their path under root
     files: list[str] = []
     skipped: list[tuple[str, str]] = []
-    seen_files: dict[str, str] = {}
+    linked: dict[str, str] = {}  # real file behind a file link -> the link listed for it
 
-    def where(target: str) -> str | None:
-        for real, rel in source:
-            if _inside(target, real):
-                return "/".join(x for x in (rel, os.path.relpath(target, real)) if x not in ("", "."))
-        return None
+    def inside(target: str) -> str | None:
+        return os.path.relpath(target, top) if _inside(target, top) else None
 
-    def take_folder(rel: str, path: str) -> bool:
+    def folder_link(path: str) -> str:
         target = os.path.realpath(path)
-        inside = where(target)
-        if inside is not None:
-            skipped.append((rel, f"folder link not followed: points inside the source (to {inside or '.'})"))
-            return False
-        holds = next((r for real, r in source if _inside(real, target)), None)
-        if holds is not None:
-            skipped.append((rel, f"folder link not followed: points to {target}, which holds the "
-                                 f"source folder {holds or '.'} (a cycle)"))
-            return False
-        source.append((target, rel))
-        return True
+        if inside(target) is not None:
+            return f"folder link not followed: points inside the source (to {inside(target)})"
+        if _inside(top, target):
+            return f"folder link not followed: points to {target}, which holds the source (a cycle)"
+        return (f"folder link not followed: points out of the source (to {target}), where DVC does not look, "
+                "so a change there would not rerun ingest: copy the folder in, or link its files (cp -rs)")
 
-    def add_file(rel: str, path: str, link: bool) -> None:
-        # Only file links (targets outside the source) are remembered; a real file is looked up only
-        # once some are, in case a link listed it before its (linked) folder was walked.
-        target = os.path.realpath(path) if (link or seen_files) else ""
-        inside = where(target) if link else None
-        if link and not os.path.exists(target):
+    def file_link(rel: str, path: str) -> None:
+        target = os.path.realpath(path)
+        if not os.path.exists(target):
             skipped.append((rel, f"broken link: cannot reach {target} (missing, or a link loop)"))
-        elif inside is not None:
-            skipped.append((rel, f"file link not listed: points inside the source (to {inside})"))
-        elif target in seen_files:
-            skipped.append((rel, f"not listed: same file as {seen_files[target]}"))
+        elif inside(target) is not None:
+            skipped.append((rel, f"file link not listed: points inside the source (to {inside(target)})"))
+        elif target in linked:
+            skipped.append((rel, f"not listed: same file as {linked[target]}"))
         else:
-            if link:
-                seen_files[target] = rel
+            linked[target] = rel
             files.append(rel)
 
-    def walk(folder: str, rel: str, decided: dict[str, bool]) -> None:
+    def walk(folder: str, rel: str) -> None:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as err:
@@ -150,20 +137,16 @@ def walk_source(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
             return
         for e in entries:
             r = f"{rel}/{e.name}" if rel else e.name
-            is_dir = _is_dir(e)
-            if not e.is_symlink() and is_dir:
-                walk(e.path, r, decided)
+            if not e.is_symlink() and _is_dir(e):
+                walk(e.path, r)
             elif not e.is_symlink():
-                add_file(r, e.path, link=False)
-            elif is_dir:
-                if decided[r] if r in decided else take_folder(r, e.path):
-                    walk(e.path, r, decided)
+                files.append(r)
+            elif _is_dir(e):
+                skipped.append((r, folder_link(e.path)))
             else:
-                add_file(r, e.path, link=True)
+                file_link(r, e.path)
 
-    # Top-level folder links first: their targets belong to their identities, whatever sorts first.
-    top_links = sorted(e.name for e in os.scandir(top) if e.is_symlink() and _is_dir(e))
-    walk(top, "", {n: take_folder(n, os.path.join(top, n)) for n in top_links})
+    walk(top, "")
     return sorted(files), sorted(skipped)
 
 
@@ -174,11 +157,6 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return entry.is_dir()
     except OSError:
         return False
-
-
-def _walk_files(root: Path) -> list[str]:
-    """Every file under root (relative, sorted): :func:`walk_source` without the links not taken."""
-    return walk_source(root)[0]
 
 
 def list_imagefolder(root: Path, split_of=None) -> list[SourceItem]:

@@ -25,7 +25,8 @@ def cli(module: str, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
-    """<identity>/<photo> folder of real LFW photos, plus two files that are not usable photos."""
+    """<identity>/<photo> folder of real LFW photos, plus two files that are not usable photos and a
+    folder link that is not taken."""
     root = tmp_path_factory.mktemp("gallery")
     for name, numbers in PEOPLE.items():
         (root / name).mkdir()
@@ -33,6 +34,7 @@ def gallery(tmp_path_factory):
             shutil.copy(lfw_root() / "lfw-deepfunneled" / name / f"{name}_{n:04d}.jpg", root / name)
     (root / "notes.txt").write_text("not a photo")
     (root / "Tony_Blair" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "Tony_Blair" / "more").symlink_to(root / "Colin_Powell", target_is_directory=True)
     return root
 
 
@@ -50,13 +52,15 @@ def test_embed_lfw_folder_records_every_file(gallery, model, tmp_path):
     p = cli("pipeline.embed", gallery, "--model", model, "--out", out, "--device", "cpu")
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout.strip().splitlines()[-1])
-    assert summary["files"] == 8 and summary["embedded"] == 6 and summary["rejected"] == 2
+    assert summary["files"] == 9 and summary["embedded"] == 6 and summary["rejected"] == 3
     t = pq.read_table(out).to_pylist()
     assert [r["path"] for r in t] == sorted(r["path"] for r in t)
     by_path = {r["path"]: r for r in t}
     assert "unsupported extension .txt" in by_path["notes.txt"]["reason"]
     assert by_path["Tony_Blair/broken.jpg"]["status"] == "rejected"
     assert by_path["Tony_Blair/broken.jpg"]["embedding"] is None
+    # a link is never lost silently: its row says why it was not taken
+    assert by_path["Tony_Blair/more"]["reason"] == "folder link not followed: points inside the source (to Colin_Powell)"
     ok = [r for r in t if r["status"] == "embedded"]
     assert {r["identity"] for r in ok} == set(PEOPLE)
     assert all(r["route"] == "retinaface5" for r in ok)

@@ -225,24 +225,30 @@ def test_link_to_a_sibling_identity_does_not_ingest_it_twice(tmp_path, lfw_small
     assert s["rejected"] == 2 and s["exact_duplicates"] == 0
 
 
-def test_identity_links_out_of_the_source_are_followed_once(tmp_path, lfw_small):
-    # A subset built from links to identity folders elsewhere, under a root that is itself a link.
+def test_folder_links_out_of_the_source_are_rows_and_file_links_are_read(tmp_path, lfw_small):
+    """Ingest reads what DVC hashes (test_pipeline_dvc: a change behind a file link reruns it): a
+    subset of links to identity folders elsewhere is reported, one row each, never read; the same
+    subset as folders of file links (`cp -rs`) is read, each real file once; the root may be a link."""
     elsewhere = tmp_path / "elsewhere"
     files = _linked_tree(elsewhere, lfw_small, names=("Carol", "Dave"))
-    (elsewhere / "Carol" / "again").symlink_to(elsewhere / "Carol", target_is_directory=True)
     real_root = tmp_path / "subset"
     real_root.mkdir()
     (real_root / "Carol").symlink_to(elsewhere / "Carol", target_is_directory=True)
-    (real_root / "Caroline").symlink_to(elsewhere / "Carol", target_is_directory=True)  # same folder
-    (real_root / "Dave").symlink_to(elsewhere / "Dave", target_is_directory=True)
+    (real_root / "Up").symlink_to(tmp_path, target_is_directory=True)  # holds the source
+    (real_root / "Dave").mkdir()
+    for f in files["Dave"]:
+        (real_root / f).symlink_to(elsewhere / f)
+    (real_root / "Dave" / "again.jpg").symlink_to(elsewhere / files["Dave"][0])
     root = tmp_path / "source_link"
     root.symlink_to(real_root, target_is_directory=True)
     s, rows = _ingest_folder(root, tmp_path / "out")
-    assert _accepted(rows) == {p: p.split("/")[0] for fs in files.values() for p in fs}
-    assert s["identities"] == 2 and s["accepted"] == 4
-    assert rows["Carol/again"]["reason"] == "folder link not followed: points inside the source (to Carol)"
-    assert rows["Caroline"]["reason"] == "folder link not followed: points inside the source (to Carol)"
-    assert s["rejected"] == 2
+    assert _accepted(rows) == {f: "Dave" for f in files["Dave"]}
+    assert rows["Carol"]["reason"] == (
+        f"folder link not followed: points out of the source (to {elsewhere / 'Carol'}), where DVC does not "
+        "look, so a change there would not rerun ingest: copy the folder in, or link its files (cp -rs)")
+    assert rows["Up"]["reason"] == f"folder link not followed: points to {tmp_path}, which holds the source (a cycle)"
+    assert rows["Dave/again.jpg"]["reason"] == f"not listed: same file as {files['Dave'][0]}"
+    assert s["identities"] == 1 and s["rejected"] == 3
 
 
 def test_lfw_people_file_is_read_by_the_protocol_parser(tmp_path, lfw_small):

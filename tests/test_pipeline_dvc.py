@@ -31,6 +31,47 @@ def test_ingest_reproducible_and_cached(tmp_path, lfw_small):
     assert "params.yaml" in status and "modified:" in status and "ingest" in status
 
 
+@pytest.mark.slow
+def test_ingest_reads_what_dvc_hashes_behind_links(tmp_path, lfw_small):
+    """Issue 22: ingest followed folder links out of the source, which DVC does not hash, so files
+    changed or added there left `dvc status` clean over a stale output. Now a folder link is a row
+    with its reason and never read; file links (a `cp -rs` subset) are read, and DVC hashes their
+    targets: a changed target reruns ingest."""
+    import pyarrow.parquet as pq
+
+    people = sorted((lfw_small / "lfw-deepfunneled").iterdir())[:3]
+    elsewhere = tmp_path / "elsewhere"
+    for person in people:
+        shutil.copytree(person, elsewhere / person.name)
+    source = tmp_path / "linked"
+    (source / "A").mkdir(parents=True)
+    for f in sorted((elsewhere / people[0].name).iterdir()):
+        (source / "A" / f.name).symlink_to(f)
+    (source / "B").symlink_to(elsewhere / people[1].name, target_is_directory=True)
+    project = make_project(tmp_path / "proj", lfw_small, {
+        "datasets": {"linked": {"source": "imagefolder", "path": str(source), "assume_aligned": False}}})
+
+    def rows() -> dict[str, dict]:
+        table = pq.read_table(project / "data" / "linked" / "ingest" / "manifest.parquet")
+        return {r["source_path"]: r for r in table.to_pylist()}
+
+    assert "Running stage 'ingest@linked'" in dvc("repro", "ingest@linked", cwd=project).stdout
+    first = rows()
+    assert first["B"]["status"] == "rejected" and "points out of the source" in first["B"]["reason"]
+    assert {p for p, r in first.items() if r["status"] == "accepted"} == {f"A/{f.name}" for f in (source / "A").iterdir()}
+    # behind the folder link: not read, so nothing is stale
+    shutil.copy(people[2] / sorted(p.name for p in people[2].iterdir())[0], elsewhere / people[1].name / "new.jpg")
+    assert "up to date" in dvc("status", "ingest@linked", cwd=project).stdout
+    # behind a file link: DVC sees it, ingest reruns and reads the new photo
+    target = sorted((elsewhere / people[0].name).iterdir())[0]
+    shutil.copy(sorted(people[2].iterdir())[0], target)
+    status = dvc("status", "ingest@linked", cwd=project).stdout
+    assert "ingest@linked" in status and "modified:" in status, status
+    assert "Running stage 'ingest@linked'" in dvc("repro", "ingest@linked", cwd=project).stdout
+    changed = [p for p, r in rows().items() if r["sha256"] != first[p]["sha256"]]
+    assert changed == [f"A/{target.name}"]
+
+
 # ---------------------------------------------------------------- the whole pipeline, tiny and real
 TINY_PARAMS = {
     "compute": {"n_jobs": 1},
