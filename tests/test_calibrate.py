@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tests.conftest import lfw_root
-from tests.test_cli import _masked_copy, cli
+from tests.test_cli import _masked_copy, cli, in_process
 
 # people with >= 4 photos in LFW: 2 enrolled (mean template) and 2 searching each
 PEOPLE = ["Ariel_Sharon", "Colin_Powell", "Donald_Rumsfeld", "George_W_Bush", "Gerhard_Schroeder",
@@ -31,7 +31,7 @@ def labelled(tmp_path_factory):
     return root
 
 
-def test_calibrate_writes_thresholds_identify_then_uses(labelled, tmp_path):
+def test_calibrate_writes_thresholds_identify_then_uses(labelled, tmp_path, capsys):
     out = tmp_path / "mine.json"
     p = cli("pipeline.calibrate", labelled, "--model", "dlib", "--out", out, "--replicates", "50")
     assert p.returncode == 0, p.stderr
@@ -48,10 +48,14 @@ def test_calibrate_writes_thresholds_identify_then_uses(labelled, tmp_path):
     probe = labelled / "Colin_Powell" / "Colin_Powell_0001.jpg"
     p = cli("pipeline.identify", probe, "--gallery", labelled, "--model", "dlib", "--thresholds", out)
     assert p.returncode == 2 and "out of reach of the 48 stranger searches" in p.stderr
+    # refusals through the commands' own main(), in this process
+    from pipeline.calibrate import main as calibrate_main
+    from pipeline.identify import main as identify_main
+
     # a file of thresholds for another model only: refused by its sha256, not used
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"x": {**entry, "model_sha256": "0" * 64}}))
-    p = cli("pipeline.identify", probe, "--gallery", labelled, "--model", "dlib", "--thresholds", other)
-    assert p.returncode == 2 and "no thresholds for this model" in p.stderr
-    p = cli("pipeline.calibrate", tmp_path / "nowhere", "--model", "dlib", "--out", out)
-    assert p.returncode == 2 and "not a folder" in p.stderr
+    rc, err = in_process(identify_main, capsys, probe, "--gallery", labelled, "--model", "dlib", "--thresholds", other)
+    assert rc == 2 and "no thresholds for this model" in err
+    rc, err = in_process(calibrate_main, capsys, tmp_path / "nowhere", "--model", "dlib", "--out", out)
+    assert rc == 2 and "not a folder" in err

@@ -3,6 +3,7 @@ LFW faces, real masked faces (RMFD) and files that are not photos."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,19 @@ PEOPLE = {"George_W_Bush": (1, 2), "Colin_Powell": (1, 2), "Tony_Blair": (1, 2)}
 def cli(module: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=300)
+
+
+def in_process(main, capsys, *args) -> tuple[int, str]:
+    """(exit status, stderr) of a command's own main() run in this process, from the project root
+    where the command runs (no interpreter start-up per call: for refusals, which load nothing)."""
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(PROJECT_ROOT)
+    try:
+        rc = main([str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+    return rc, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +82,9 @@ def test_embed_lfw_folder_records_every_file(gallery, model, tmp_path):
     assert e.shape == (6, 32) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
 
 
-def test_embed_real_masked_photos(model, tmp_path):
+def test_embed_real_masked_photos(model, tmp_path, capsys):
+    from pipeline.embed import main as embed_main
+
     """RMFD photos (real masks, no identities): found by RetinaFace, aligned, embedded, and drawn
     on a contact sheet with their routes."""
     src = lfw_root().parent / "rmfd" / "RWMFD_part_1" / "0000"
@@ -91,8 +107,8 @@ def test_embed_real_masked_photos(model, tmp_path):
     p = cli("pipeline.embed", folder, "--model", model, "--out", out, "--device", "cpu", "--routes", "haar,dlib_hog")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["embedded"] < len(embedded)
-    p = cli("pipeline.embed", folder, "--model", model, "--out", out, "--routes", "haar,sift")
-    assert p.returncode == 2 and "allowed routes are retinaface, haar, dlib_hog, dlib_cnn" in p.stderr
+    rc, err = in_process(embed_main, capsys, folder, "--model", model, "--out", out, "--routes", "haar,sift")
+    assert rc == 2 and "allowed routes are retinaface, haar, dlib_hog, dlib_cnn" in err
 
 
 def test_identify_unmasked_and_masked_probes_with_dlib(gallery, tmp_path):
@@ -132,7 +148,7 @@ def test_identify_unmasked_and_masked_probes_with_dlib(gallery, tmp_path):
     assert all(n in [m["identity"] for m in r["matches"][:2]] for r, n in found)
 
 
-def test_identify_against_saved_embeddings_refuses_another_model(gallery, model, tmp_path, capsys, monkeypatch):
+def test_identify_against_saved_embeddings_refuses_another_model(gallery, model, tmp_path, capsys):
     from pipeline.identify import main as identify_main
 
     saved = tmp_path / "gallery.parquet"
@@ -143,19 +159,15 @@ def test_identify_against_saved_embeddings_refuses_another_model(gallery, model,
     assert p.stdout.splitlines()[1].split()[:2] == ["decision:", "Colin_Powell"]
     assert p.stdout.splitlines()[2].split()[:2] == ["1.", "Colin_Powell"]
 
-    # the refusals through the same main() the command runs, in this process (no start-up per call)
-    monkeypatch.chdir(PROJECT_ROOT)  # where the command runs: validation/thresholds.json is relative
-
-    def refused(*args) -> str:
-        capsys.readouterr()
-        assert identify_main([str(a) for a in args]) == 2
-        return capsys.readouterr().err
-
-    assert "re-embed the gallery with the same model" in refused(probe, "--gallery", saved, "--model", model,
-                                                                  "--device", "cpu", "--threshold", "0.5")
+    # the refusals through the same main() the command runs, in this process
+    rc, err = in_process(identify_main, capsys, probe, "--gallery", saved, "--model", model, "--device", "cpu",
+                         "--threshold", "0.5")
+    assert rc == 2 and "re-embed the gallery with the same model" in err
     # a model the evaluation never scored has no threshold for the decision: said, not guessed
-    assert "no thresholds for this model" in refused(probe, "--gallery", saved, "--model", model, "--device", "cpu")
-    assert "probe not found" in refused(tmp_path / "nobody.jpg", "--gallery", saved, "--model", "dlib")
+    rc, err = in_process(identify_main, capsys, probe, "--gallery", saved, "--model", model, "--device", "cpu")
+    assert rc == 2 and "no thresholds for this model" in err
+    rc, err = in_process(identify_main, capsys, tmp_path / "nobody.jpg", "--gallery", saved, "--model", "dlib")
+    assert rc == 2 and "probe not found" in err
 
 
 def _masked_copy(src, dest) -> None:
