@@ -23,8 +23,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	@touch $@
 
 # LFW into data/sources/lfw: linked from LFW_SOURCE when set, else downloaded and verified.
+# Real masked photos for the mask bank into data/sources/rmfd: linked from MASK_BANK_SOURCE when
+# set, else an empty folder (no bank: procedural masks only).
 data: venv
 	$(BIN)/python -m pipeline.lfw_source --dest data/sources/lfw
+	$(BIN)/python -m pipeline.mask.bank_stage --dest data/sources/rmfd
 
 repro: data
 	$(BIN)/dvc repro

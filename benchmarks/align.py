@@ -19,7 +19,7 @@ from benchmarks.mask import make_input  # noqa: E402
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.align.stage import run_align  # noqa: E402
 from pipeline.config import AlignParams, ComputeParams  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk  # noqa: E402
+from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk  # noqa: E402
 
 
 def make_twins(masked: Path, bench_in: Path, dest: Path) -> None:
@@ -30,6 +30,7 @@ def make_twins(masked: Path, bench_in: Path, dest: Path) -> None:
     for chunk in list_chunks(bench_in / "chunks"):
         keys = [k for k, _ in read_chunk(chunk)]
         write_chunk(dest / "chunks" / chunk.name, [(k, twins[k]) for k in keys if k in twins])
+    record_chunks(dest / "chunks")
     shutil.copy(masked / "status.parquet", dest / "status.parquet")
 
 

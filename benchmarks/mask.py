@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.config import ComputeParams, MaskParams  # noqa: E402
 from pipeline.mask.stage import run_mask  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk, write_chunk  # noqa: E402
+from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk  # noqa: E402
 
 
 def make_input(src: Path, dest: Path, n: int, n_chunks: int = 4) -> int:
@@ -34,6 +34,7 @@ def make_input(src: Path, dest: Path, n: int, n_chunks: int = 4) -> int:
     for i in range(n_chunks):
         if samples[i * per:(i + 1) * per]:
             write_chunk(dest / "chunks" / f"bench-{i:06d}.tar", samples[i * per:(i + 1) * per])
+    record_chunks(dest / "chunks")  # as a stage does: the next one reads only recorded chunks
     return len(samples)
 
 

@@ -12,7 +12,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MASK_TYPES = ("surgical", "n95", "kn95", "cloth", "gas")
+MASK_TYPES = ("surgical", "n95", "kn95", "cloth", "gas")  # procedural (pipeline/mask/templates.py)
+BANK_MASK_TYPE = "real"  # a mask cut from a real masked photo (pipeline/mask/bank.py)
+ALL_MASK_TYPES = (*MASK_TYPES, BANK_MASK_TYPE)
 MASK_TEXTURES = ("plain", "pleats", "grain", "print")
 
 
@@ -76,8 +78,9 @@ class MaskParams(Section):
     max_upsample: int = Field(1, ge=0, le=2)
     retinaface_fallback: bool = True  # RetinaFace's face -> dlib predictor when HOG finds nothing
     haar_fallback: bool = True
+    # the procedural types and "real" (an entry of the mask bank; 0: procedural masks only)
     type_weights: dict[str, float] = Field(
-        default_factory=lambda: {"surgical": 3.0, "n95": 1.0, "kn95": 1.0, "cloth": 2.0, "gas": 0.5}
+        default_factory=lambda: {"surgical": 3.0, "n95": 1.0, "kn95": 1.0, "cloth": 2.0, "gas": 0.5, "real": 0.0}
     )
     texture_weights: dict[str, float] = Field(
         default_factory=lambda: {"plain": 2.0, "pleats": 2.0, "grain": 1.0, "print": 1.0}
@@ -90,12 +93,23 @@ class MaskParams(Section):
     @field_validator("type_weights")
     @classmethod
     def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
-        return _check_weights(v, MASK_TYPES)
+        return _check_weights(v, ALL_MASK_TYPES)
 
     @field_validator("texture_weights")
     @classmethod
     def _known_textures(cls, v: dict[str, float]) -> dict[str, float]:
         return _check_weights(v, MASK_TEXTURES)
+
+
+class MaskBankParams(Section):
+    """The mask bank (pipeline/mask/bank_stage.py): real masks cut from a folder of real masked
+    photos, worn in the mask stage by type_weights.real."""
+
+    # photos at any depth, no identities needed; an empty folder gives an empty bank (`make data`
+    # links MASK_BANK_SOURCE here, or makes it empty)
+    path: str = "data/sources/rmfd"
+    max_pixels: int = Field(40_000_000, ge=1)  # larger photos are rejected before decoding
+    contact_sheet_entries: int = Field(24, ge=1, le=200)
 
 
 class AlignParams(Section):
@@ -128,10 +142,10 @@ class PackParams(Section):
     @field_validator("unseen_mask_types")
     @classmethod
     def _unseen_types(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(MASK_TYPES))
+        unknown = sorted(set(v) - set(ALL_MASK_TYPES))
         if unknown or len(set(v)) != len(v):
-            raise ValueError(f"distinct mask types from {list(MASK_TYPES)}; got {v}")
-        if set(v) == set(MASK_TYPES):
+            raise ValueError(f"distinct mask types from {list(ALL_MASK_TYPES)}; got {v}")
+        if set(v) == set(ALL_MASK_TYPES):
             raise ValueError("every mask type is unseen: training would have no pair left")
         return sorted(v)
 
@@ -339,6 +353,7 @@ class Params(Section):
     train_set: str = EVAL_SET
     ingest: IngestParams = IngestParams()
     mask: MaskParams = MaskParams()
+    mask_bank: MaskBankParams = MaskBankParams()
     align: AlignParams = AlignParams()
     pack: PackParams = PackParams()
     train: TrainParams = TrainParams()

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.align.geometry import LEGACY_TEMPLATE
-from pipeline.config import MASK_TYPES, EvaluateParams, Params
+from pipeline.config import BANK_MASK_TYPE, MASK_TYPES, EvaluateParams, Params
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
@@ -357,6 +357,8 @@ def _mask_groups(records: list[MaskRecord], unseen: list[str]) -> dict[tuple[str
     bins = np.array([coverage_bin(r.coverage) for r in records])
     out = {("seen",): ~np.isin(types, unseen), ("unseen",): np.isin(types, unseen)}
     out |= {("type", t): types == t for t in MASK_TYPES}
+    if (types == BANK_MASK_TYPE).any():  # real masks from the bank, where the mask stage drew any
+        out[("type", BANK_MASK_TYPE)] = types == BANK_MASK_TYPE
     out |= {("coverage", name): bins == name for name, _, _ in COVERAGE_BINS}
     return out
 

@@ -42,9 +42,20 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
+def decode_rgba(data: bytes) -> np.ndarray | None:
+    """HxWx4 uint8 RGBA of a PNG with alpha (mask-bank entries), or None."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.ndim != 3 or arr.shape[2] != 4 or arr.dtype != np.uint8:
+        return None
+    return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
+
+
 def encode_png(image: np.ndarray, compression: int = 3) -> bytes:
-    """Lossless PNG of an RGB (converted for OpenCV) or single-channel image."""
-    arr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
+    """Lossless PNG of an RGB or RGBA (converted for OpenCV) or single-channel image."""
+    if image.ndim == 3:
+        arr = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA if image.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+    else:
+        arr = image
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr), [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise ImageCodecError("PNG encoding failed")

@@ -20,7 +20,8 @@ def main() -> None:
     root = f"{args.root}/{args.dataset}"
     t0 = time.perf_counter()
     summary = run_mask(params=params.mask, compute=params.compute, in_dir=f"{root}/ingest",
-                       out_dir=f"{root}/masked", assume_aligned=params.dataset(args.dataset).assume_aligned)
+                       out_dir=f"{root}/masked", assume_aligned=params.dataset(args.dataset).assume_aligned,
+                       bank_dir=f"{args.root}/mask_bank")
     keys = ("inputs", "masked", "rejected", "landmark_route_share", "routes", "multi_face_images")
     print(json.dumps({**{k: summary[k] for k in keys}, "seconds": round(time.perf_counter() - t0, 1)}))
 

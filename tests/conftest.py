@@ -45,6 +45,29 @@ def make_lfw_subset(dest: Path, n_train: int, n_test: int, min_images: int = 2) 
     return dest
 
 
+# real masked photos (../shared/data/rmfd, no identities): a portrait in a white N95 with a valve,
+# one in a black cloth mask; three people in check-pattern masks; a mirror selfie whose phone hides
+# half the mask
+RMFD_KEPT = ("0001/0002.jpg", "0001/0009.jpg")
+RMFD_CROWD = "0001/0013.jpg"
+RMFD_PHONE = "0001/0026.jpg"
+
+
+def rmfd_root() -> Path:
+    root = lfw_root().parent / "rmfd" / "RWMFD_part_1"
+    if not root.is_dir():
+        pytest.fail(f"real masked photos not found at {root}")
+    return root
+
+
+def make_bank_subset(dest: Path) -> Path:
+    """A mask-bank source: the four RMFD photos above, under their batch folder."""
+    for rel in (*RMFD_KEPT, RMFD_CROWD, RMFD_PHONE):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(rmfd_root() / rel, dest / rel)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def lfw_small(tmp_path_factory) -> Path:
     """6 train + 4 test identities with >= 2 images each (about 60 real LFW images)."""

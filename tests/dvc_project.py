@@ -42,7 +42,10 @@ def init_repo(repo: Path, files: dict[str, str]) -> Path:
 
 
 def make_project(dest: Path, lfw_subset: Path, params: dict | None = None) -> Path:
-    """Copy the tracked files, link the LFW subset as data/sources/lfw, merge params, commit."""
+    """Copy the tracked files, link the LFW subset as data/sources/lfw, copy four real masked
+    photos into data/sources/rmfd (the mask bank's source), merge params, commit."""
+    from tests.conftest import make_bank_subset
+
     files = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_ROOT, capture_output=True,
                            check=True).stdout.decode().split("\0")
     for rel in filter(None, files):
@@ -53,6 +56,7 @@ def make_project(dest: Path, lfw_subset: Path, params: dict | None = None) -> Pa
     (dest / "dvc.lock").unlink(missing_ok=True)
     (dest / "data" / "sources").mkdir(parents=True)
     (dest / "data" / "sources" / "lfw").symlink_to(lfw_subset, target_is_directory=True)
+    make_bank_subset(dest / "data" / "sources" / "rmfd")
     if params:
         merged = yaml.safe_load((dest / "params.yaml").read_text())
         _deep_update(merged, params)

@@ -11,13 +11,10 @@ from pipeline.mask import bank
 from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
 from pipeline.mask.overlay import overlay_mask
 from pipeline.mask.templates import SIZE, get_template
-from tests.conftest import lfw_root
-
-# a portrait in a white N95 with a valve, one in a black cloth mask; three people in check-pattern
-# masks; a mirror selfie whose phone hides half the mask
-KEPT = ("0001/0002.jpg", "0001/0009.jpg")
-CROWD = "0001/0013.jpg"
-PHONE = "0001/0026.jpg"
+from tests.conftest import RMFD_CROWD as CROWD
+from tests.conftest import RMFD_KEPT as KEPT
+from tests.conftest import RMFD_PHONE as PHONE
+from tests.conftest import lfw_root, rmfd_root
 
 
 def _rgb(path) -> np.ndarray:
@@ -25,10 +22,7 @@ def _rgb(path) -> np.ndarray:
 
 
 def _rmfd(rel: str) -> np.ndarray:
-    path = lfw_root().parent / "rmfd" / "RWMFD_part_1" / rel
-    if not path.is_file():
-        pytest.fail(f"real masked photos not found at {path}")
-    return _rgb(path)
+    return _rgb(rmfd_root() / rel)
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,7 @@ def test_ingest_reads_what_dvc_hashes_behind_links(tmp_path, lfw_small):
 TINY_PARAMS = {
     "compute": {"n_jobs": 1},
     "ingest": {"chunk_size": 20},
+    "mask": {"type_weights": {"real": 1.0}},  # the four photos of data/sources/rmfd give two bank entries
     "pack": {"shard_max_count": 4, "val_fraction": 0.34},
     "train": {"epochs": 1, "batch_size": 8, "num_workers": 0, "val_every": 0,
               "warmup_steps": 1, "log_every": 1, "shuffle_buffer": 8},
@@ -83,10 +84,10 @@ TINY_PARAMS = {
     # an outside pair benchmark: the subset's own photos and View 1 test pairs, aligned standalone
     "pair_benchmarks": {"tiny": {"path": "data/sources/lfw/lfw-deepfunneled", "pairs": "data/sources/lfw/pairsDevTest.txt"}},
 }
-STAGES = {"ingest@lfw", "mask@lfw", "align@lfw", "overlap", "pack", "train", "validate", "eval_scope",
+STAGES = {"mask_bank", "ingest@lfw", "mask@lfw", "align@lfw", "overlap", "pack", "train", "validate", "eval_scope",
           "embed_reference", "evaluate", "pair_benchmark@tiny"}
 MODEL_SIDE = {"train", "validate", "evaluate", "pair_benchmark@tiny"}  # what a new model reruns
-LFW_SIDE = {"ingest@lfw", "mask@lfw", "align@lfw", "embed_reference"}
+LFW_SIDE = {"mask_bank", "ingest@lfw", "mask@lfw", "align@lfw", "embed_reference"}
 
 
 def _ran(output: str) -> set[str]:
@@ -139,8 +140,10 @@ def test_whole_pipeline_runs_once_then_nothing(tiny_project):
     bench = json.loads((tiny_project / "eval" / "benchmarks" / "tiny" / "metrics.json").read_text())
     assert bench["pairs"] == bench["model"]["pairs_scored"] + bench["pairs_failed"] > 0
     assert "by_mask" in metrics and "identify_thresholds" in metrics
+    # test probes wearing real masks from the bank are scored as a type of their own
+    assert metrics["by_mask"]["verification_masked_unmasked"]["count"]["type_real"] > 0
     plots = dvc("plots", "show", "--json", cwd=tiny_project).stdout
-    assert "contact_sheet.png" in plots and "roc" in plots
+    assert "data/mask_bank/contact_sheet.png" in plots and "roc" in plots
 
 
 @pytest.mark.slow
@@ -332,7 +335,7 @@ def external_project(tmp_path_factory, tiny_shards, tiny_project):
     project = make_project(root / "E", subset, params)
     dvc("cache", "dir", str(tiny_project / ".dvc" / "cache"), cwd=project)
     out = dvc("repro", cwd=project).stdout
-    restored = {"ingest@lfw", "mask@lfw"}
+    restored = {"mask_bank", "ingest@lfw", "mask@lfw"}
     assert all(f"Stage '{s}' is cached - skipping run" in out for s in restored), out
     assert _ran(out) == STAGES - {"pair_benchmark@tiny"} - restored | {
         "ingest@sim_rec", "mask@sim_rec", "align@sim_rec", "ingest@sim_folder", "mask@sim_folder", "align@sim_folder"}, out

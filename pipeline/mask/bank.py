@@ -22,7 +22,9 @@ Per photo (no identities needed):
    close to its own mirror image (half of it hidden by a phone or a hand is not).
 4. **Warp** of the photo's pixels and the cut's alpha from the photo's anchors to the canonical
    anchors, piecewise over the same triangles the overlay uses: a bank entry is a
-   :class:`~pipeline.mask.templates.Template` like the procedural ones.
+   :class:`~pipeline.mask.templates.Template` like the procedural ones. The photo's own light
+   (its low frequencies over the mask) is divided out, so that the overlay's light matching puts
+   the target face's light on it once; folds, prints and seams are finer than that and stay.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from pipeline.mask.overlay import _warp_template
-from pipeline.mask.landmarks import CANONICAL_112
+from pipeline.config import BANK_MASK_TYPE
+from pipeline.mask.landmarks import CANONICAL_112, pick_subject
+from pipeline.mask.overlay import LUMA, smooth_light, warp_template
 from pipeline.mask.templates import (SIZE, Template, anchor_points, canonical_anchors, outline_points, to_template,
                                      triangles)
 
@@ -48,6 +51,7 @@ MIN_SKIN_DISTANCE = 18.0  # Lab distance (8-bit units) of the cut's median from 
 MAX_SKIN_INSIDE = 0.12  # share of the cut whose colour is the skin's ...
 SKIN_NEAR = 12.0  # ... within this Lab distance (8-bit units) of the skin's median
 MIN_SYMMETRY = 0.65  # IoU of the warped cut with its mirror image: a part hidden (a phone, a hand) or torn off
+SCORE_NAMES = ("nose_cover", "mouth_cover", "solidity", "area_ratio", "skin_distance", "skin_inside", "symmetry")
 
 
 @dataclass
@@ -144,7 +148,8 @@ def quality(rgb: np.ndarray, L: np.ndarray, cut: np.ndarray) -> tuple[str, dict]
               ("mouth_cover", scores["mouth_cover"] >= MIN_MOUTH_COVER, f"mouth not covered ({scores['mouth_cover']:.2f} < {MIN_MOUTH_COVER})"),
               ("solidity", scores["solidity"] >= MIN_SOLIDITY, f"ragged cut (solidity {scores['solidity']:.2f} < {MIN_SOLIDITY})"),
               ("area_ratio", AREA_RANGE[0] <= scores["area_ratio"] <= AREA_RANGE[1],
-               f"cut {scores['area_ratio']:.2f}x the lower face (outside {AREA_RANGE[0]}..{AREA_RANGE[1]})"),
+               f"cut too {'small' if scores['area_ratio'] < AREA_RANGE[0] else 'large'} "
+               f"({scores['area_ratio']:.2f}x the lower face, outside {AREA_RANGE[0]}..{AREA_RANGE[1]})"),
               ("skin_distance", scores["skin_distance"] >= MIN_SKIN_DISTANCE,
                f"cut looks like the skin (Lab distance {scores['skin_distance']:.1f} < {MIN_SKIN_DISTANCE})"),
               ("skin_inside", scores["skin_inside"] <= MAX_SKIN_INSIDE,
@@ -160,9 +165,15 @@ def cut_to_template(rgb: np.ndarray, L: np.ndarray, cut: np.ndarray, *, source: 
     alpha = cv2.GaussianBlur(cut.astype(np.float32) * 255.0, (0, 0), feather_px) * cut.astype(np.float32)
     rgba = np.dstack([rgb.astype(np.float32), alpha])
     w, h = SIZE
-    warped = _warp_template(rgba, anchor_points(L), canonical_anchors(), triangles(), (0, 0, w, h))
-    return Template(rgba=np.clip(warped + 0.5, 0, 255).astype(np.uint8), anchors=canonical_anchors().copy(),
-                    mask_type="real", colour="photo", texture=source, variant=index)
+    anchors = canonical_anchors()
+    warped = warp_template(rgba, anchor_points(L), anchors, triangles(), (0, 0, w, h))
+    a = warped[..., 3] / 255.0
+    if (a > 0.5).any():  # the photo's light out (the overlay's sigma, in template pixels)
+        light = smooth_light(warped[..., :3] @ LUMA, a, max(2.0, 0.12 * float(np.ptp(anchors[:18, 0]))))
+        ref = float(np.median(light[a > 0.5]))
+        warped[..., :3] *= np.clip(ref / np.maximum(light, 1.0), 0.6, 1.7)[..., None]
+    return Template(rgba=np.clip(warped + 0.5, 0, 255).astype(np.uint8), anchors=anchors.copy(),
+                    mask_type=BANK_MASK_TYPE, colour="photo", texture=source, variant=index)
 
 
 def symmetry(template: Template) -> float:
@@ -179,12 +190,10 @@ def symmetry(template: Template) -> float:
 
 def subject_face(faces: list, shape: tuple[int, int]) -> tuple[int | None, str]:
     """Index of the one clear subject among RetinaFace's faces, or None and why not."""
-    from pipeline.mask.landmarks import _pick_subject
-
     if not faces:
         return None, "no face found (RetinaFace)"
     boxes = [(f.box[0], f.box[1], f.box[0] + f.box[2], f.box[1] + f.box[3]) for f in faces]
-    i = _pick_subject(boxes, shape[1], shape[0])
+    i = pick_subject(boxes, shape[1], shape[0])
     area = [max(b[2] - b[0], 0) * max(b[3] - b[1], 0) for b in boxes]
     others = [a for k, a in enumerate(area) if k != i]
     if others and max(others) >= MAX_OTHER_FACE * area[i]:
@@ -199,11 +208,13 @@ class BankBuilder:
     """RetinaFace + dlib's 68-point predictor, loaded once (one per worker process)."""
 
     def __init__(self, predictor_path=None):
+        """``predictor_path``: a verified .dat (:func:`~pipeline.mask.landmarks.check_predictor`);
+        None: dlib's own, checked here."""
         import dlib
 
         from pipeline.mask.landmarks import check_predictor
 
-        self.predictor = dlib.shape_predictor(str(check_predictor(predictor_path)))
+        self.predictor = dlib.shape_predictor(str(predictor_path or check_predictor(None)))
 
     def landmarks(self, rgb: np.ndarray, points: np.ndarray) -> np.ndarray:
         import dlib

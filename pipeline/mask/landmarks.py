@@ -98,7 +98,7 @@ def check_predictor(path: str | Path | None, expected_sha256: str | None = None)
     return p
 
 
-def _pick_subject(boxes: list[tuple[float, float, float, float]], w: int, h: int) -> int:
+def pick_subject(boxes: list[tuple[float, float, float, float]], w: int, h: int) -> int:
     """Index of the subject: large and central. A face off-centre must be clearly larger to win."""
     cx, cy, half = w / 2.0, h / 2.0, 0.5 * min(w, h)
     best, best_score = 0, -1.0
@@ -150,7 +150,7 @@ class LandmarkDetector:
                 rects = self.detector(gray, up)
                 if len(rects):
                     boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
-                    box = boxes[_pick_subject(boxes, w, h)]
+                    box = boxes[pick_subject(boxes, w, h)]
                     return LandmarkResult("hog" if up == 0 else f"hog_upsample{up}",
                                           self._shape(rgb, box), tuple(int(v) for v in box), len(boxes))
             if self.retinaface and not self.assume_aligned:
@@ -160,7 +160,7 @@ class LandmarkDetector:
                 faces = retinaface.detect(rgb)
                 if faces:
                     boxes = [dlib_box_from_points(f.points) for f in faces]
-                    box = boxes[_pick_subject(boxes, w, h)]
+                    box = boxes[pick_subject(boxes, w, h)]
                     return LandmarkResult("retinaface", self._shape(rgb, box), box, len(boxes))
             if self.haar is not None and not self.assume_aligned:
                 found = self.haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
@@ -169,7 +169,7 @@ class LandmarkDetector:
                     # Haar boxes are taller and sit higher than dlib's: shrink to dlib's convention.
                     boxes = [(x + 0.1 * bw, y + 0.2 * bh, x + 0.9 * bw, y + 1.0 * bh)
                              for x, y, bw, bh in np.asarray(found, dtype=np.float64)]
-                    box = boxes[_pick_subject(boxes, w, h)]
+                    box = boxes[pick_subject(boxes, w, h)]
                     return LandmarkResult("haar", self._shape(rgb, box),
                                           tuple(int(round(v)) for v in box), len(boxes))
         if self.assume_aligned:

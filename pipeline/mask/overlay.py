@@ -16,7 +16,7 @@ from pipeline.mask.templates import Template, anchor_points, triangles
 # Mean skin colour (RGB) of LFW faces under normal exposure: the reference for light and white
 # balance. A face brighter/darker or warmer/cooler than this moves the mask the same way.
 SKIN_REF = np.array([178.0, 132.0, 110.0], np.float32)
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def _affines(src: np.ndarray, dst: np.ndarray, tris: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +29,7 @@ def _affines(src: np.ndarray, dst: np.ndarray, tris: np.ndarray) -> tuple[np.nda
     return np.transpose(m, (0, 2, 1)), ok
 
 
-def _warp_template(rgba: np.ndarray, src: np.ndarray, dst: np.ndarray, tris: np.ndarray,
+def warp_template(rgba: np.ndarray, src: np.ndarray, dst: np.ndarray, tris: np.ndarray,
                    roi: tuple[int, int, int, int]) -> np.ndarray:
     """Template RGBA (float32) warped into roi = (x0, y0, x1, y1): each pixel takes the affine
     dst->src of the triangle covering it, then one remap samples the template."""
@@ -62,7 +62,7 @@ def _scaled(template: Template, level: int) -> np.ndarray:
     return cv2.resize(template.rgba, (max(2, round(w * f)), max(2, round(h * f))), interpolation=cv2.INTER_AREA)
 
 
-def _smooth_light(luma: np.ndarray, alpha: np.ndarray, sigma: float) -> np.ndarray:
+def smooth_light(luma: np.ndarray, alpha: np.ndarray, sigma: float) -> np.ndarray:
     """Alpha-weighted low-pass of the face luminance under the mask, computed at quarter size
     (it is smooth by construction, and this is the costliest filter of the overlay)."""
     h, w = luma.shape
@@ -100,7 +100,7 @@ def overlay_mask(rgb: np.ndarray, landmarks: np.ndarray, template: Template, *, 
     if level > 0:
         tpl = _scaled(template, level)
         src = src * [tpl.shape[1] / template.rgba.shape[1], tpl.shape[0] / template.rgba.shape[0]]
-    warped = _warp_template(tpl, src, dst, triangles(), (x0, y0, x1, y1))
+    warped = warp_template(tpl, src, dst, triangles(), (x0, y0, x1, y1))
     alpha = warped[..., 3] / 255.0
     if feather_px > 0:
         alpha = cv2.GaussianBlur(alpha, (0, 0), feather_px * 0.6)
@@ -110,14 +110,14 @@ def overlay_mask(rgb: np.ndarray, landmarks: np.ndarray, template: Template, *, 
     if match_brightness and covered.any():
         # exposure and white balance of the face itself (the covered skin), not the whole photo
         mean = face[covered].mean(0)
-        gain = float(np.clip((mean @ _LUMA) / (SKIN_REF @ _LUMA), 0.3, 1.3)) ** 0.5
+        gain = float(np.clip((mean @ LUMA) / (SKIN_REF @ LUMA), 0.3, 1.3)) ** 0.5
         cast = np.clip(((mean / max(mean.mean(), 1.0)) / (SKIN_REF / SKIN_REF.mean())) ** 0.5, 0.88, 1.12)
         colour = colour * (gain * cast).astype(np.float32)
     if shading and covered.any():
         # the photo's own low-frequency light (one side in shadow, light from above) on the mask
-        luma = face @ _LUMA
+        luma = face @ LUMA
         sigma = max(2.0, 0.12 * np.ptp(dst[:18, 0]))
-        light = _smooth_light(luma, alpha, sigma)
+        light = smooth_light(luma, alpha, sigma)
         ref = float(np.median(light[covered]))
         colour = colour * np.clip((light / max(ref, 1.0)) ** 0.6, 0.55, 1.35).astype(np.float32)[..., None]
     # match the photo's softness and grain: a clean render on a soft JPEG face looks pasted

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.config import MASK_TYPES
+from pipeline.config import ALL_MASK_TYPES
 from pipeline.tar_chunks import list_chunks, read_chunk
 
 # (name, low, high): coverage in [low, high); LFW's tertiles are about 0.42 and 0.50
@@ -73,7 +73,7 @@ def read_mask_records(masked_dir: str | Path, image_ids) -> dict[str, MaskRecord
             image_id = info.get("image_id")
             if image_id not in wanted:
                 continue
-            if info.get("mask_type") not in MASK_TYPES or "mask.png" not in members:
+            if info.get("mask_type") not in ALL_MASK_TYPES or "mask.png" not in members:
                 raise MaskRecordError(f"{chunk.name}: {image_id} has no mask type or mask.png")
             mask = cv2.imdecode(np.frombuffer(members["mask.png"], np.uint8), cv2.IMREAD_GRAYSCALE)
             if mask is None:

@@ -2,8 +2,11 @@
 
 Per ingest chunk (parallel with :func:`pipeline.parallel.map_chunks`), each image gets landmarks
 (:mod:`pipeline.mask.landmarks`), a mask type / colour / texture drawn from an RNG seeded by
-(mask.seed, image_id) and an overlay (:mod:`pipeline.mask.overlay`). Outputs depend on the data and
-``mask`` params only, never on the compute backend, worker count or chunk order.
+(mask.seed, image_id) and an overlay (:mod:`pipeline.mask.overlay`). Type "real" wears an entry of
+the mask bank (:mod:`pipeline.mask.bank_stage`), drawn from the same RNG; its colour is "photo"
+and its texture the entry's source photo. With ``type_weights.real`` 0 no draw changes, so the
+outputs are those of a pipeline without a bank. Outputs depend on the data, the bank and ``mask``
+params only, never on the compute backend, worker count or chunk order.
 
 The parent streams: each chunk's status rows are checked against the ingest manifest, appended to
 ``status.parquet`` (chunk order, ids sorted within a chunk: see :mod:`pipeline.stage_report`),
@@ -19,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import MASK_TEXTURES, MASK_TYPES, ComputeParams, MaskParams
+from pipeline.config import ALL_MASK_TYPES, BANK_MASK_TYPE, MASK_TEXTURES, ComputeParams, MaskParams
 from pipeline.ingest import accepted_ids_by_chunk
+from pipeline.mask.bank_stage import load_bank
 from pipeline.mask.landmarks import ROUTES, LandmarkDetector, check_predictor
 from pipeline.mask.overlay import apply_overlay, overlay_mask, overlay_patch
-from pipeline.mask.templates import N_VARIANTS, PALETTES, get_template
+from pipeline.mask.templates import N_VARIANTS, PALETTES, Template, get_template
 from pipeline.images import decode_rgb, encode_png
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, rank_key
@@ -54,9 +58,14 @@ def _weighted(rng: np.random.Generator, weights: dict[str, float], order: tuple[
     return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
-def choose_style(params: MaskParams, rng: np.random.Generator) -> tuple[str, str, str, int]:
-    """(mask_type, colour, texture, variant) from the image's RNG; colours uniform in the type's palette."""
-    mask_type = _weighted(rng, params.type_weights, MASK_TYPES)
+def choose_style(params: MaskParams, rng: np.random.Generator,
+                 bank: list[Template] = ()) -> tuple[str, str, str, int]:
+    """(mask_type, colour, texture, variant) from the image's RNG; colours uniform in the type's
+    palette; type "real": ("real", "photo", the entry's source, its index in ``bank``), uniform."""
+    mask_type = _weighted(rng, params.type_weights, ALL_MASK_TYPES)
+    if mask_type == BANK_MASK_TYPE:
+        i = int(rng.integers(len(bank)))
+        return mask_type, bank[i].colour, bank[i].texture, i
     colours = list(PALETTES[mask_type])
     colour = colours[int(rng.integers(len(colours)))]
     texture = _weighted(rng, params.texture_weights, MASK_TEXTURES)
@@ -78,14 +87,15 @@ def get_detector(predictor_path: str, params: MaskParams, assume_aligned: bool =
     return _DETECTORS[key]
 
 
-def mask_image(rgb: np.ndarray, image_id: str, detector: LandmarkDetector, params: MaskParams) -> dict:
+def mask_image(rgb: np.ndarray, image_id: str, detector: LandmarkDetector, params: MaskParams,
+               bank: list[Template] = ()) -> dict:
     """Mask one RGB image. Returns {route, reason, ...}; masked ones add the images and metadata."""
     res = detector.detect(rgb)
     if not res.route:
         return {"route": "", "reason": res.reason}
     rng = image_rng(params.seed, image_id)
-    mask_type, colour, texture, variant = choose_style(params, rng)
-    template = get_template(mask_type, colour, texture, variant)
+    mask_type, colour, texture, variant = choose_style(params, rng, bank)
+    template = bank[variant] if mask_type == BANK_MASK_TYPE else get_template(mask_type, colour, texture, variant)
     out, mask = overlay_mask(rgb, res.landmarks, template, feather_px=params.feather_px,
                              match_brightness=params.match_brightness, shading=params.shading, rng=rng)
     if not mask.any():
@@ -96,9 +106,11 @@ def mask_image(rgb: np.ndarray, image_id: str, detector: LandmarkDetector, param
 
 
 def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_dir: str,
-               assume_aligned: bool = False) -> list[dict]:
-    """Mask every image of one ingest chunk; write out_dir/<same name>.tar; return status rows."""
+               assume_aligned: bool = False, bank_dir: str | None = None) -> list[dict]:
+    """Mask every image of one ingest chunk; write out_dir/<same name>.tar; return status rows.
+    ``bank_dir``: the mask bank's folder, read when type_weights.real > 0."""
     detector = get_detector(predictor_path, params, assume_aligned)
+    bank = load_bank(bank_dir) if params.type_weights.get(BANK_MASK_TYPE, 0) > 0 else []
     rows, samples = [], []
     for key, members in read_chunk(chunk_path):
         meta = _load_meta(members.get("json", b"{}"))
@@ -112,7 +124,7 @@ def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_
             row["reason"] = "no decodable image in the ingest chunk"
             rows.append(row)
             continue
-        r = mask_image(rgb, image_id, detector, params)
+        r = mask_image(rgb, image_id, detector, params, bank)
         row.update(route=r["route"], reason=r["reason"])
         if "masked" in r:
             box, patch = overlay_patch(rgb, r["masked"])
@@ -150,6 +162,7 @@ class MaskSummary(StatusCounts):
         self.types: Counter = Counter()
         self.colours: Counter = Counter()
         self.textures: Counter = Counter()
+        self.bank_entries: Counter = Counter()  # type "real": images per entry (its source photo)
 
     def reason_key(self, reason: str) -> str:
         return reason.split(":")[0]
@@ -159,7 +172,10 @@ class MaskSummary(StatusCounts):
         self.multi_face += r["n_faces"] > 1
         self.types[r["mask_type"]] += 1
         self.colours[f"{r['mask_type']}/{r['colour']}"] += 1
-        self.textures[r["texture"]] += 1
+        if r["mask_type"] == BANK_MASK_TYPE:
+            self.bank_entries[r["texture"]] += 1
+        else:
+            self.textures[r["texture"]] += 1
 
     def result(self) -> dict:
         n = max(self.inputs, 1)
@@ -172,6 +188,8 @@ class MaskSummary(StatusCounts):
             "mask_types": dict(sorted(self.types.items())),
             "colours": dict(sorted(self.colours.items())),
             "textures": dict(sorted(self.textures.items())),
+            **({"bank": {"images": sum(self.bank_entries.values()), "entries_worn": len(self.bank_entries),
+                         "most_worn": max(self.bank_entries.values())}} if self.bank_entries else {}),
             "rejection_reasons": dict(sorted(self.reasons.items())),
             "splits": self.split_counts(),
         }
@@ -184,7 +202,7 @@ class SheetPicks:
 
     def __init__(self, params: MaskParams):
         self.seed = params.seed
-        self.picks = {t: SmallestK(params.contact_sheet_per_type) for t in MASK_TYPES}
+        self.picks = {t: SmallestK(params.contact_sheet_per_type) for t in ALL_MASK_TYPES}
 
     def add(self, rows: list[dict], chunk: str) -> None:
         for r in rows:
@@ -212,18 +230,23 @@ def contact_sheet(picks: dict[str, list[dict]], in_dir: Path, out_dir: Path) -> 
     sheet_rows = [[(f"{t}: {r['colour']}, {r['texture']} ({r['route']})",
                     [thumbs[(r["image_id"], "jpg")], thumbs[(r["image_id"], "masked.jpg")]])
                    for r in picks[t] if (r["image_id"], "jpg") in thumbs]
-                  for t in MASK_TYPES if picks[t]]
+                  for t in ALL_MASK_TYPES if picks[t]]
     return draw_sheet(sheet_rows, THUMB, font_scale=0.36)
 
 
 def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path, out_dir: str | Path,
-             assume_aligned: bool = False) -> dict:
+             assume_aligned: bool = False, bank_dir: str | Path | None = None) -> dict:
     """Mask every image of the ingest output; write chunks/, status.parquet, summary.json and
     contact_sheet.png to out_dir. Asserts masked + rejected = ingested, chunk by chunk.
     ``assume_aligned``: the images are 112x112 crops (the data set's flag): HOG, then the
-    canonical shape."""
+    canonical shape. ``bank_dir``: the mask_bank stage's output (type "real")."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     predictor = check_predictor(params.landmarks_dat, params.landmarks_sha256)  # fail before any work
+    real = params.type_weights.get(BANK_MASK_TYPE, 0)
+    if real > 0 and not (bank_dir and load_bank(bank_dir)):
+        raise MaskStageError(f"mask.type_weights.{BANK_MASK_TYPE} = {real}, but the mask bank at {bank_dir} has no "
+                             "entries (its summary.json says why): give mask_bank.path real masked photos, "
+                             f"or set type_weights.{BANK_MASK_TYPE} to 0")
     chunks = list_chunks(in_dir / "chunks")
     if not chunks:
         raise MaskStageError(f"no ingest chunks in {in_dir / 'chunks'} (run the ingest stage first)")
@@ -233,7 +256,7 @@ def run_mask(*, params: MaskParams, compute: ComputeParams, in_dir: str | Path, 
     accounting = Accounting(accepted_ids_by_chunk(in_dir), "masked", MaskStageError)
     summary, picks = MaskSummary(), SheetPicks(params)
     results = iter_chunks(mask_chunk, [str(c) for c in chunks], compute, desc="mask", params=params,
-                          assume_aligned=assume_aligned,
+                          assume_aligned=assume_aligned, bank_dir=str(bank_dir or ""),
                           predictor_path=str(predictor), out_dir=str(out_dir / "chunks"))
     collect_chunk_rows(chunks, results, accounting=accounting, status_path=out_dir / "status.parquet",
                        schema=STATUS_SCHEMA,
