@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from pipeline import pack
-from pipeline.config import MASK_TYPES, ComputeParams, PackParams
+from pipeline.config import ALL_MASK_TYPES, MASK_TYPES, ComputeParams, PackParams
 from pipeline.mask.records import read_mask_types
 from pipeline.pack import PackError, run_pack
 from pipeline.tar_chunks import FIXED_MTIME, file_sha256, list_chunks, read_chunk, record_chunks
@@ -232,7 +232,9 @@ def test_unseen_mask_types_stay_out_of_training_only(tiny_shards, tmp_path):
     assert none["train"]["samples"] == idx["train"]["samples"] + len(held)
     assert none["held_out_mask_types"]["images"] == 0
     with pytest.raises(ValueError, match="every mask type is unseen"):
-        PackParams(unseen_mask_types=list(MASK_TYPES))
+        PackParams(unseen_mask_types=list(ALL_MASK_TYPES))
+    # every procedural type held out leaves the bank's real masks to train on
+    assert PackParams(unseen_mask_types=list(MASK_TYPES)).unseen_mask_types == sorted(MASK_TYPES)
     with pytest.raises(ValueError, match="distinct mask types"):
         PackParams(unseen_mask_types=["n99"])
     # an aligned pair the mask stage has no type for is an error, not a silent keep

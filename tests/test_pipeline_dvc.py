@@ -183,6 +183,7 @@ def test_teammate_pulls_the_cache_and_recomputes_nothing(tiny_project, tmp_path)
     run(["git", "clone", "-q", str(tiny_project), str(clone)], tmp_path)
     (clone / "data" / "sources").mkdir(parents=True)
     (clone / "data" / "sources" / "lfw").symlink_to((tiny_project / "data" / "sources" / "lfw").resolve())
+    (clone / "data" / "sources" / "rmfd").symlink_to(tiny_project / "data" / "sources" / "rmfd")  # make data
     dvc("pull", cwd=clone)
     assert "up to date" in dvc("status", cwd=clone).stdout
     out = dvc("repro", cwd=clone).stdout
@@ -246,7 +247,8 @@ def test_queued_experiments_and_table(tiny_project):
 
     # one queued experiment beside the committed baseline (beta 1), run up to validate as a sweep is
     # (scripts/rank_experiments.py): no test figure is computed for it
-    dvc("exp", "run", "--queue", "validate", "-S", "train.distill.beta=2", "-C", "data/sources/lfw", cwd=tiny_project)
+    dvc("exp", "run", "--queue", "validate", "-S", "train.distill.beta=2", "-C", "data/sources/lfw",
+        "-C", "data/sources/rmfd", cwd=tiny_project)
     dvc("queue", "start", "-j", "1", cwd=tiny_project)
     deadline = time.time() + 600
     while time.time() < deadline:

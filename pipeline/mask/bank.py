@@ -61,6 +61,7 @@ class BankEntry:
     reason: str  # why it was rejected ("" when kept)
     scores: dict = field(default_factory=dict)
     template: Template | None = None
+    landmarks: np.ndarray | None = None  # the subject's 68 points (dlib's predictor in RetinaFace's box)
     cut: np.ndarray | None = None  # uint8 0/1, photo size
     photo_cut: np.ndarray | None = None  # the photo with the cut outlined (contact sheets)
 
@@ -158,15 +159,22 @@ def quality(rgb: np.ndarray, L: np.ndarray, cut: np.ndarray) -> tuple[str, dict]
     return failed, {k: round(v, 4) for k, v in scores.items()}
 
 
+def to_frame(rgb: np.ndarray, L: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """A photo and an alpha (0-255, photo size) warped from the photo's mask anchors (its 68
+    landmarks ``L``) to the templates' frame, piecewise over the overlay's triangles:
+    SIZE[1] x SIZE[0] x 4 float32, pose and face size gone."""
+    w, h = SIZE
+    rgba = np.dstack([rgb.astype(np.float32), alpha.astype(np.float32)])
+    return warp_template(rgba, anchor_points(L), canonical_anchors(), triangles(), (0, 0, w, h))
+
+
 def cut_to_template(rgb: np.ndarray, L: np.ndarray, cut: np.ndarray, *, source: str, index: int,
                 feather_px: float = 1.5) -> Template:
     """The cut (photo pixels + feathered alpha) warped from the photo's anchors to the canonical
     anchors: a Template in the procedural templates' frame."""
     alpha = cv2.GaussianBlur(cut.astype(np.float32) * 255.0, (0, 0), feather_px) * cut.astype(np.float32)
-    rgba = np.dstack([rgb.astype(np.float32), alpha])
-    w, h = SIZE
     anchors = canonical_anchors()
-    warped = warp_template(rgba, anchor_points(L), anchors, triangles(), (0, 0, w, h))
+    warped = to_frame(rgb, L, alpha)
     a = warped[..., 3] / 255.0
     if (a > 0.5).any():  # the photo's light out (the overlay's sigma, in template pixels)
         light = smooth_light(warped[..., :3] @ LUMA, a, max(2.0, 0.12 * float(np.ptp(anchors[:18, 0]))))
@@ -241,4 +249,4 @@ class BankBuilder:
         if not why and scores["symmetry"] < MIN_SYMMETRY:
             why = f"one-sided cut (symmetry {scores['symmetry']:.2f} < {MIN_SYMMETRY}: part of the mask hidden)"
         cv2.drawContours(drawn, contours, -1, (0, 255, 0) if not why else (255, 0, 0), 1)
-        return BankEntry(source, not why, why, scores, None if why else template, cut, drawn)
+        return BankEntry(source, not why, why, scores, None if why else template, L, cut, drawn)

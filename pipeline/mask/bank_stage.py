@@ -6,7 +6,7 @@ what DVC hashes is what is read; links not taken are rows); a copy of an earlier
 a second entry; every photo is vetted like an ingest photo (:func:`pipeline.image_check.check_image`,
 sizes bounded before decoding) and given to :class:`pipeline.mask.bank.BankBuilder`, in batches of
 ``BATCH`` sorted files over the workers. Each batch writes ``entries/bank-NNNNN.tar``: per kept photo an RGBA template (``png``, the procedural
-templates' frame) and its ``json`` (source, scores). Outputs depend on the photos and params only.
+templates' frame) and its ``json`` (source, scores, the 68 landmarks in the photo). Outputs depend on the photos and params only.
 An empty or missing folder gives an empty bank, and the summary says the masks are procedural only.
 
 Every file is kept or rejected with a reason: ``inputs = kept + rejected``.
@@ -106,7 +106,8 @@ def bank_batch(batch: tuple[int, list[str]], *, root: str, max_pixels: int, out_
         if e.kept:
             row.update(status="kept", entry=key)
             samples.append((key, {"png": encode_png(e.template.rgba), "json": dumps_json(
-                {"source": rel, "scores": e.scores})}))
+                {"source": rel, "scores": e.scores,
+                 "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in e.landmarks]})}))
     if samples:
         write_chunk(Path(out_dir) / f"bank-{number:05d}.tar", samples)
     return rows
