@@ -186,6 +186,10 @@ class AugmentParams(Section):
     crop_jitter: float = Field(0.05, ge=0.0, le=0.3)  # max shift, share of the image side
     scale_jitter: float = Field(0.05, ge=0.0, le=0.3)
     color_jitter: float = Field(0.1, ge=0.0, le=1.0)
+    # pair: the masked twin has the raw twin's geometry; standalone: it is moved on top by a draw
+    # of how standalone alignment (RetinaFace) moves a masked face (pair_loader.MASKED_GEOMETRY),
+    # so training sees masked faces as embed / identify will deliver them
+    masked_geometry: Literal["pair", "standalone"] = "pair"
 
 
 class TrainParams(Section):

@@ -49,9 +49,18 @@ Sample = tuple[str, bytes, bytes, int]
 SampleSource = Callable[[list[str]], Iterable[Sample]]
 
 
+# How standalone alignment moves a masked face's crop against the pair transform, measured on
+# masked TRAIN photos (`python scripts/masked_geometry.py`: RetinaFace's five points, dlib150
+# crops, 1,905 photos, 2026-12-04): mean and standard deviation of the crop centre's shift (dx,
+# dy: shares of the side), its rotation (degrees) and log scale. Unmasked photos move a third to
+# a half as much (std 0.012, 0.013, 2.2 deg, 0.038).
+MASKED_GEOMETRY = {"mean": (-0.0054, 0.0104, -1.764, -0.0093), "std": (0.0203, 0.0250, 3.695, 0.0684)}
+
+
 @dataclass(frozen=True)
 class PairAugment:
-    """One draw for a pair: flip, shift, scale and colour factors."""
+    """One draw for a pair: flip, shift, scale and colour factors (both twins), and with
+    ``masked_geometry: standalone`` a move of the masked twin alone."""
 
     flip: bool
     dx: float  # shift, in crop sides (the same draw on a 112 or a 150 crop)
@@ -60,6 +69,7 @@ class PairAugment:
     brightness: float
     contrast: float
     saturation: float
+    masked: tuple[float, float, float, float] | None = None  # masked twin: (dx, dy, degrees, log scale)
 
     @staticmethod
     def draw(params: AugmentParams, rng: np.random.Generator) -> "PairAugment":
@@ -72,6 +82,9 @@ class PairAugment:
             brightness=float(1.0 + rng.uniform(-j, j)),
             contrast=float(1.0 + rng.uniform(-j, j)),
             saturation=float(1.0 + rng.uniform(-j, j)),
+            # drawn after the rest, so "pair" draws exactly what it drew before the option existed
+            masked=tuple(float(rng.normal(m, s)) for m, s in zip(*MASKED_GEOMETRY.values()))
+            if params.masked_geometry == "standalone" else None,
         )
 
     def matrix(self, size: int) -> np.ndarray:
@@ -83,15 +96,27 @@ class PairAugment:
             m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
         return m
 
+    def masked_matrix(self, size: int) -> np.ndarray:
+        """The masked twin's own move (3 x 3): rotate and scale about the centre, then shift it."""
+        dx, dy, degrees, log_scale = self.masked
+        c = (size - 1) / 2.0
+        m = cv2.getRotationMatrix2D((c, c), -degrees, float(np.exp(log_scale)))
+        m[:, 2] += (dx * size, dy * size)
+        return np.vstack([m, [0.0, 0.0, 1.0]])
+
     def apply(self, image: np.ndarray, pivot: float | None = None,
-              dst: np.ndarray | None = None) -> np.ndarray:
+              dst: np.ndarray | None = None, before: np.ndarray | None = None) -> np.ndarray:
         """The geometric and colour change for one image (uint8 RGB). ``pivot`` is the grey level
         contrast turns about; :meth:`apply_pair` passes the raw twin's to both twins. ``dst`` (an
-        array of the image's shape and dtype) receives the result when given."""
+        array of the image's shape and dtype) receives the result when given. ``before``: a 3 x 3
+        move applied first, in the same warp (the masked twin's own)."""
         h, w = image.shape[:2]
         colour = not self.brightness == self.contrast == self.saturation == 1.0
         out_dst = None if colour else dst  # with a colour change the geometry is an intermediate
-        if self.dx or self.dy or self.scale != 1.0:
+        if before is not None:
+            out = cv2.warpAffine(image, (np.vstack([self.matrix(w), [0, 0, 1]]) @ before)[:2], (w, h), dst=out_dst,
+                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        elif self.dx or self.dy or self.scale != 1.0:
             out = cv2.warpAffine(image, self.matrix(w), (w, h), dst=out_dst, flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REFLECT_101)
         elif self.flip:
@@ -114,9 +139,11 @@ class PairAugment:
 
     def apply_pair(self, raw: np.ndarray, masked: np.ndarray, dst_raw: np.ndarray | None = None,
                    dst_masked: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Both twins with identical parameters, including the contrast pivot (from the raw)."""
+        """Both twins with identical parameters, including the contrast pivot (from the raw); the
+        masked twin moved first by its own draw when there is one."""
         pivot = mean_grey(raw)
-        return self.apply(raw, pivot, dst_raw), self.apply(masked, pivot, dst_masked)
+        before = None if self.masked is None else self.masked_matrix(masked.shape[1])
+        return self.apply(raw, pivot, dst_raw), self.apply(masked, pivot, dst_masked, before)
 
 
 def mean_grey(image: np.ndarray) -> float:

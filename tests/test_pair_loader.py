@@ -1,6 +1,8 @@
 """The shard pair loader on the tiny real pipeline's shards."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import random
 from pathlib import Path
@@ -69,6 +71,33 @@ def test_both_twins_get_the_same_flip_crop_and_colour(tiny_shards):
     assert not np.array_equal(draws[0].apply(img), draws[1].apply(img))
     flip_only = PairAugment(True, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
     assert np.array_equal(flip_only.apply(img), img[:, ::-1])
+
+
+def test_standalone_geometry_moves_the_masked_twin_alone_by_the_measured_spread(tiny_shards):
+    """masked_geometry: standalone (issue 23 item 2): the shared draw is unchanged (the raw twin's
+    output is byte for byte the "pair" one), the masked twin is moved on top, and over many draws
+    the moves have the mean and spread measured for standalone alignment on masked photos."""
+    from pipeline.pair_loader import MASKED_GEOMETRY
+
+    pair, standalone = AugmentParams(), AugmentParams(masked_geometry="standalone")
+    draws = [(PairAugment.draw(pair, np.random.default_rng(seed_for(0, 0, f"k{i}"))),
+              PairAugment.draw(standalone, np.random.default_rng(seed_for(0, 0, f"k{i}")))) for i in range(2000)]
+    assert all(a.masked is None and b.masked is not None and replace(b, masked=None) == a for a, b in draws)
+    moves = np.array([b.masked for _, b in draws])
+    assert np.allclose(moves.mean(0), MASKED_GEOMETRY["mean"], atol=3 * np.array(MASKED_GEOMETRY["std"]) / np.sqrt(2000))
+    assert np.allclose(moves.std(0), MASKED_GEOMETRY["std"], rtol=0.1)
+    # the move's matrix: the centre shifts by (dx, dy) crop sides, turns by the angle, scales by exp(log scale)
+    b = PairAugment(False, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, masked=(0.02, -0.01, 5.0, 0.05))
+    m = b.masked_matrix(150)
+    c = np.array([74.5, 74.5, 1.0])
+    assert np.allclose(m @ c - c, [3.0, -1.5, 0.0])
+    assert np.isclose(np.degrees(np.arctan2(m[1, 0], m[0, 0])), 5.0) and np.isclose(np.linalg.det(m[:2, :2]), np.exp(0.1))
+    # on real twins: raw as in "pair", masked moved (and its unmasked upper half no longer matches)
+    loaders = {g: make_pair_loader(_shards(tiny_shards), batch_size=4, augment=AugmentParams(masked_geometry=g),
+                                   seed=3, shuffle_buffer=16) for g in ("pair", "standalone")}
+    (raw_p, masked_p, _), (raw_s, masked_s, _) = ([torch.cat(t) for t in zip(*list(loaders[g]))] for g in loaders)
+    assert torch.equal(raw_p, raw_s) and not torch.equal(masked_p, masked_s)
+    assert (raw_s[:, :, :48] - masked_s[:, :, :48]).abs().mean() > 2 * (raw_p[:, :, :48] - masked_p[:, :, :48]).abs().mean()
 
 
 def test_workers_epochs_and_shuffle(tiny_shards):
