@@ -1,7 +1,7 @@
 """Where RetinaFace's five points land, on average, in the crop that dlib's five points (the
 training crops' `landmarks5` route) make: the offsets a calibration onto the training geometry
 would use (aligning RetinaFace's points onto template + offset), and what they would buy.
-README, "Photos without a twin", says why standalone alignment does without them: the offsets on
+docs/photos-without-a-twin.md says why standalone alignment does without them: the offsets on
 unmasked faces are small, and a mask shifts the points by more, differently.
 
 Fits on the train split (raw photos), reports the test split (other people), raw and with the

@@ -4,6 +4,7 @@ and of dlib with its 95% interval (bootstrap over identities), and the paired di
 interval and verdict: "better" / "worse" only where the interval excludes 0, else "within noise".
 
   python scripts/results_table.py eval/metrics.json
+  python scripts/results_table.py --headline --readme README.md   # README's table, between its markers
 """
 from __future__ import annotations
 
@@ -84,11 +85,17 @@ def unreachable(m: dict) -> list[str]:
     return out
 
 
-def table(m: dict) -> str:
+HEADLINE = ("gallery", *VIEWS)  # README's table: rank-1 and verification; the rest in docs/experiments.md
+README_START = "<!-- made by: python scripts/results_table.py --headline --readme README.md -->"
+README_END = "<!-- end of the generated table -->"
+
+
+def table(m: dict, headline: bool = False) -> str:
     ref = m.get("reference", {}).get("dlib")
     lines = ["| figure (percent) | model [95% CI] | dlib [95% CI] | model - dlib [95% CI] | verdict |",
              "|---|---|---|---|---|"]
-    for title, path, ci_path in figure_rows(m):
+    rows = [r for r in figure_rows(m) if not headline or r[1][0] in HEADLINE]
+    for title, path, ci_path in rows:
         d = _get(m.get("vs_dlib", {}), path)
         diff = f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "n/a"
         lines.append(f"| {title} | {_with_ci(_get(m, path), _get(m, ci_path))} | "
@@ -98,11 +105,25 @@ def table(m: dict) -> str:
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
 
+def readme_with_table(readme: str, generated: str) -> str:
+    """``readme`` with the text between its two markers replaced by ``generated``."""
+    if readme.count(README_START) != 1 or readme.count(README_END) != 1:
+        raise SystemExit(f"the README needs one line {README_START!r} and one {README_END!r}")
+    head, rest = readme.split(README_START)
+    return f"{head}{README_START}\n{generated}{README_END}{rest.split(README_END)[1]}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("metrics", nargs="?", default="eval/metrics.json")
+    ap.add_argument("--headline", action="store_true", help="rank-1 and verification rows only (README)")
+    ap.add_argument("--readme", help="write the table into this file, between its markers")
     args = ap.parse_args()
-    print(table(json.loads(Path(args.metrics).read_text())), end="")
+    out = table(json.loads(Path(args.metrics).read_text()), headline=args.headline)
+    if args.readme:
+        Path(args.readme).write_text(readme_with_table(Path(args.readme).read_text(), out))
+    else:
+        print(out, end="")
 
 
 if __name__ == "__main__":
