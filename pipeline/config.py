@@ -85,6 +85,9 @@ class MaskParams(Section):
     texture_weights: dict[str, float] = Field(
         default_factory=lambda: {"plain": 2.0, "pleats": 2.0, "grain": 1.0, "print": 1.0}
     )
+    # the ingest splits whose images may wear bank masks (type "real"); the others draw from the
+    # procedural types alone, exactly as with real 0 (e.g. [train]: test probes stay comparable)
+    bank_splits: list[Literal["train", "test"]] = Field(default_factory=lambda: ["train", "test"])
     feather_px: float = Field(1.5, ge=0.0, le=20.0)
     match_brightness: bool = True
     shading: bool = True

@@ -114,6 +114,17 @@ def test_the_mask_stage_wears_bank_entries(bank, tmp_path):
     run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "p0", bank_dir=out)
     run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "none")
     assert _hashes(tmp_path / "p0") == _hashes(tmp_path / "none")
+    # bank_splits [train]: the test people's masks are byte for byte those drawn without the real type
+    run_mask(params=MaskParams(type_weights=REAL, bank_splits=["train"]), compute=SERIAL, in_dir=ingested,
+             out_dir=tmp_path / "tr", bank_dir=out)
+    run_mask(params=MaskParams(type_weights={"surgical": 1.0}), compute=SERIAL, in_dir=ingested,
+             out_dir=tmp_path / "proc")
+    tr, proc = _hashes(tmp_path / "tr"), _hashes(tmp_path / "proc")
+    test_chunks = [k for k in tr if k.startswith("chunks/test-")]
+    assert test_chunks and all(tr[k] == proc[k] for k in test_chunks)
+    rows_tr = status_rows(tmp_path / "tr")
+    assert {r["mask_type"] for r in rows_tr if r["split"] == "test"} == {"surgical"}
+    assert "real" in {r["mask_type"] for r in rows_tr if r["split"] == "train"}
     # a weight on "real" with an empty bank: refused before any work, naming the key
     (tmp_path / "nothing").mkdir()
     run_mask_bank(params=MaskBankParams(path=str(tmp_path / "nothing")), compute=SERIAL, out_dir=tmp_path / "eb")

@@ -61,8 +61,10 @@ def _weighted(rng: np.random.Generator, weights: dict[str, float], order: tuple[
 def choose_style(params: MaskParams, rng: np.random.Generator,
                  bank: list[Template] = ()) -> tuple[str, str, str, int]:
     """(mask_type, colour, texture, variant) from the image's RNG; colours uniform in the type's
-    palette; type "real": ("real", "photo", the entry's source, its index in ``bank``), uniform."""
-    mask_type = _weighted(rng, params.type_weights, ALL_MASK_TYPES)
+    palette; type "real": ("real", "photo", the entry's source, its index in ``bank``), uniform.
+    With no ``bank`` the procedural types alone are drawn, as with type_weights.real 0."""
+    weights = params.type_weights if len(bank) else {k: w for k, w in params.type_weights.items() if k != BANK_MASK_TYPE}
+    mask_type = _weighted(rng, weights, ALL_MASK_TYPES)
     if mask_type == BANK_MASK_TYPE:
         i = int(rng.integers(len(bank)))
         return mask_type, bank[i].colour, bank[i].texture, i
@@ -124,7 +126,7 @@ def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_
             row["reason"] = "no decodable image in the ingest chunk"
             rows.append(row)
             continue
-        r = mask_image(rgb, image_id, detector, params, bank)
+        r = mask_image(rgb, image_id, detector, params, bank if row["split"] in params.bank_splits else [])
         row.update(route=r["route"], reason=r["reason"])
         if "masked" in r:
             box, patch = overlay_patch(rgb, r["masked"])
