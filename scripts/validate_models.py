@@ -6,7 +6,8 @@ paired difference to dlib's network on the same pairs and probes. A model is a m
 path, or a git revision (an experiment's, e.g. from `dvc exp show`) whose dvc.lock names the model
 in the DVC cache. `dlib` is the starting network and the reference. One JSON line per model.
 
-``--alphas 1,0.8,0.7`` scores each fine-tuned dlib_resnet model at these train.wise_alpha values
+Each model is scored as written (at the train.wise_alpha it was written with, shown in the
+``wise_alpha`` column). ``--alphas 1,0.8,0.7`` scores each fine-tuned dlib_resnet model at these train.wise_alpha values
 (WiSE-FT: start + alpha x (fine-tuned - start)) without retraining: a model the train stage wrote
 at wise_alpha a lies on that line already, so alpha b is start + (b / a) x (model - start) (above
 1 for b > a: back towards the fine-tuned net it was moved from, exact up to float rounding).
@@ -146,11 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("models", nargs="+", help="dlib | a model.pt path | a git revision")
     ap.add_argument("--shards", default="data/shards")
     ap.add_argument("--params", default="params.yaml", help="its evaluate and validation sections score")
-    ap.add_argument("--alphas", default="1", help="comma-separated, each in (0, 1]: weight of the fine-tuning")
+    ap.add_argument("--alphas", default=None, help="comma-separated, each in (0, 1]: weight of the fine-tuning "
+                                                    "(default: each model as written)")
     ap.add_argument("--markdown", action="store_true", help="end with a table, best validation m-u first")
     args = ap.parse_args(argv)
-    alphas = [float(a) for a in args.alphas.split(",")]
-    if not all(0 < a <= 1 for a in alphas):
+    alphas = None if args.alphas is None else [float(a) for a in args.alphas.split(",")]
+    if alphas is not None and not all(0 < a <= 1 for a in alphas):
         raise SystemExit(f"--alphas: each must lie in (0, 1], got {args.alphas}")
     params = load_params(args.params)
     ev, va = params.evaluate, params.validation
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             written = torch.load(spec, map_location="cpu", weights_only=True)["meta"].get("wise_alpha", 1.0)
             tuned = {k: v.detach().clone() for k, v in net.state_dict().items()}
             runs = []
-            for alpha in alphas:
+            for alpha in alphas or [written]:
                 if alpha != written and net.config["backbone"] != "dlib_resnet":
                     raise SystemExit(f"{name}: --alphas other than its own ({written}) need a model fine-tuned "
                                      f"from dlib's network")

@@ -78,6 +78,11 @@ def test_alphas_score_the_model_moved_towards_dlib_in_any_order(tiny_shards, che
     validate_models.main([str(checkpoints / "half.pt"), "--alphas", "1", *common])  # its own 1: as written
     half = _rows(capsys.readouterr().out)[0]
     assert half["validation"] == again[0.4]
+    # no --alphas: each model as written (tuned.pt at its 0.8), never moved along the line
+    validate_models.main([str(checkpoints / "tuned.pt"), str(checkpoints / "half.pt"), *common])
+    as_written = [r for r in _rows(capsys.readouterr().out) if "model" in r]
+    assert [r["wise_alpha"] for r in as_written] == [0.8, 1.0]
+    assert as_written[0]["validation"] == again[0.8] and as_written[1]["validation"] == again[0.4]
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert table[0].startswith("| model | wise_alpha | val u-u | val m-u |")
     mu = [float(line.split(" | ")[3].split()[0]) for line in table[2:]]
