@@ -2,7 +2,7 @@
 to judge by eye whether the bank's masks look like real ones on other people.
 
 Per row cell: the LFW photo, the photo wearing a bank entry (type "real", named above it), the photo
-wearing the procedural mask the mask stage's defaults draw for it. The faces are every K-th person
+wearing the procedural mask the mask stage's defaults draw for it. The faces are every K-th View 1 TRAIN person
 of LFW (their first photo), the entries as the mask stage draws them (seeded by image id).
 
 Run after the mask_bank stage, from the project root:
@@ -23,6 +23,7 @@ from pipeline.images import decode_rgb  # noqa: E402
 from pipeline.mask.bank_stage import load_bank  # noqa: E402
 from pipeline.mask.landmarks import check_predictor  # noqa: E402
 from pipeline.mask.stage import get_detector, mask_image  # noqa: E402
+from pipeline.protocols import read_people  # noqa: E402
 from pipeline.stage_report import draw_sheet, fit_tile, write_png  # noqa: E402
 
 TILE = 120
@@ -42,7 +43,9 @@ def main() -> None:
     real, procedural = MaskParams(type_weights={"real": 1.0}), MaskParams()
     detector = get_detector(str(check_predictor(None)), procedural)
     cells = []
-    for person in tqdm(sorted(Path(args.lfw).iterdir())[::args.every][:args.n], desc="faces", unit="face"):
+    train = read_people(Path(args.lfw).parent / "peopleDevTrain.txt")  # View 1 train people only
+    people = sorted(p for p in Path(args.lfw).iterdir() if p.name in train)
+    for person in tqdm(people[::args.every][:args.n], desc="faces", unit="face"):
         photo = sorted(person.iterdir())[0]
         rgb = decode_rgb(photo.read_bytes())
         image_id = f"{person.name}/{photo.stem}"

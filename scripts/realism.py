@@ -9,7 +9,8 @@ LFW faces wearing:
 - bank: entries of the mask bank (type "real" only);
 - mix: procedural and bank masks half and half (type_weights.real = the procedural weights' sum).
 
-Reals are the mask bank's kept RMFD photos (their cut is the region), split by a seeded hash:
+The LFW faces are View 1 TRAIN people's (the first photo of an evenly spaced pick): nothing here
+looks at a test person. Reals are the mask bank's kept RMFD photos (their cut is the region), split by a seeded hash:
 two thirds are the reals scored here, the other third the only bank entries the synthetic faces
 may wear, so no real photo's own mask is ever worn by a synthetic face it is compared with. The
 control scores the same photos' eye band (no mask in it): how well the classifier tells RMFD's
@@ -39,6 +40,7 @@ from pipeline.mask.bank_stage import load_bank  # noqa: E402
 from pipeline.mask.landmarks import check_predictor  # noqa: E402
 from pipeline.mask.realism import eye_crop, mask_crop, paired_difference, separability  # noqa: E402
 from pipeline.mask.stage import get_detector, mask_image  # noqa: E402
+from pipeline.protocols import read_people  # noqa: E402
 from pipeline.seeding import rank_key  # noqa: E402
 from pipeline.stage_report import draw_sheet, fit_tile, write_png  # noqa: E402
 
@@ -68,7 +70,8 @@ def _synthetic_samples(lfw: Path, n: int, bank: list):
     detector = get_detector(str(check_predictor(None)), default)
     crops = {c: [] for c in CONDITIONS}
     eyes = []
-    people = sorted(p for p in lfw.iterdir() if p.is_dir())
+    train = read_people(lfw.parent / "peopleDevTrain.txt")  # View 1 train people: never a test person
+    people = sorted(p for p in lfw.iterdir() if p.is_dir() and p.name in train)
     for person in tqdm(people[::max(1, len(people) // (2 * n))], desc="LFW faces", unit="face"):
         photo = sorted(person.iterdir())[0]
         rgb = decode_rgb(photo.read_bytes())

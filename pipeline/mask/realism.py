@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.bootstrap import interval
+from pipeline.metrics import auc, roc_curve
+
 CROP = (106, 98)  # (w, h): the templates' frame (318 x 294) shrunk 3x
 BAND = 6  # frame pixels around the mask region that stay visible (its edge against the skin)
 GREY = 128.0
@@ -139,15 +142,6 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> 
     return w
 
 
-def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    pos = labels == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1))
-
-
 def separability(real: np.ndarray, synthetic: np.ndarray, *, folds: int = 5, l2: float = 10.0,
                  seed: int = 0, replicates: int = 1000, level: float = 0.95) -> Separability:
     """Out-of-fold accuracy of a logistic regression on :func:`features` telling ``real`` from
@@ -170,11 +164,17 @@ def separability(real: np.ndarray, synthetic: np.ndarray, *, folds: int = 5, l2:
         w = _logistic(z(x[tr]), y[tr], l2)
         scores[te] = 1.0 / (1.0 + np.exp(-np.clip(z(x[te]) @ w, -30, 30)))
     right = ((scores >= 0.5) == (y == 1)).astype(np.float64)
-    boot = np.random.default_rng(seed + 1)
-    reps = [right[np.concatenate([boot.integers(0, n, n), n + boot.integers(0, n, n)])].mean()
-            for _ in range(replicates)]
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return Separability(float(right.mean()), (float(lo), float(hi)), _auc(scores, y.astype(int)), n, n, scores)
+    ci = interval(_resampled_means(right, n, seed + 1, replicates), level)
+    fpr, tpr, _ = roc_curve(scores, y == 1)
+    return Separability(float(right.mean()), (ci["low"], ci["high"]), auc(fpr, tpr), n, n, scores)
+
+
+def _resampled_means(right: np.ndarray, n: int, seed: int, replicates: int) -> np.ndarray:
+    """Bootstrap means of per-sample 0/1 rows laid out as n reals then n synthetic, each side
+    resampled on its own (classes stay balanced)."""
+    rng = np.random.default_rng(seed)
+    return np.array([right[np.concatenate([rng.integers(0, n, n), n + rng.integers(0, n, n)])].mean()
+                     for _ in range(replicates)])
 
 
 def paired_difference(a: Separability, b: Separability, *, seed: int = 0, replicates: int = 1000,
@@ -188,10 +188,5 @@ def paired_difference(a: Separability, b: Separability, *, seed: int = 0, replic
     y = np.concatenate([np.ones(n), np.zeros(n)])
     ra = ((a.scores >= 0.5) == (y == 1)).astype(np.float64)
     rb = ((b.scores >= 0.5) == (y == 1)).astype(np.float64)
-    rng = np.random.default_rng(seed + 2)
-    reps = []
-    for _ in range(replicates):
-        i = np.concatenate([rng.integers(0, n, n), n + rng.integers(0, n, n)])
-        reps.append(ra[i].mean() - rb[i].mean())
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": round(float(ra.mean() - rb.mean()), 4), "ci": [round(float(lo), 4), round(float(hi), 4)]}
+    ci = interval(_resampled_means(ra - rb, n, seed + 2, replicates), level)  # one draw serves both
+    return {"diff": round(float(ra.mean() - rb.mean()), 4), "ci": [round(ci["low"], 4), round(ci["high"], 4)]}
