@@ -123,6 +123,17 @@ class AlignParams(Section):
     # the crop layout: arcface112 (insightface's 112 px, torchvision nets) | dlib150 (dlib's chip)
     template: Literal["arcface112", "dlib150"] = "dlib150"
     jpeg_quality: int = Field(95, ge=50, le=100)
+    # splits whose masked twins are also aligned on their own, as embed / identify align a photo
+    # (the standalone section's routes, on the masked image): member masked_standalone.jpg, what
+    # train.augment.masked_geometry "detected" trains on; [] = none (RetinaFace costs ~15 ms a photo)
+    standalone_twin_splits: list[Literal["train", "test"]] = Field(default_factory=list)
+
+    @field_validator("standalone_twin_splits")
+    @classmethod
+    def _twin_splits(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"distinct splits from ['train', 'test']; got {v}")
+        return sorted(v)
 
 
 class PackParams(Section):
@@ -141,6 +152,9 @@ class PackParams(Section):
     # mask types kept out of training (a train person's pairs wearing them are not packed);
     # validation and test keep every type and report seen vs unseen types apart (by_mask.*)
     unseen_mask_types: list[str] = Field(default_factory=lambda: ["gas", "kn95", "n95"])
+    # at most this many train pairs (a seeded choice over the pairs' ids, after the val people and
+    # the unseen types are taken out): recipes compared at the same number of pairs; null = all
+    max_train_pairs: Optional[int] = Field(None, ge=1)
 
     @field_validator("unseen_mask_types")
     @classmethod
@@ -191,8 +205,10 @@ class AugmentParams(Section):
     color_jitter: float = Field(0.1, ge=0.0, le=1.0)
     # pair: the masked twin has the raw twin's geometry; standalone: it is moved on top by a draw
     # of how standalone alignment (RetinaFace) moves a masked face (pair_loader.MASKED_GEOMETRY),
-    # so training sees masked faces as embed / identify will deliver them
-    masked_geometry: Literal["pair", "standalone"] = "pair"
+    # so training sees masked faces as embed / identify will deliver them; detected: the masked
+    # twin as standalone alignment itself cropped it (align.standalone_twin_splits: [train]; the
+    # pair's crop where no face was found)
+    masked_geometry: Literal["pair", "standalone", "detected"] = "pair"
 
 
 class TrainParams(Section):

@@ -11,6 +11,8 @@ seed could not scale past LFW because of that I/O; DVC also slows to hours past 
   stage's status.parquet says which) are not packed, so evaluation can tell mask types the model
   trained on from ones it never saw; validation people keep every type. A person left with no
   pair becomes no class. ``index.json``'s ``held_out_mask_types`` counts them.
+- ``max_train_pairs``: of the pairs left to train on, a seeded choice of at most this many is
+  packed (recipes compared at one number of pairs); ``index.json``'s ``subsampled`` counts the rest.
 - ``train-NNNNNN.tar``: the other kept identities' pairs, shuffled in one pass through seeded
   buckets (below). Labels are contiguous ints over the sorted training identities
   (``classes.json``).
@@ -43,7 +45,7 @@ byte-identical across runs, worker counts and ``PACK_MEMORY_BYTES``. The tempora
 deleted at the end.
 
 Members per sample: ``{key}.raw.jpg``, ``{key}.masked.jpg``, ``{key}.cls`` (ascii int),
-``{key}.json``, written by :func:`pipeline.tar_chunks.write_tar` (GNU long names, fixed metadata),
+``{key}.json`` (a train pair also ``{key}.masked_standalone.jpg`` where align wrote it), written by :func:`pipeline.tar_chunks.write_tar` (GNU long names, fixed metadata),
 so two runs give byte-identical shards whatever the key length.
 """
 from __future__ import annotations
@@ -59,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.align.geometry import LEGACY_TEMPLATE
+from pipeline.align.geometry import LEGACY_TEMPLATE, STANDALONE_TWIN
 from pipeline.config import ComputeParams, PackParams
 from pipeline.mask.records import MaskRecordError, read_mask_types
 from pipeline.parallel import iter_chunks
@@ -167,19 +169,24 @@ def scatter_chunk(job: tuple[str, dict[str, int], dict[str, int], frozenset[str]
     """Write one aligned chunk's kept pairs to bucket fragments ``train/<bucket>/<chunk>.tar``
     and its held-out identities' first keys to ``val/<chunk>.tar``. ``job``: (chunk path, train
     identity -> label, val identity -> label, ids of the unseen-type pairs), for this chunk only.
-    Returns {"buckets": {bucket: pairs}, "val": [(identity, key, sample bytes)]}."""
+    A train pair carries its masked twin aligned on its own (``masked_standalone.jpg``) when the
+    align stage wrote one; a val pair never does (validation scores the pair's crops).
+    Returns {"buckets": {bucket: pairs}, "val": [(identity, key, sample bytes)], "standalone_twins": n}."""
     chunk, labels, val_labels, unseen = job
     name = Path(chunk).stem
     buckets: dict[int, list] = {}
     val: dict[str, list] = {}
+    own_twins = 0
     for key, members in read_chunk(chunk):
         info = json.loads(members["json"])
         identity = info["identity"]
         if identity in labels:
             if info.get("image_id", key) in unseen:
                 continue
-            sample = {**{e: members[e] for e in IMAGE_MEMBERS}, **_small_members(info, labels[identity], "train")}
+            sample = {**{e: members[e] for e in (*IMAGE_MEMBERS, STANDALONE_TWIN) if e in members},
+                      **_small_members(info, labels[identity], "train")}
             buckets.setdefault(bucket_of(seed, key, n_buckets), []).append((key, sample))
+            own_twins += STANDALONE_TWIN in members
         elif identity in val_labels:
             sample = {**{e: members[e] for e in IMAGE_MEMBERS}, **_small_members(info, val_labels[identity], "val")}
             val.setdefault(identity, []).append((key, sample))
@@ -192,7 +199,7 @@ def scatter_chunk(job: tuple[str, dict[str, int], dict[str, int], frozenset[str]
             val_samples.append((key, sample))
     if val_samples:
         write_chunk(Path(frag_dir) / "val" / f"{name}.tar", val_samples)
-    return {"buckets": {b: len(s) for b, s in buckets.items()}, "val": candidates}
+    return {"buckets": {b: len(s) for b, s in buckets.items()}, "val": candidates, "standalone_twins": own_twins}
 
 
 # ------------------------------------------------------------------- pass 3: gather into shards
@@ -318,6 +325,25 @@ def unseen_ids_by_chunk(aligned_dir: Path, masked_dir: Path, unseen_types: list[
     return {c: frozenset(v) for c, v in out.items()}
 
 
+def subsample_ids_by_chunk(aligned_dir: Path, train_ids: set[str], held: dict[str, frozenset[str]], keep: int,
+                           seed: int) -> tuple[dict[str, frozenset[str]], Counter]:
+    """``pack.max_train_pairs``: (aligned chunk name -> ids of the train pairs left out, identity ->
+    pairs left out) so that ``keep`` pairs remain of those of ``train_ids`` not already ``held``
+    out. The pairs kept are the ``keep`` lowest by ``seed_for(seed, "subsample", image_id)``: a
+    function of the seed and the ids only, so the same pairs whatever the chunks or workers."""
+    t = pq.read_table(aligned_dir / "status.parquet",
+                      columns=["image_id", "identity", "split", "status", "chunk"]).to_pydict()
+    pairs = sorted((seed_for(seed, "subsample", i), i, ident, c)
+                   for i, ident, split, state, c in zip(t["image_id"], t["identity"], t["split"], t["status"], t["chunk"])
+                   if split == "train" and state == "aligned" and ident in train_ids and i not in held.get(c, ()))
+    out: dict[str, set[str]] = {}
+    per_identity: Counter = Counter()
+    for _, image_id, identity, chunk in pairs[keep:]:
+        out.setdefault(chunk, set()).add(image_id)
+        per_identity[identity] += 1
+    return {c: frozenset(v) for c, v in out.items()}, per_identity
+
+
 def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path,
              compute: ComputeParams | None = None, masked_dir: str | Path | None = None,
              overlap: dict | None = None) -> dict:
@@ -381,21 +407,33 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     val_label = {ident: i for i, ident in enumerate(val_ids)}
     train_ids = [i for i in kept_ids if i not in val_label]
     held_out = sum(unseen_counts[i] for i in train_ids)
-    classes = {ident: label for label, ident in enumerate(i for i in train_ids if counts[i] > unseen_counts[i])}
-    train_pairs = sum(counts[i] - unseen_counts[i] for i in classes)
-    train_bytes = sum(image_bytes[i] - unseen_bytes[i] for i in classes) + SMALL_MEMBERS_BYTES * train_pairs
+    seen_pairs = sum(counts[i] - unseen_counts[i] for i in train_ids)
+    seen_bytes = sum(image_bytes[i] - unseen_bytes[i] for i in train_ids) + SMALL_MEMBERS_BYTES * seen_pairs
+    dropped: Counter = Counter()
+    if params.max_train_pairs is not None and seen_pairs > params.max_train_pairs:
+        left_out, dropped = subsample_ids_by_chunk(aligned_dir, set(train_ids), unseen, params.max_train_pairs,
+                                                   params.seed)
+        chunk_unseen = [u | left_out.get(c.name, frozenset()) for c, u in zip(chunks, chunk_unseen)]
+    classes = {ident: label for label, ident in
+               enumerate(i for i in train_ids if counts[i] > unseen_counts[i] + dropped[i])}
+    train_pairs = sum(counts[i] - unseen_counts[i] - dropped[i] for i in classes)
+    subsampled = sum(dropped.values())
+    # the shuffle's bucket count from the train pairs' bytes (pro rata after a subsample)
+    train_bytes = seen_bytes * train_pairs // max(seen_pairs, 1)
     n_buckets = max(1, math.ceil(train_bytes / BUCKET_BYTES))
 
     # Pass 2: every kept pair to its bucket's fragment; val candidates to val fragments.
     jobs = [(str(c), {i: classes[i] for i in ids if i in classes}, {i: val_label[i] for i in ids if i in val_label}, u)
             for c, ids, u in zip(chunks, chunk_ids, chunk_unseen)]
     bucket_pairs: Counter = Counter()
+    own_twins = 0
     candidates: dict[str, list[tuple[str, int, str]]] = {}
     k = params.val_images_per_identity
     with closing(iter_chunks(scatter_chunk, jobs, compute, desc="pack scatter", frag_dir=str(frag_dir),
                              seed=params.seed, n_buckets=n_buckets, val_per_identity=k)) as scattered:
         for chunk, res in zip(chunks, scattered):
             bucket_pairs.update(res["buckets"])
+            own_twins += res["standalone_twins"]
             for identity, key, size in res["val"]:  # keep each identity's first k keys so far
                 keep = candidates.setdefault(identity, [])
                 keep.append((key, size, chunk.stem))
@@ -428,8 +466,10 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     n_val = sum(s["samples"] for s in val_shards)
     filtered = n_aligned - sum(counts[i] for i in kept_ids) - overlap_images
     val_unused = sum(counts[i] for i in val_ids) - n_val_keys
-    if n_train != train_pairs or n_train + n_val + filtered + val_unused + held_out + overlap_images != n_aligned:
-        raise PackError("pack lost samples: train + val + filtered + unused val images + unseen mask types != aligned")
+    if n_train != train_pairs or \
+            n_train + n_val + filtered + val_unused + held_out + subsampled + overlap_images != n_aligned:
+        raise PackError("pack lost samples: train + val + filtered + unused val images + unseen mask types "
+                        "+ subsampled != aligned")
     record_chunks(out_dir, train_shards + val_shards)
     write_json(out_dir / "classes.json", classes)
     index = {
@@ -442,7 +482,11 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
         "held_out_mask_types": {"types": params.unseen_mask_types, "images": held_out,
                                 "identities_without_a_seen_pair": len(train_ids) - len(classes),
                                 "reason": "a training pair whose twin wears an unseen mask type"},
-        "train": {"samples": n_train, "identities": len(classes), "buckets": n_buckets, "shards": train_shards},
+        "subsampled": {"images": subsampled, "identities_without_a_pair": sum(
+                           1 for i in train_ids if counts[i] > unseen_counts[i] and i not in classes),
+                       "reason": f"pack.max_train_pairs {params.max_train_pairs}: a seeded choice of the train pairs"},
+        "train": {"samples": n_train, "identities": len(classes), "buckets": n_buckets,
+                  "standalone_twins": own_twins, "shards": train_shards},
         "val": {"samples": n_val, "identities": val_ids, "images_not_packed": val_unused,
                 "shards": val_shards},
     }

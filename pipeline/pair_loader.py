@@ -29,6 +29,7 @@ import os
 import random
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.align.geometry import STANDALONE_TWIN
 from pipeline.config import AugmentParams
 from pipeline.images import decode_rgb
 from pipeline.seeding import seed_for
@@ -206,10 +208,12 @@ def to_batch(images: np.ndarray) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-def shard_samples(urls: Sequence[str]) -> Iterator[Sample]:
+def shard_samples(urls: Sequence[str], masked_member: str = "masked.jpg") -> Iterator[Sample]:
     """The samples of these shards in file order, through the one tar reader
     (:func:`pipeline.tar_chunks.read_chunk`). Background threads read the first shard and, while one
-    shard is parsed, the next into the page cache, so a cold shard's disk time overlaps decoding."""
+    shard is parsed, the next into the page cache, so a cold shard's disk time overlaps decoding.
+    ``masked_member``: the masked twin's member, ``masked.jpg`` where a sample has none of that name
+    (``masked_standalone.jpg``: the twin aligned on its own, where a face was found)."""
     for i, url in enumerate(urls):
         if i == 0:
             prefetch(url)  # runs ahead of the parser: disk speed against decode speed
@@ -217,7 +221,7 @@ def shard_samples(urls: Sequence[str]) -> Iterator[Sample]:
             prefetch(urls[i + 1])
         for key, members in read_chunk(url):
             try:
-                yield key, members["raw.jpg"], members["masked.jpg"], int(members["cls"])
+                yield key, members["raw.jpg"], members.get(masked_member) or members["masked.jpg"], int(members["cls"])
             except KeyError as err:
                 raise KeyError(f"{url}: sample {key!r} lacks member {err}") from None
 
@@ -320,7 +324,9 @@ class PairShards(IterableDataset):
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} outside world size {self.world}")
         self.return_keys = return_keys
-        self.source: SampleSource = source or shard_samples
+        detected = augment is not None and augment.masked_geometry == "detected"
+        self.source: SampleSource = source or (partial(shard_samples, masked_member=STANDALONE_TWIN) if detected
+                                               else shard_samples)
 
     @property
     def epoch(self) -> int:

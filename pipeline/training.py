@@ -103,6 +103,7 @@ class ShardSet:
     val_identities: list[str]
     fingerprint: str
     template: str  # the crop layout the pairs were aligned to (align.template)
+    standalone_twins: int = 0  # train pairs whose masked twin was also aligned on its own
 
 
 def read_shard_set(shards_dir: Path) -> ShardSet:
@@ -114,7 +115,7 @@ def read_shard_set(shards_dir: Path) -> ShardSet:
     index = json.loads(index_file.read_text())
     return ShardSet(train, val, json.loads(classes_file.read_text()), int(index["train"]["samples"]),
                     list(index.get("val", {}).get("identities", [])), file_sha256(index_file),
-                    index.get("template", LEGACY_TEMPLATE))
+                    index.get("template", LEGACY_TEMPLATE), int(index["train"].get("standalone_twins", 0)))
 
 
 def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
@@ -590,6 +591,10 @@ def setup(params: TrainParams, shards_dir: Path, resume_dir: Path, make_loader: 
     """Shards, device, process group, model, optimiser and the resume state, checked before any
     training step."""
     shards = read_shard_set(shards_dir)
+    if params.augment.masked_geometry == "detected" and not shards.standalone_twins:
+        raise ValueError(f"train.augment.masked_geometry 'detected' trains on masked twins aligned on their own, "
+                         f"and {shards_dir} holds none: set align.standalone_twin_splits: [train], then "
+                         f"`dvc repro` reruns align and pack")
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     check_shard_count(len(shards.train), world_env, params.num_workers)
     device = select_device(params.device, int(os.environ.get("LOCAL_RANK", "0")))

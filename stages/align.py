@@ -18,7 +18,7 @@ def main() -> None:
     root = f"{args.root}/{args.dataset}"
     summary = run_align(params=params.align, compute=params.compute, ingest_dir=f"{root}/ingest",
                         masked_dir=f"{root}/masked", out_dir=f"{root}/aligned",
-                        assume_aligned=params.dataset(args.dataset).assume_aligned)
+                        assume_aligned=params.dataset(args.dataset).assume_aligned, standalone=params.standalone)
     print(json.dumps({k: summary[k] for k in ("inputs", "aligned", "rejected", "cascade_share", "routes")}))
 
 

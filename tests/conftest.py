@@ -96,6 +96,23 @@ def tiny_shards(lfw_small, tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def tiny_twin_shards(tiny_shards, tmp_path_factory) -> Path:
+    """tiny_shards' pipeline aligned again with align.standalone_twin_splits [train] (the masked
+    train twins also aligned on their own by RetinaFace, as `embed` aligns a photo) and packed
+    like tiny_shards: <root>/aligned and <root>/shards."""
+    from pipeline.align.stage import run_align
+    from pipeline.config import AlignParams, ComputeParams, PackParams
+    from pipeline.pack import run_pack
+
+    tiny, root = tiny_shards.parent, tmp_path_factory.mktemp("tiny_twins")
+    run_align(params=AlignParams(standalone_twin_splits=["train"]), compute=ComputeParams(n_jobs=1),
+              ingest_dir=tiny / "ingest", masked_dir=tiny / "masked", out_dir=root / "aligned")
+    run_pack(params=PackParams(shard_max_count=4, unseen_mask_types=[]), aligned_dir=root / "aligned",
+             masked_dir=tiny / "masked", out_dir=root / "shards")
+    return root / "shards"
+
+
 def _balanced_pairs(lfw_dir: Path, people: list[str]) -> tuple[list[str], list[str]]:
     """Same-person pairs (round robin over people) and different-person pairs, N of each."""
     images = {p: sorted(int(f.stem.rsplit("_", 1)[1]) for f in (lfw_dir / "lfw-deepfunneled" / p).glob("*.jpg"))

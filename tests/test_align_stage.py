@@ -112,6 +112,50 @@ def test_byte_identical_across_runs_and_worker_counts(tiny, tmp_path):
     assert _files(again) == _files(tiny / "aligned")
 
 
+def test_standalone_twins_of_the_asked_splits_only(tiny, tiny_twin_shards, tmp_path):
+    """align.standalone_twin_splits [train]: a train image's masked twin is also aligned on its own
+    (align_standalone on the masked photo, as `embed` aligns it) into masked_standalone.jpg, its
+    route in the json; test images get none; the pair's crops and the status table stay byte for
+    byte the default's; summary.json counts the routes; same bytes with 2 workers."""
+    from pipeline.align.detection import align_standalone
+    from pipeline.images import decode_rgb
+    from pipeline.mask.overlay import apply_overlay
+
+    out = tiny_twin_shards.parent / "aligned"
+    assert (out / "status.parquet").read_bytes() == (tiny / "aligned" / "status.parquet").read_bytes()
+    default = {k: m for c in list_chunks(tiny / "aligned" / "chunks") for k, m in read_chunk(c)}
+    routes, twins = {}, 0
+    for chunk in list_chunks(out / "chunks"):
+        for key, m in read_chunk(chunk):
+            info = json.loads(m["json"])
+            assert m["raw.jpg"] == default[key]["raw.jpg"] and m["masked.jpg"] == default[key]["masked.jpg"]
+            if info["split"] != "train":
+                assert geo.STANDALONE_TWIN not in m and "standalone_route" not in info
+                continue
+            routes[info["standalone_route"]] = routes.get(info["standalone_route"], 0) + 1
+            assert (geo.STANDALONE_TWIN in m) == (info["standalone_route"] != "none")
+            twins += geo.STANDALONE_TWIN in m
+    assert twins >= 15 and routes.get("retinaface5", 0) >= 0.9 * twins
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["standalone_twins"]["routes"] == dict(sorted(routes.items()))
+    assert summary["standalone_twins"]["aligned_pairs"] == sum(routes.values())
+    assert "standalone_twins" not in json.loads((tiny / "aligned" / "summary.json").read_text())
+    # the crop is align_standalone's on the masked photo
+    chunk = list_chunks(out / "chunks", prefix="train-")[0]
+    key, m = next((k, m) for k, m in read_chunk(chunk) if geo.STANDALONE_TWIN in m)
+    raw = decode_rgb(next(mm for k, mm in read_chunk(tiny / "ingest" / "chunks" / chunk.name) if k == key)["jpg"])
+    twin = dict(read_chunk(tiny / "masked" / "chunks" / chunk.name))[key]
+    masked = apply_overlay(raw, json.loads(twin["json"])["overlay_box"], decode_rgb(twin["overlay.png"]))
+    own = align_standalone(masked, template=geo.get_template(AlignParams().template)).crop
+    assert np.abs(decode_rgb(m[geo.STANDALONE_TWIN]).astype(int) - own).mean() < 2.0  # JPEG's loss only
+    again = tmp_path / "aligned"
+    run_align(params=AlignParams(standalone_twin_splits=["train"]), compute=ComputeParams(n_jobs=2),
+              ingest_dir=tiny / "ingest", masked_dir=tiny / "masked", out_dir=again)
+    assert _files(again) == _files(out)
+    with pytest.raises(ValueError, match="standalone_twin_splits"):
+        AlignParams(standalone_twin_splits=["val"])
+
+
 def test_missing_twin_is_a_recorded_rejection(tiny, tmp_path):
     masked = tmp_path / "masked"
     shutil.copytree(tiny / "masked", masked)

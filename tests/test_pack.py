@@ -246,3 +246,54 @@ def test_unseen_mask_types_stay_out_of_training_only(tiny_shards, tmp_path):
     pq.write_table(t.filter(pc.not_equal(t.column("image_id"), keys[0])), tmp_path / "m" / "status.parquet")
     with pytest.raises(PackError, match="records no mask type"):
         run_pack(params=PackParams(), aligned_dir=aligned, masked_dir=tmp_path / "m", out_dir=tmp_path / "c")
+
+
+def test_max_train_pairs_packs_a_seeded_subset(tiny_shards, tmp_path):
+    """pack.max_train_pairs: that many train pairs, a seeded choice among those the unseen types
+    leave (same pairs with 1 or 2 workers; another seed, other pairs), counted in index.json's
+    subsampled; val shards unchanged; a cap above the count packs everything."""
+    aligned = tiny_shards.parent / "aligned"
+    base = PackParams(unseen_mask_types=[], shard_max_count=4)
+    full = run_pack(params=base, aligned_dir=aligned, out_dir=tmp_path / "full")
+    n = full["train"]["samples"]
+    assert n >= 4
+    keep = n // 2
+    capped = PackParams(**{**base.model_dump(), "max_train_pairs": keep})
+    a = run_pack(params=capped, aligned_dir=aligned, out_dir=tmp_path / "a")
+    b = run_pack(params=capped, aligned_dir=aligned, out_dir=tmp_path / "b", compute=ComputeParams(n_jobs=2))
+    other = run_pack(params=PackParams(**{**capped.model_dump(), "seed": 1}), aligned_dir=aligned,
+                     out_dir=tmp_path / "c")
+
+    def keys(idx, out):
+        return sorted(s["__key__"] for sh in idx["train"]["shards"] for s in _samples(out / sh["name"]))
+
+    assert a["train"]["samples"] == keep == len(keys(a, tmp_path / "a"))
+    assert a["subsampled"]["images"] == n - keep
+    assert set(keys(a, tmp_path / "a")) < set(keys(full, tmp_path / "full"))
+    assert [s["sha256"] for s in a["train"]["shards"]] == [s["sha256"] for s in b["train"]["shards"]]
+    assert keys(other, tmp_path / "c") != keys(a, tmp_path / "a")
+    assert [s["sha256"] for s in a["val"]["shards"]] == [s["sha256"] for s in full["val"]["shards"]]
+    classes = json.loads((tmp_path / "a" / "classes.json").read_text())
+    assert set(classes) == {k.split("/")[0] for k in keys(a, tmp_path / "a")}  # no class without a pair
+    above = run_pack(params=PackParams(**{**base.model_dump(), "max_train_pairs": n + 1}), aligned_dir=aligned,
+                     out_dir=tmp_path / "d")
+    assert above["train"]["samples"] == n and above["subsampled"]["images"] == 0
+    with pytest.raises(ValueError, match="max_train_pairs"):
+        PackParams(max_train_pairs=0)
+
+
+def test_standalone_twins_go_to_train_shards_only(tiny_twin_shards):
+    """A train pair carries masked_standalone.jpg where align wrote one (index.json counts them);
+    a val pair never does: validation scores the pair's crops."""
+    from pipeline.align.geometry import STANDALONE_TWIN
+
+    index = json.loads((tiny_twin_shards / "index.json").read_text())
+    aligned = {k: m for c in list_chunks(tiny_twin_shards.parent / "aligned" / "chunks", prefix="train-")
+               for k, m in read_chunk(c)}
+    train = [s for sh in index["train"]["shards"] for s in _samples(tiny_twin_shards / sh["name"])]
+    val = [s for sh in index["val"]["shards"] for s in _samples(tiny_twin_shards / sh["name"])]
+    carried = [s for s in train if STANDALONE_TWIN in s]
+    assert carried and index["train"]["standalone_twins"] == len(carried)
+    assert len(carried) == sum(STANDALONE_TWIN in aligned[s["__key__"]] for s in train)
+    assert all(s[STANDALONE_TWIN] == aligned[s["__key__"]][STANDALONE_TWIN] for s in carried)
+    assert val and not any(STANDALONE_TWIN in s for s in val)

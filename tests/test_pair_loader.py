@@ -100,6 +100,28 @@ def test_standalone_geometry_moves_the_masked_twin_alone_by_the_measured_spread(
     assert (raw_s[:, :, :48] - masked_s[:, :, :48]).abs().mean() > 2 * (raw_p[:, :, :48] - masked_p[:, :, :48]).abs().mean()
 
 
+def test_detected_geometry_trains_on_the_twin_aligned_on_its_own(tiny_twin_shards):
+    """masked_geometry: detected: the masked twin is masked_standalone.jpg (the pair's masked.jpg
+    where no face was found), the raw twin and the augmentation draw are the pair's."""
+    from pipeline.align.geometry import STANDALONE_TWIN
+    from pipeline.images import decode_rgb
+
+    still = dict(flip=False, crop_jitter=0.0, scale_jitter=0.0, color_jitter=0.0)
+    shards = _shards(tiny_twin_shards)
+    loaders = {g: make_pair_loader(shards, batch_size=4, augment=AugmentParams(masked_geometry=g, **still),
+                                   seed=0, shuffle_buffer=1, return_keys=True) for g in ("pair", "detected")}
+    (raw_p, masked_p, _, keys_p), (raw_d, masked_d, _, keys_d) = (
+        [torch.cat(t) if isinstance(t[0], torch.Tensor) else sum(t, []) for t in zip(*list(loaders[g]))]
+        for g in loaders)
+    assert keys_p == keys_d and torch.equal(raw_p, raw_d)
+    members = {k: m for s in shards for k, m in read_chunk(s)}
+    for i, key in enumerate(keys_d):
+        m = members[key]
+        assert torch.equal(masked_d[i], to_batch(decode_rgb(m.get(STANDALONE_TWIN, m["masked.jpg"]))[None])[0])
+        assert torch.equal(masked_p[i], to_batch(decode_rgb(m["masked.jpg"])[None])[0])
+    assert any(STANDALONE_TWIN in members[k] for k in keys_d) and not torch.equal(masked_p, masked_d)
+
+
 def test_workers_epochs_and_shuffle(tiny_shards):
     aug = AugmentParams()
     shards = _shards(tiny_shards)

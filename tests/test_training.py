@@ -144,6 +144,16 @@ def test_too_few_shards_fail_before_training(tiny_shards, tmp_path):
     assert not (tmp_path / "m").exists() and not (tmp_path / "l").exists()
 
 
+def test_detected_geometry_needs_twins_aligned_on_their_own(tiny_shards, tmp_path):
+    """masked_geometry: detected on shards packed without masked_standalone.jpg: a clear error
+    naming the align param, before any training."""
+    params = TrainParams(**{**TINY, "augment": {"masked_geometry": "detected"}})
+    with pytest.raises(ValueError, match=r"align.standalone_twin_splits: \[train\]"):
+        train(params=params, shards_dir=tiny_shards, out_dir=tmp_path / "m", live_dir=tmp_path / "l",
+              resume_dir=tmp_path / "r")
+    assert not (tmp_path / "m").exists()
+
+
 # ----------------------------------------------------------------------------- resume (stage runs)
 def _write_params(path: Path, **train) -> Path:
     path.write_text(yaml.safe_dump({"train": {**TINY, **train}}))

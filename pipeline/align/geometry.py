@@ -135,6 +135,10 @@ DLIB_150 = Template("dlib150", CHIP_SIZE, apply_matrix(similarity_from_eyes(*TEM
 TEMPLATES = {t.name: t for t in (ARCFACE_112, DLIB_150)}
 # what aligned data, shards and checkpoints written before templates existed hold
 LEGACY_TEMPLATE = ARCFACE_112.name
+# The member name of a masked twin aligned on its own, beside the pair's crops (the align stage
+# writes it for align.standalone_twin_splits, pack carries it into train shards, the pair loader
+# trains on it with train.augment.masked_geometry "detected").
+STANDALONE_TWIN = "masked_standalone.jpg"
 
 
 def get_template(name: str) -> Template:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import cv2
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.align import detection as al
 from pipeline.align import geometry as geo
-from pipeline.config import AlignParams, ComputeParams
+from pipeline.config import AlignParams, ComputeParams, StandaloneParams
 from pipeline.ingest import accepted_ids_by_chunk
 from pipeline.images import decode_gray, decode_rgb, encode_jpeg
 from pipeline.mask.overlay import apply_overlay
@@ -93,8 +93,12 @@ def mask_reasons(mask_status: str | Path, image_ids: list[str]) -> dict[str, str
 
 
 def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask_status: str,
-                params: AlignParams, out_chunks: str, assume_aligned: bool = False) -> list[dict]:
-    """Align every image of one ingest chunk; write out_chunks/<same name>; return status rows."""
+                params: AlignParams, out_chunks: str, assume_aligned: bool = False,
+                standalone: StandaloneParams | None = None) -> list[dict]:
+    """Align every image of one ingest chunk; write out_chunks/<same name>; return status rows.
+    A masked twin of a split in ``params.standalone_twin_splits`` is also aligned on its own by
+    ``standalone`` (:func:`pipeline.align.detection.align_standalone`), as ``masked_standalone.jpg``;
+    its json says the route (``standalone_route``, "none" when no face was found)."""
     twins: dict[str, dict[str, bytes]] = {}
     masked_path = Path(masked_chunks) / chunk_name
     if masked_path.is_file():
@@ -137,9 +141,14 @@ def align_chunk(chunk_name: str, *, ingest_chunks: str, masked_chunks: str, mask
                 "template": params.template,
                 "eyes": None if res["eyes"] is None else [[round(v, 3) for v in e] for e in res["eyes"]],
                 "matrix": [[round(float(v), 6) for v in r] for r in res["matrix"]]}
-        samples.append((key, {"raw.jpg": encode_jpeg(res["raw"], params.jpeg_quality),
-                              "masked.jpg": encode_jpeg(res["masked"], params.jpeg_quality),
-                              "json": dumps_json(info)}))
+        members = {"raw.jpg": encode_jpeg(res["raw"], params.jpeg_quality),
+                   "masked.jpg": encode_jpeg(res["masked"], params.jpeg_quality)}
+        if row["split"] in params.standalone_twin_splits:
+            own = al.align_standalone(masked, params=standalone, template=geo.get_template(params.template))
+            info["standalone_route"] = row["standalone_route"] = own.route  # summary.json only
+            if own.crop is not None:
+                members[geo.STANDALONE_TWIN] = encode_jpeg(own.crop, params.jpeg_quality)
+        samples.append((key, {**members, "json": dumps_json(info)}))
     reasons = mask_reasons(mask_status, [r["image_id"] for r in no_twin])
     for row in no_twin:
         why = reasons.get(row["image_id"], "not in the mask stage output")
@@ -158,6 +167,8 @@ class AlignSummary(StatusCounts):
     def __init__(self, params: AlignParams):
         super().__init__()
         self.method, self.template = params.method, geo.get_template(params.template)
+        self.twin_splits = params.standalone_twin_splits
+        self.twin_routes: Counter = Counter()
         self.cascade = 0
         self.errs = array("d")
         self.err_routes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # route -> [within 4 px, n]
@@ -166,6 +177,8 @@ class AlignSummary(StatusCounts):
 
     def count_done(self, r: dict) -> None:
         self.cascade += r["route"] in al.ROUTES_CASCADE
+        if "standalone_route" in r:
+            self.twin_routes[r["standalone_route"]] += 1
         if r["eye_error_px"] is not None:
             self.errs.append(r["eye_error_px"])
             by_route = self.err_routes[r["route"]]
@@ -179,6 +192,11 @@ class AlignSummary(StatusCounts):
     def result(self) -> dict:
         n = max(self.inputs, 1)
         errs = np.frombuffer(self.errs, dtype=np.float64) if len(self.errs) else np.zeros(0)
+        twins = {"standalone_twins": {  # only when asked for: the default summary stays as it was
+            "splits": self.twin_splits, "aligned_pairs": sum(self.twin_routes.values()),
+            "no_face_found": self.twin_routes["none"], "routes": dict(sorted(self.twin_routes.items())),
+            "note": "masked twins aligned on their own (masked_standalone.jpg); no face found: the pair's crop only"}} \
+            if self.twin_splits else {}
         return {
             "method": self.method, "template": self.template.name, "crop_size": self.template.size,
             "inputs": self.inputs, "aligned": self.done, "rejected": self.inputs - self.done,
@@ -200,6 +218,7 @@ class AlignSummary(StatusCounts):
                 "mean_share": round(float(self.lower_sum / self.lower_n), 6) if self.lower_n else None,
                 "share_with_90pct_below": round(float(self.lower_90 / self.lower_n), 6) if self.lower_n else None,
             },
+            **twins,
         }
 
 
@@ -252,10 +271,12 @@ def contact_sheet(picks: list[dict], out_dir: Path, template: geo.Template) -> n
 
 
 def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | Path, masked_dir: str | Path,
-              out_dir: str | Path, assume_aligned: bool = False) -> dict:
+              out_dir: str | Path, assume_aligned: bool = False, standalone: StandaloneParams | None = None) -> dict:
     """Align every ingested image with its masked twin; write chunks/, status.parquet,
     summary.json and contact_sheet.png to out_dir; return the summary. ``assume_aligned`` (the
-    data set's flag): ArcFace 112x112 crops pass through (mapped onto another template when asked)."""
+    data set's flag): ArcFace 112x112 crops pass through (mapped onto another template when asked).
+    ``standalone``: how the masked twins of ``params.standalone_twin_splits`` are aligned on their
+    own (default: the standalone section's defaults)."""
     ingest_dir, masked_dir, out_dir = Path(ingest_dir), Path(masked_dir), Path(out_dir)
     chunks = list_chunks(ingest_dir / "chunks")
     if not chunks:
@@ -271,7 +292,8 @@ def run_align(*, params: AlignParams, compute: ComputeParams, ingest_dir: str | 
     summary, picks = AlignSummary(params), SheetPicks()
     results = iter_chunks(align_chunk, [c.name for c in chunks], compute, desc="align", assume_aligned=assume_aligned,
                           ingest_chunks=str(ingest_dir / "chunks"), masked_chunks=str(masked_dir / "chunks"),
-                          mask_status=str(mask_status), params=params, out_chunks=str(out_dir / "chunks"))
+                          mask_status=str(mask_status), params=params, out_chunks=str(out_dir / "chunks"),
+                          standalone=standalone or StandaloneParams())
     collect_chunk_rows(chunks, results, accounting=accounting, status_path=out_dir / "status.parquet",
                        schema=STATUS_SCHEMA, on_rows=lambda _chunk, rows: (summary.add(rows), picks.add(rows)))
     record_chunks(out_dir / "chunks")
