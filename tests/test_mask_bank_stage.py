@@ -69,6 +69,14 @@ def test_every_file_is_kept_or_rejected_with_its_reason(bank):
         assert decode_rgb((out / sheet).read_bytes()).shape[0] > 100
 
 
+def test_photos_in_bank_are_the_kept_ones_and_their_copies(bank, photos, tmp_path):
+    from pipeline.mask.bank_stage import photos_in_bank
+
+    out, _ = bank
+    assert photos_in_bank(out) == {*RMFD_KEPT, "0002/again.jpg"}  # again.jpg: a copy of a kept photo
+    assert photos_in_bank(tmp_path / "no_bank") == set()
+
+
 def test_bank_is_byte_identical_across_runs_and_workers(photos, bank, tmp_path, monkeypatch):
     out, summary = bank
     again = run_mask_bank(params=MaskBankParams(path=str(photos)), compute=SERIAL, out_dir=tmp_path / "again")

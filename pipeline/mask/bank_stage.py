@@ -32,7 +32,7 @@ from pipeline.mask.landmarks import check_predictor
 from pipeline.mask.templates import SIZE, Template, canonical_anchors
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
-from pipeline.stage_report import SmallestK, StatusWriter, draw_sheet, fit_tile, write_png
+from pipeline.stage_report import SmallestK, StatusWriter, draw_sheet, fit_tile, status_rows, write_png
 from pipeline.tar_chunks import (dumps_json, file_sha256, list_chunks, read_chunk, record_chunks, write_chunk,
                                  write_json)
 
@@ -232,6 +232,18 @@ def load_bank(bank_dir: str | Path) -> list[Template]:
         _BANKS.clear()
         _BANKS[key] = _read_entries(entries)[1]
     return _BANKS[key]
+
+
+def photos_in_bank(bank_dir: str | Path) -> set[str]:
+    """The source photos (relative to mask_bank.path) whose mask is an entry of the bank, and the
+    byte-copies of them it skipped as duplicates: what a measure on real masked photos must leave
+    out once a model trained on bank masks (scripts/identify_strangers.py). Empty without a bank."""
+    if not (Path(bank_dir) / "status.parquet").is_file():
+        return set()
+    rows = status_rows(bank_dir)
+    kept = {r["source"] for r in rows if r["status"] == "kept"}
+    prefix = "duplicate: the same file as "
+    return kept | {r["source"] for r in rows if r["reason"].startswith(prefix) and r["reason"][len(prefix):] in kept}
 
 
 def link_source(dest: str | Path, source: str | None) -> str:
