@@ -313,6 +313,14 @@ class ValidateParams(Section):
     pairs_per_identity: int = Field(5, ge=1, le=100)  # same pairs per person, and as many different
 
 
+class ExportParams(Section):
+    """The export stage: models/model.pt -> models/model.onnx (pipeline.export)."""
+
+    # real aligned validation crops (both twins of the first val pairs) embedded by the checkpoint
+    # and the ONNX graph: the export is refused unless each cosine is >= 0.9999
+    check_crops: int = Field(256, ge=0, le=100_000)
+
+
 STANDALONE_ROUTES = ("retinaface", "haar", "dlib_hog", "dlib_cnn")  # pipeline.align.detection's (a test checks)
 
 
@@ -382,6 +390,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     validation: ValidateParams = ValidateParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
     overlap: OverlapParams = OverlapParams()
     standalone: StandaloneParams = StandaloneParams()
     # extra pair benchmarks (DVC stages pair_benchmark@<name>), e.g. a real-mask set of your own

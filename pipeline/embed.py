@@ -75,7 +75,8 @@ def align_file(path: Path, *, standalone: StandaloneParams | None = None,
 
 def embedder_info(embedder: Embedder, model: str, flip: bool) -> dict:
     info = dict(embedder.describe(), flip=bool(flip))
-    info["model_sha256"] = "dlib" if model == "dlib" else file_sha256(model)
+    # an ONNX export shares the thresholds of the checkpoint it was checked against (pipeline.export)
+    info["model_sha256"] = "dlib" if model == "dlib" else getattr(embedder, "source_sha256", None) or file_sha256(model)
     return info
 
 

@@ -87,6 +87,60 @@ class TorchEmbedder(Embedder):
         return {**super().describe(), "path": Path(self.path).name if self.path else None}
 
 
+# The ONNX export's input name and metadata keys (written by pipeline.export, read here).
+ONNX_INPUT = "crops"
+ONNX_METADATA_KEYS = ("template", "crop_size", "template_points", "input", "mean", "std", "channel_order", "flip",
+                      "embedding_dim", "output", "source_sha256", "producer")
+
+
+class OnnxEmbedder(Embedder):
+    """The trained model as exported by :mod:`pipeline.export`, run by onnxruntime (CPU): the crop
+    template, input scaling and embedding size come from the file's metadata, which is checked
+    (a file without it, or with another preprocessing, is refused). ``threads``: onnxruntime's
+    intra-op threads (None: its default, all cores). ``source_sha256``: the checkpoint it was
+    exported from, whose decision thresholds it shares (:func:`pipeline.embed.embedder_info`)."""
+
+    name = "model"
+
+    def __init__(self, model_path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = str(model_path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph
+            raise ValueError(f"{model_path}: not an ONNX model onnxruntime can run ({err})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in ONNX_METADATA_KEYS if k not in meta]
+        if missing:
+            raise ValueError(f"{model_path}: ONNX metadata lacks {missing}: export it with `dvc repro export` "
+                             f"(python -m stages.export)")
+        self.template = get_template(meta["template"])
+        dim = meta["embedding_dim"]
+        if str(self.template.size) != meta["crop_size"] or not dim.isdigit() or not 1 <= int(dim) <= 65536 \
+                or meta["mean"] != "127.5,127.5,127.5" or meta["std"] != "127.5,127.5,127.5" \
+                or meta["channel_order"] != "RGB" or [i.name for i in self.session.get_inputs()] != [ONNX_INPUT]:
+            raise ValueError(f"{model_path}: ONNX metadata {dict(meta)} is not the preprocessing this "
+                             f"embedder feeds (pipeline/export.py)")
+        self.dim = int(dim)
+        self.source_sha256 = meta["source_sha256"]
+        self.metadata = dict(meta)
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+        x /= 255.0
+        x -= 0.5
+        x /= 0.5
+        return self.session.run(None, {ONNX_INPUT: x})[0]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "path": Path(self.path).name, "runtime": "onnxruntime",
+                "source_sha256": self.source_sha256}
+
+
 def _dlib_resnet_path(model_path: str | Path | None) -> Path:
     if model_path is None:
         from pipeline.dlib_models import FACE_RESNET, dlib_models_dir
@@ -163,10 +217,13 @@ class DlibLibraryEmbedder(Embedder):
 
 def make_embedder(spec: str, device: str = "cpu", template: str = "dlib150") -> Embedder:
     """``"dlib"`` for the reference network (on crops of ``template``), else the path of a trained
-    model checkpoint (its template is its own)."""
+    model: a checkpoint (models/model.pt) or its ONNX export (``.onnx``, run by onnxruntime); its
+    template is its own."""
     if spec == "dlib":
         return DlibEmbedder(device=device, template=template)
     if not Path(spec).is_file():
         raise FileNotFoundError(f"model not found: {spec} (train it with `dvc repro train`, or pass "
                                 f"--model dlib for the pretrained reference network)")
+    if Path(spec).suffix.lower() == ".onnx":
+        return OnnxEmbedder(spec)
     return TorchEmbedder(spec, device=device)

@@ -3,8 +3,8 @@
 Scores each model as the validate stage does (pipeline.validation: the val shards' people through
 evaluate's embedder path and scoring, 95% intervals from the bootstrap over identities), and the
 paired difference to dlib's network on the same pairs and probes. A model is a models/model.pt
-path, or a git revision (an experiment's, e.g. from `dvc exp show`) whose dvc.lock names the model
-in the DVC cache. `dlib` is the starting network and the reference. One JSON line per model.
+path (or an ONNX export, models/model.onnx, scored as it is by onnxruntime), or a git revision
+(an experiment's, e.g. from `dvc exp show`) whose dvc.lock names the model in the DVC cache. `dlib` is the starting network and the reference. One JSON line per model.
 
 Each model is scored as written (at the train.wise_alpha it was written with, shown in the
 ``wise_alpha`` column). ``--alphas 1,0.8,0.7`` scores each fine-tuned dlib_resnet model at these train.wise_alpha values
@@ -137,7 +137,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| model | wise_alpha | " + " | ".join(f"val {t}" for t in titles) + " |",
              "|---" * (len(titles) + 2) + "|"]
     for r in sorted(rows, key=lambda r: -(r["validation"]["m-u"]["value"] or 0)):
-        lines.append(f"| {Path(r['model']).name} | {r['wise_alpha']:g} | "
+        lines.append(f"| {Path(r['model']).name} | {'-' if r['wise_alpha'] is None else format(r['wise_alpha'], 'g')} | "
                      + " | ".join(_cell(r["validation"][t]) for t in titles) + " |")
     return "\n".join(lines)
 
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = name if name == "dlib" or Path(name).is_file() else str(cached_model(name))
         if name == "dlib":
             runs = [(1.0, dlib)]
+        elif Path(spec).suffix.lower() == ".onnx":  # an export (pipeline.export), run by onnxruntime as it is
+            runs = [(None, score(make_embedder(spec)))]
         else:
             net = make_embedder(spec, device=device, template=template).model
             written = torch.load(spec, map_location="cpu", weights_only=True)["meta"].get("wise_alpha", 1.0)
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append((alpha, score(TorchEmbedder(net=net, device=device))))
         for alpha, result in runs:
             scored[len(rows)] = result
-            rows.append(row_of(name, round(alpha, 6), result, dlib, ev.ci_level))
+            rows.append(row_of(name, None if alpha is None else round(alpha, 6), result, dlib, ev.ci_level))
             print(json.dumps(rows[-1]), flush=True)
     picked = choose(rows, scored, ev.ci_level)
     if picked:

@@ -170,6 +170,32 @@ def test_identify_against_saved_embeddings_refuses_another_model(gallery, model,
     assert rc == 2 and "probe not found" in err
 
 
+def test_identify_with_the_onnx_export_decides_as_the_checkpoint(gallery, model, tmp_path):
+    """`--model model.onnx` (the export stage's file): the same decisions, matches and scores (to
+    4 decimals) as the checkpoint it was exported from, on unmasked and masked probes; it shares
+    that checkpoint's thresholds entry (looked up by the sha256 in its metadata)."""
+    from pipeline.embed import embedder_info
+    from pipeline.embedders import make_embedder
+    from pipeline.export import export_onnx
+
+    onnx = tmp_path / "model.onnx"
+    export_onnx(model_path=model, out_path=onnx)
+    lfw = lfw_root() / "lfw-deepfunneled"
+    probes = [lfw / n / f"{n}_0003.jpg" for n in PEOPLE] + [tmp_path / "Colin_Powell_masked.jpg"]
+    _masked_copy(lfw / "Colin_Powell" / "Colin_Powell_0004.jpg", probes[-1])
+    runs = {}
+    for m in (model, onnx):
+        p = cli("pipeline.identify", *probes, "--gallery", gallery, "--model", m, "--device", "cpu",
+                "--threshold", "0.3", "--json")
+        assert p.returncode == 0, p.stderr
+        runs[m.suffix] = json.loads(p.stdout)
+    for a, b in zip(runs[".pt"], runs[".onnx"]):
+        assert a["decision"] == b["decision"] and [x["identity"] for x in a["matches"]] == [x["identity"] for x in b["matches"]]
+        assert np.allclose([x["score"] for x in a["matches"]], [x["score"] for x in b["matches"]], atol=1e-4)
+    info = {str(m): embedder_info(make_embedder(str(m)), str(m), False) for m in (model, onnx)}
+    assert info[str(onnx)]["model_sha256"] == info[str(model)]["model_sha256"]
+
+
 def _masked_copy(src, dest) -> None:
     """``src`` with the project's own synthetic mask, written to ``dest``."""
     import cv2

@@ -84,9 +84,9 @@ TINY_PARAMS = {
     # an outside pair benchmark: the subset's own photos and View 1 test pairs, aligned standalone
     "pair_benchmarks": {"tiny": {"path": "data/sources/lfw/lfw-deepfunneled", "pairs": "data/sources/lfw/pairsDevTest.txt"}},
 }
-STAGES = {"mask_bank", "ingest@lfw", "mask@lfw", "align@lfw", "overlap", "pack", "train", "validate", "eval_scope",
-          "embed_reference", "evaluate", "pair_benchmark@tiny"}
-MODEL_SIDE = {"train", "validate", "evaluate", "pair_benchmark@tiny"}  # what a new model reruns
+STAGES = {"mask_bank", "ingest@lfw", "mask@lfw", "align@lfw", "overlap", "pack", "train", "validate", "export",
+          "eval_scope", "embed_reference", "evaluate", "pair_benchmark@tiny"}
+MODEL_SIDE = {"train", "validate", "export", "evaluate", "pair_benchmark@tiny"}  # what a new model reruns
 LFW_SIDE = {"mask_bank", "ingest@lfw", "mask@lfw", "align@lfw", "embed_reference"}
 
 
@@ -188,8 +188,11 @@ def test_teammate_pulls_the_cache_and_recomputes_nothing(tiny_project, tmp_path)
     assert "up to date" in dvc("status", cwd=clone).stdout
     out = dvc("repro", cwd=clone).stdout
     assert _ran(out) == set(), out
-    for path in ("data/shards/index.json", "models/model.pt", "data/lfw/aligned/summary.json"):
+    for path in ("data/shards/index.json", "models/model.pt", "models/model.onnx", "data/lfw/aligned/summary.json"):
         assert (clone / path).read_bytes() == (tiny_project / path).read_bytes()
+    # the export stage's file, checked against the checkpoint on the run's own validation crops
+    export = json.loads((tiny_project / "eval" / "export.json").read_text())
+    assert export["check"]["crops"] >= 16 and export["check"]["min_cosine"] >= 0.9999
 
 
 @pytest.mark.slow
