@@ -244,6 +244,9 @@ class TrainParams(Section):
     log_every: int = Field(10, ge=1)  # steps per dvclive point
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
+    # DDP ranks the train stage starts itself through torchrun (one per GPU; on CPU, gloo ranks
+    # sharing the cores); 1 = this process. batch_size stays the global batch.
+    nproc_per_node: int = Field(1, ge=1, le=64)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     bf16: bool = True  # bf16 autocast on CUDA (CPU runs in fp32)
     # models/model.pt = start + wise_alpha x (best fine-tuned - start): the weight-space ensemble of

@@ -23,6 +23,8 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -89,6 +91,26 @@ def init_distributed(device: torch.device) -> Dist:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def launch_ranks(params: TrainParams, module: str, argv: list[str], shards_dir: str | Path) -> int | None:
+    """``train.nproc_per_node`` > 1 in a process that is not a rank yet: run ``python -m module argv``
+    as that many ranks through torchrun (``torch.distributed.run --standalone``, a free local port)
+    and return its exit code, so `dvc repro` starts DDP itself and records the model like any
+    stage's output. None: this process trains (one rank, or already a rank of torchrun's). The
+    shard count and, on CUDA, the GPU count are checked before anything starts."""
+    n = params.nproc_per_node
+    if n == 1 or "LOCAL_RANK" in os.environ:
+        return None
+    check_shard_count(len(read_shard_set(Path(shards_dir)).train), n, params.num_workers)
+    device = select_device(params.device)
+    if device.type == "cuda" and torch.cuda.device_count() < n:
+        raise ValueError(f"train.nproc_per_node={n} ranks, one per GPU, but {torch.cuda.device_count()} CUDA "
+                         f"device(s) here: set it to at most that (or train.device: cpu for gloo ranks)")
+    if device.type == "mps":
+        raise ValueError(f"train.nproc_per_node={n}: DDP runs on cuda (nccl) or cpu (gloo), not mps")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", module, *argv]
+    return subprocess.run(cmd).returncode
 
 
 # ----------------------------------------------------------------------------- data

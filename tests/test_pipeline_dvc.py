@@ -191,6 +191,8 @@ def test_teammate_pulls_the_cache_and_recomputes_nothing(tiny_project, tmp_path)
     for path in ("data/shards/index.json", "models/model.pt", "models/model.onnx", "data/lfw/aligned/summary.json"):
         assert (clone / path).read_bytes() == (tiny_project / path).read_bytes()
     # the export stage's file, checked against the checkpoint on the run's own validation crops
+    import json
+
     export = json.loads((tiny_project / "eval" / "export.json").read_text())
     assert export["check"]["crops"] >= 16 and export["check"]["min_cosine"] >= 0.9999
 
@@ -209,6 +211,36 @@ def test_changing_beta_reruns_only_train_validate_and_evaluate(tiny_project):
     assert changed == {"train"}, status
     out = dvc("repro", cwd=tiny_project).stdout
     assert _ran(out) == MODEL_SIDE, out
+    _back_to_committed(tiny_project)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_inside_dvc_repro(tiny_project):
+    """train.nproc_per_node 2: `dvc repro train` starts torchrun itself (two gloo ranks on CPU) and
+    DVC records the model like any stage's. What a 2-rank run promises against the 1-rank run of
+    the same global batch: the same recipe and steps over the same pairs (every pair of the epoch
+    read once, by one rank: test_training's DDP test), not the same weights (a global batch is
+    two per-rank halves from disjoint shards, so the pairs are grouped and ordered otherwise; the
+    gap is measured in docs/pipeline.md); and the same bytes when the 2-rank run is repeated."""
+    import torch
+
+    params = tiny_project / "params.yaml"
+    before = params.read_text()
+    one_rank = torch.load(tiny_project / "models" / "model.pt", weights_only=True)
+    curve = tiny_project / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv"  # a row per step
+    one_rank_steps = len(curve.read_text().splitlines()) - 1
+    params.write_text(before.replace("nproc_per_node: 1", "nproc_per_node: 2", 1))
+    assert before != params.read_text()
+    out = dvc("repro", "train", cwd=tiny_project).stdout
+    assert _ran(out) == {"train"}, out
+    model = tiny_project / "models" / "model.pt"
+    ckpt = torch.load(model, weights_only=True)
+    assert ckpt["meta"]["world_size"] == 2 and one_rank["meta"]["world_size"] == 1
+    assert len(curve.read_text().splitlines()) - 1 == one_rank_steps >= 2
+    assert "train" not in dvc("status", "train", cwd=tiny_project).stdout  # recorded in dvc.lock
+    first = model.read_bytes()
+    assert _ran(dvc("repro", "-f", "train", cwd=tiny_project).stdout) == {"train"}
+    assert model.read_bytes() == first  # a 2-rank run is deterministic (gloo, fixed shards per rank)
     _back_to_committed(tiny_project)
 
 
