@@ -52,10 +52,10 @@ SampleSource = Callable[[list[str]], Iterable[Sample]]
 
 
 # How standalone alignment moves a masked face's crop against the pair transform, measured on
-# masked TRAIN photos (`python scripts/masked_geometry.py`: RetinaFace's five points, dlib150
-# crops, 1,905 photos, 2026-12-04): mean and standard deviation of the crop centre's shift (dx,
-# dy: shares of the side), its rotation (degrees) and log scale. Unmasked photos move a third to
-# a half as much (std 0.012, 0.013, 2.2 deg, 0.038).
+# masked TRAIN photos (`python scripts/masked_geometry.py`: RetinaFace's five points, then at 512 px,
+# dlib150 crops, 1,905 photos, 2026-12-04): mean and standard deviation of the crop centre's shift
+# (dx, dy: shares of the side), its rotation (degrees) and log scale. Unmasked photos move a third
+# to a half as much (std 0.012, 0.013, 2.2 deg, 0.038).
 MASKED_GEOMETRY = {"mean": (-0.0054, 0.0104, -1.764, -0.0093), "std": (0.0203, 0.0250, 3.695, 0.0684)}
 
 

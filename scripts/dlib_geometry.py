@@ -74,9 +74,9 @@ def main() -> None:
         img = decode_rgb((lfw / "lfw-deepfunneled" / f"{i}.jpg").read_bytes())
         faces = det(img, 0) or det(img, 1)
         shape = landmarks = None
-        if faces:  # the face nearest the centre, as LFW's subject is
-            c = np.array(img.shape[1::-1]) / 2
-            shape = sp(img, min(faces, key=lambda r: np.hypot(r.center().x - c[0], r.center().y - c[1])))
+        if faces:  # the subject, as the mask stage picks it
+            subject = geo.subject_index([geo.box_from_rect(r) for r in faces], img.shape[1], img.shape[0])
+            shape = sp(img, faces[subject])
             landmarks = np.array([[p.x, p.y] for p in shape.parts()], np.float64)
         else:
             no_hog += 1
