@@ -41,6 +41,7 @@ from pipeline.bootstrap import draw_identities, interval, paired_difference, rep
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluation import round_metrics  # noqa: E402
 from pipeline.metrics import kfold_accuracy, l2_normalize, verification_metrics  # noqa: E402
+from pipeline.models import pixels_to_input  # noqa: E402
 from pipeline.protocols import build_validation_pairs, parse_pairs  # noqa: E402
 from pipeline.tar_chunks import read_chunk  # noqa: E402
 from pipeline.validation import validation_chunks  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
     net = DlibEmbeddingNet().load_dat().eval()
 
     def embed(crops: list[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = pixels_to_input(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
         with torch.inference_mode():
             return net(x).numpy()
 
