@@ -43,8 +43,8 @@ from pipeline.evaluation import round_metrics  # noqa: E402
 from pipeline.metrics import kfold_accuracy, l2_normalize, verification_metrics  # noqa: E402
 from pipeline.models import pixels_to_input  # noqa: E402
 from pipeline.protocols import build_validation_pairs, parse_pairs  # noqa: E402
+from pipeline.shards import read_shard_set  # noqa: E402
 from pipeline.tar_chunks import read_chunk  # noqa: E402
-from pipeline.validation import validation_chunks  # noqa: E402
 
 SHOWN = ("accuracy", "auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")
 
@@ -61,7 +61,7 @@ def main() -> None:
     if args.pairs == "devtest":
         pairs = parse_pairs(lfw / "pairsDevTest.txt")
     else:
-        members = [json.loads(m["json"]) for c in validation_chunks(args.shards) for _, m in read_chunk(c)]
+        members = [json.loads(m["json"]) for c in read_shard_set(args.shards).val for _, m in read_chunk(c)]
         pairs = build_validation_pairs([m["image_id"] for m in members], [m["identity"] for m in members],
                                        per_identity=params.validation.pairs_per_identity,
                                        n_folds=params.evaluate.n_folds, seed=params.evaluate.seed)
