@@ -170,7 +170,7 @@ def test_identify_against_saved_embeddings_refuses_another_model(gallery, model,
     assert rc == 2 and "probe not found" in err
 
 
-def _masked_copy(src, dest) -> None:
+def masked_copy(src, dest) -> None:
     """``src`` with the project's own synthetic mask, written to ``dest``."""
     import cv2
 
@@ -193,7 +193,7 @@ def test_identify_as_access_control_knows_who_is_enrolled_and_who_is_not(gallery
     lfw = lfw_root() / "lfw-deepfunneled"
     enrolled = [lfw / n / f"{n}_0003.jpg" for n in PEOPLE]
     strangers = [lfw / "Serena_Williams" / "Serena_Williams_0001.jpg", tmp_path / "Aaron_Eckhart_masked.jpg"]
-    _masked_copy(lfw / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg", strangers[1])
+    masked_copy(lfw / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg", strangers[1])
     p = cli("pipeline.identify", *enrolled, *strangers, "--gallery", gallery, "--model", "dlib", "--json")
     assert p.returncode == 0, p.stderr
     results = json.loads(p.stdout)
