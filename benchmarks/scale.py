@@ -77,13 +77,13 @@ def _train_steps(work: Path, steps: int, params_path: str) -> dict:
     from pipeline.config import load_params
     from pipeline.devices import select_device
     from pipeline.pair_loader import make_pair_loader
-    from pipeline.tar_chunks import list_chunks
-    from pipeline.training import autocast_for, build_pair_model, read_shard_set, train_step
+    from pipeline.shards import read_shard_set
+    from pipeline.training import autocast_for, build_pair_model, train_step
 
     params = load_params(params_path).train
     device = select_device("cpu")
-    shards = list_chunks(work / "shards", "train-")
     shard_set = read_shard_set(work / "shards")
+    shards = shard_set.train
     model, optimizer = build_pair_model(params, len(shard_set.classes), device, shard_set.template)
     model.train()
     loader = make_pair_loader(shards, batch_size=params.batch_size, augment=params.augment, seed=params.seed,

@@ -24,11 +24,10 @@ from torchvision.models import resnet18  # noqa: E402
 from benchmarks.measure import PeakRSS, emit  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.pair_loader import make_pair_loader  # noqa: E402
-from pipeline.tar_chunks import list_chunks  # noqa: E402
 from pipeline.devices import select_device  # noqa: E402
 from pipeline.align.geometry import get_template  # noqa: E402
-from pipeline.training import (autocast_for, build_pair_model, channels_last,  # noqa: E402
-                               read_shard_set, train_step)
+from pipeline.shards import read_shard_set  # noqa: E402
+from pipeline.training import autocast_for, build_pair_model, channels_last, train_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -51,8 +50,8 @@ def main() -> None:
     cuda = device.type == "cuda"
     nhwc = channels_last(device)  # the bare model gets the memory format the training step uses
     autocast = autocast_for(device, params.bf16)
-    shards = list_chunks(args.shards, "train-")
     shard_set = read_shard_set(Path(args.shards))
+    shards = shard_set.train
     side = get_template(shard_set.template).size
 
     model, optimizer = build_pair_model(params, len(shard_set.classes), device, shard_set.template)

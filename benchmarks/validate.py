@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.config import EvaluateParams, ValidateParams  # noqa: E402
-from pipeline.evaluation import held_out_mask_types  # noqa: E402
 from pipeline.mask.records import read_mask_records  # noqa: E402
+from pipeline.shards import read_shard_set  # noqa: E402
 from pipeline.thresholds import calibrate  # noqa: E402
 from pipeline.validation import embed_validation, score_validation  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
         masks, t_records = timed(read_mask_records, args.masked, emb.image_ids)
         _, t_plain = timed(score_validation, emb, evaluate=ev, validate=ValidateParams())
         _, t_mask = timed(score_validation, emb, evaluate=ev, validate=ValidateParams(), masks=masks,
-                          unseen_types=held_out_mask_types(args.shards))
+                          unseen_types=list(read_shard_set(args.shards).held_out_mask_types))
         _, t_thr = timed(calibrate, emb.raw, emb.masked, emb.identities, seed=0, source="val", probes="masked",
                          replicates=args.replicates)
     n = len(emb.image_ids)

@@ -329,12 +329,13 @@ STANDALONE_ROUTES = ("retinaface", "haar", "dlib_hog", "dlib_cnn")  # pipeline.a
 
 class StandaloneParams(Section):
     """How a photo without a twin is aligned (`embed`, `identify`, scripts/route_consistency.py):
-    the detector routes in order, and the RetinaFace thresholds."""
+    the detector routes in order, and which points place the crop. RetinaFace's own settings
+    (input size, score threshold) are not here: they are the one configuration every stage runs
+    it with (pipeline.align.retinaface.LONG_SIDE, SCORE_THRESHOLD), the mask stage's fallback and
+    the mask bank too, so a change to them reruns the stages whose outputs it changes."""
 
     routes: list[Literal["retinaface", "haar", "dlib_hog", "dlib_cnn"]] = Field(
         default_factory=lambda: ["retinaface", "haar", "dlib_hog"])
-    retinaface_score: float = Field(0.5, gt=0.0, lt=1.0)  # detection confidence threshold
-    retinaface_long_side: int = Field(512, ge=128, le=4096)  # photos are resized to this long side first
     # which points place the crop: RetinaFace's five | its two eyes | dlib's 68 inside its box -> five
     retinaface_points: Literal["five", "eyes", "dlib68"] = "five"
 

@@ -63,9 +63,9 @@ class TorchEmbedder(Embedder):
                  name: str = "model"):
         import torch
 
-        from pipeline.models import load_embedding_model
+        from pipeline.models import load_embedding_model, pixels_to_input
 
-        self._torch = torch
+        self._torch, self._to_input = torch, pixels_to_input
         self.path = None if model_path is None else str(model_path)
         self.device = torch.device(device)
         self.model = (load_embedding_model(model_path, device=self.device) if net is None
@@ -78,8 +78,7 @@ class TorchEmbedder(Embedder):
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5).div_(0.5)
+        x = self._to_input(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2))
         with torch.inference_mode():
             return self.model(x).float().cpu().numpy()
 
@@ -130,10 +129,11 @@ class OnnxEmbedder(Embedder):
         self.metadata = dict(meta)
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
-        x /= 255.0
-        x -= 0.5
-        x /= 0.5
+        import torch
+
+        from pipeline.models import pixels_to_input
+
+        x = pixels_to_input(torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))).numpy()
         return self.session.run(None, {ONNX_INPUT: x})[0]
 
     def describe(self) -> dict:

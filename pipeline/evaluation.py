@@ -29,6 +29,7 @@ from pipeline.devices import select_device
 from pipeline.embedders import Embedder, make_embedder
 from pipeline.images import decode_rgb
 from pipeline.mask.records import COVERAGE_BINS, MaskRecord, coverage_bin, read_mask_records
+from pipeline.shards import read_shard_set
 from pipeline.bootstrap import Draws, draw_identities, interval, paired_difference, replicate
 from pipeline.metrics import (FAR_TARGETS, Searches, cmc, identification_ranks, kfold_accuracy, kfold_correct,
                               open_set_figures, open_set_searches, roc_curve, tar_at_far, tar_key, thin_roc,
@@ -528,36 +529,6 @@ def paired_comparison(model: tuple[dict, dict], reference: tuple[dict, dict], le
 # Stage
 # ----------------------------------------------------------------------------------------------
 
-def read_train_identities(shards_dir: str | Path) -> set[str]:
-    """Identities the model was trained or selected on: classes.json plus index.json's val ones."""
-    path = Path(shards_dir) / "classes.json"
-    if not path.is_file():
-        raise EvaluationError(f"{path} not found: evaluation needs the training identities to refuse "
-                              f"overlap with the test identities (run the pack stage)")
-    data = json.loads(path.read_text())
-    if isinstance(data, dict) and isinstance(data.get("classes"), (dict, list)):
-        data = data["classes"]
-    if isinstance(data, dict):
-        names = set(data)
-    elif isinstance(data, list) and all(isinstance(x, str) for x in data):
-        names = set(data)
-    else:
-        raise EvaluationError(f"{path}: expected {{identity: label}} or a list of identities")
-    # the held-out validation identities are training people too (model selection saw them)
-    index = Path(shards_dir) / "index.json"
-    if index.is_file():
-        names |= set(json.loads(index.read_text()).get("val", {}).get("identities", []))
-    return names
-
-
-def held_out_mask_types(shards_dir: str | Path) -> list[str]:
-    """The mask types pack kept out of training (index.json; none for shards packed before)."""
-    index = Path(shards_dir) / "index.json"
-    if not index.is_file():
-        return []
-    return list(json.loads(index.read_text()).get("params", {}).get("unseen_mask_types", []))
-
-
 def round_metrics(obj, digits: int = 6):
     """Floats rounded (non-finite ones as None), recursively: what metrics.json holds."""
     if isinstance(obj, float):
@@ -682,7 +653,12 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
     training_set = training_set or {"name": "lfw", "source": "lfw", "external": False,
                                     "identity_names_checkable": True}
     all_lfw = bool(training_set["external"])
-    train_ids = read_train_identities(shards_dir)
+    try:
+        shards = read_shard_set(shards_dir)
+    except FileNotFoundError as err:
+        raise EvaluationError(f"{err}: evaluation needs the training identities to refuse overlap with "
+                              f"the test identities") from None
+    train_ids = shards.trained_identities  # the validation people too: model selection saw them
     if not training_set["identity_names_checkable"]:
         train_ids = set()  # numbered identities: no name can match an LFW name (recorded below)
     # refuse overlap before the expensive part
@@ -700,8 +676,7 @@ def run_evaluate(*, params: EvaluateParams, aligned_dir: str | Path, shards_dir:
     emb = embed_aligned(str(model_path), aligned_dir, flip=params.flip, batch_size=params.batch_size,
                         device=str(select_device(params.device)), all_lfw=all_lfw)
     masks = read_mask_records(masked_dir, emb.image_ids) if masked_dir is not None else None
-    unseen = held_out_mask_types(shards_dir)
-    by_mask = {"masks": masks, "unseen_types": unseen}
+    by_mask = {"masks": masks, "unseen_types": list(shards.held_out_mask_types)}
     results = {"model": score_embeddings(emb, params=params, protocol_dir=protocol_dir,
                                          train_identities=train_ids, **by_mask)}
     metrics = dict(results["model"][0])

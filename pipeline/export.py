@@ -7,8 +7,8 @@ user needs to feed it (``pipeline.embedders.ONNX_METADATA_KEYS``):
 
 - ``template`` / ``crop_size``: the crop layout (pipeline.align.geometry; five points given in
   ``template_points``, pixels of the crop), so any aligner can make the crop;
-- ``input``: ``NCHW float32, RGB, (x / 255 - 0.5) / 0.5`` (``mean`` / ``std`` in 0-255 units:
-  127.5 each); ``flip``: whether evaluation averaged the mirrored crop (evaluate.flip);
+- ``input``: ``NCHW float32, RGB, x / 127.5 - 1`` (``mean`` / ``std`` in 0-255 units:
+  127.5 each, :func:`pipeline.models.pixels_to_input`); ``flip``: whether evaluation averaged the mirrored crop (evaluate.flip);
 - ``embedding_dim`` and ``output``: raw embeddings, to L2-normalise and compare by cosine;
 - ``source_sha256``: the sha256 of the checkpoint it was exported from; decision thresholds
   calibrated for that checkpoint (validation/thresholds.json) hold for the ONNX file because
@@ -83,7 +83,7 @@ def export_onnx(*, model_path: str | Path, out_path: str | Path, flip: bool = Fa
     metadata = {  # every key of ONNX_METADATA_KEYS
         "template": template.name, "crop_size": template.size,
         "template_points": ";".join(f"{x:.4f},{y:.4f}" for x, y in template.points),
-        "input": "NCHW float32, RGB, (x / 255 - 0.5) / 0.5 for uint8 x", "mean": "127.5,127.5,127.5",
+        "input": "NCHW float32, RGB, x / 127.5 - 1 for uint8 x", "mean": "127.5,127.5,127.5",
         "std": "127.5,127.5,127.5", "channel_order": "RGB", "flip": str(bool(flip)).lower(),
         "embedding_dim": dim, "output": "B x embedding_dim, not normalised: L2-normalise, compare by cosine",
         "source_sha256": file_sha256(model_path), "producer": f"pipeline.export, opset {ONNX_OPSET}",
@@ -113,12 +113,13 @@ def validation_crops(shards_dir: str | Path, n: int) -> np.ndarray | None:
     """Up to ``n`` real aligned crops, both twins of the val shards' first pairs in shard order
     (held-out train people: never a test person); None when n is 0 or there are none."""
     from pipeline.images import decode_rgb
-    from pipeline.tar_chunks import list_chunks, read_chunk
+    from pipeline.shards import read_shard_set
+    from pipeline.tar_chunks import read_chunk
 
     if n <= 0:
         return None
     crops: list[np.ndarray] = []
-    for shard in list_chunks(Path(shards_dir), "val-"):
+    for shard in read_shard_set(shards_dir).val:
         for _, members in read_chunk(shard):
             crops += [decode_rgb(members[m]) for m in ("raw.jpg", "masked.jpg")]
             if len(crops) >= n:

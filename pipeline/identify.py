@@ -26,7 +26,8 @@ from pipeline.config import StandaloneParams
 from pipeline.embed import (add_model_args, embed_folder, embed_paths, embedder_info, standalone_params,
                             table_embedder)
 from pipeline.embedders import Embedder, make_embedder
-from pipeline.thresholds import ThresholdError, describe, enrol, find_entry, threshold_for
+from pipeline.metrics import enrol
+from pipeline.thresholds import ThresholdError, describe, find_entry, threshold_for
 
 UNKNOWN = "unknown"
 DEFAULT_FPIR = "1e-2"

@@ -173,23 +173,30 @@ def thin_roc(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400) -> tuple[n
     return fpr[idx], tpr[idx]
 
 
+def enrol(identities: list[str], embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(sorted identity names, one unit template each): the normalised mean of an identity's
+    photos, which is steadier than any one photo (and one comparison per person). The one
+    enrolment: the evaluation's galleries (one image per identity, so the template is that
+    image's embedding), `identify`, the 1:N thresholds (:mod:`pipeline.thresholds`) and the
+    overlap check all enrol with it."""
+    names = sorted(set(identities))
+    ids = np.asarray(identities)
+    templates = np.stack([np.asarray(embeddings)[ids == n].mean(axis=0) for n in names])
+    return names, l2_normalize(templates).astype(np.float32)
+
+
 def identity_scores(gallery: np.ndarray, gallery_ids, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted identity names, P x I cosine scores): an identity scores the best of its enrolled
-    images (one image per identity, as in the evaluation, makes best and mean the same)."""
-    gallery_ids = np.asarray(gallery_ids)
-    names, inv = np.unique(gallery_ids, return_inverse=True)
-    sim = l2_normalize(probes) @ l2_normalize(gallery).T  # P x G
-    per_id = np.full((sim.shape[0], names.size), -np.inf, dtype=np.float64)
-    for g in range(names.size):
-        per_id[:, g] = sim[:, inv == g].max(axis=1)
-    return names, per_id
+    """(sorted identity names, P x I cosine scores): each probe against each identity's template
+    (:func:`enrol`)."""
+    names, templates = enrol(list(np.asarray(gallery_ids).tolist()), gallery)
+    return np.asarray(names), (l2_normalize(probes) @ templates.T).astype(np.float64)
 
 
 def identification_ranks(gallery: np.ndarray, gallery_ids, probes: np.ndarray, probe_ids) -> np.ndarray:
     """Rank (1 = best) of each probe's true identity among the enrolled identities.
 
-    Embeddings are compared by cosine similarity; an identity scores the best of its enrolled
-    images. Ties count against the probe (rank = 1 + identities scoring >= the true one), so a
+    Embeddings are compared by cosine similarity with each identity's template (:func:`enrol`).
+    Ties count against the probe (rank = 1 + identities scoring >= the true one), so a
     collapsed embedding cannot earn a perfect rank. Probes whose identity is not enrolled are an
     error: they have no right answer.
     """

@@ -30,6 +30,12 @@ from pipeline.config import BACKBONE_NAMES, DLIB_BACKBONE, PRETRAINED_FOR_BACKBO
 from pipeline.dlib_resnet import DlibEmbeddingNet
 
 
+def pixels_to_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB pixels (any shape) -> float32 in [-1, 1], x / 127.5 - 1: the input scale of every
+    network here, for training batches (:func:`pipeline.pair_loader.to_batch`, as a table) and for
+    embedding (:class:`pipeline.embedders.TorchEmbedder`) alike."""
+    return pixels.to(torch.float32) / 127.5 - 1.0
+
 
 class PretrainedWeightsError(RuntimeError):
     """ImageNet weights were asked for but cannot be read or downloaded."""

@@ -4,7 +4,7 @@ CASIA-WebFace and MS1M name identities by number, and are known to share people 
 name check finds nothing. The `overlap` stage compares faces instead, with dlib's reference
 network (the one every figure is paired against):
 
-- each training identity's centroid: the normalised mean embedding (:func:`pipeline.thresholds.enrol`)
+- each training identity's centroid: the normalised mean embedding (:func:`pipeline.metrics.enrol`)
   of its first ``overlap.images_per_identity`` aligned raw crops;
 - each LFW identity's centroid from the `embed_reference` stage's embeddings (every LFW image when
   the training set is external);
@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from pipeline.config import OverlapParams
 from pipeline.evaluation import load_embeddings, read_aligned_chunk
-from pipeline.metrics import reachable, threshold_at_rate
+from pipeline.metrics import enrol, reachable, threshold_at_rate
 from pipeline.tar_chunks import list_chunks, write_json
-from pipeline.thresholds import enrol, split_enrolment
+from pipeline.thresholds import split_enrolment
 
 
 class OverlapError(RuntimeError):

@@ -66,6 +66,7 @@ from pipeline.config import ComputeParams, PackParams
 from pipeline.mask.records import MaskRecordError, read_mask_types
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, seed_for
+from pipeline.shards import CLASSES_FILE, INDEX_FILE, TRAIN_PREFIX, VAL_PREFIX
 from pipeline.tar_chunks import (dumps_json, file_sha256, list_chunks, member_bytes, read_chunk,
                                  record_chunks, tar_file_size, write_chunk, write_json, write_tar)
 
@@ -254,7 +255,7 @@ def gather_bucket(bucket: int, *, frag_dir: str, params: PackParams, memory_byte
             wanted = {k for a, b in group for k in order[a:b]}
             data = {k: m for frag in frags for k, m in read_chunk(frag) if k in wanted}
         for a, b in group:
-            shards.append(_write_shard(out / f"train-{bucket:06d}-{len(shards):06d}.tar",
+            shards.append(_write_shard(out / f"{TRAIN_PREFIX}{bucket:06d}-{len(shards):06d}.tar",
                                        ((k, data[k]) for k in order[a:b])))
     return shards
 
@@ -291,7 +292,7 @@ def _val_shard_jobs(candidates: dict[str, list[tuple[str, int, str]]], val_ids: 
                 parts[-1][1].append(key)
             else:
                 parts.append((frag, [key]))
-        jobs.append((f"val-{n:06d}.tar", parts))
+        jobs.append((f"{VAL_PREFIX}{n:06d}.tar", parts))
     return jobs, len(entries)
 
 
@@ -457,7 +458,7 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
                 val_shards.append(res)
                 continue
             for shard in res:  # numbered bucket by bucket
-                name = f"train-{len(train_shards):06d}.tar"
+                name = f"{TRAIN_PREFIX}{len(train_shards):06d}.tar"
                 os.replace(frag_dir / "shards" / shard["name"], out_dir / name)
                 train_shards.append({**shard, "name": name})
     shutil.rmtree(frag_dir)
@@ -471,7 +472,7 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
         raise PackError("pack lost samples: train + val + filtered + unused val images + unseen mask types "
                         "+ subsampled != aligned")
     record_chunks(out_dir, train_shards + val_shards)
-    write_json(out_dir / "classes.json", classes)
+    write_json(out_dir / CLASSES_FILE, classes)
     index = {
         "params": params.model_dump(),
         "template": templates.pop(),
@@ -493,5 +494,6 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     if (overlap or {}).get("checked"):  # an external set, checked by face
         index["overlap_dropped"] = {"images": overlap_images, "identities": overlap_ids,
                                     "reason": "the same face as an LFW person (the overlap stage)"}
-    write_json(out_dir / "index.json", index)
+    write_json(out_dir / INDEX_FILE, index)
     return index
+

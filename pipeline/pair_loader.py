@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.align.geometry import STANDALONE_TWIN
 from pipeline.config import AugmentParams
 from pipeline.images import decode_rgb
+from pipeline.models import pixels_to_input
 from pipeline.seeding import seed_for
 from pipeline.tar_chunks import read_chunk
 
@@ -52,10 +53,10 @@ SampleSource = Callable[[list[str]], Iterable[Sample]]
 
 
 # How standalone alignment moves a masked face's crop against the pair transform, measured on
-# masked TRAIN photos (`python scripts/masked_geometry.py`: RetinaFace's five points, dlib150
-# crops, 1,905 photos, 2026-12-04): mean and standard deviation of the crop centre's shift (dx,
-# dy: shares of the side), its rotation (degrees) and log scale. Unmasked photos move a third to
-# a half as much (std 0.012, 0.013, 2.2 deg, 0.038).
+# masked TRAIN photos (`python scripts/masked_geometry.py`: RetinaFace's five points, then at 512 px,
+# dlib150 crops, 1,905 photos, 2026-12-04): mean and standard deviation of the crop centre's shift
+# (dx, dy: shares of the side), its rotation (degrees) and log scale. Unmasked photos move a third
+# to a half as much (std 0.012, 0.013, 2.2 deg, 0.038).
 MASKED_GEOMETRY = {"mean": (-0.0054, 0.0104, -1.764, -0.0093), "std": (0.0203, 0.0250, 3.695, 0.0684)}
 
 
@@ -184,8 +185,8 @@ def augment_twins(key: str, raw: np.ndarray, masked: np.ndarray, augment: Option
     return raw, masked
 
 
-# uint8 -> float32 in [-1, 1]: computed once with the same float32 operations as x / 127.5 - 1.
-_TO_UNIT = torch.arange(256, dtype=torch.float32).div_(127.5).sub_(1.0).numpy()
+# uint8 -> float32 in [-1, 1], the networks' input scale, as a table computed once.
+_TO_UNIT = pixels_to_input(torch.arange(256, dtype=torch.uint8)).numpy()
 
 
 def _empty_float(shape: tuple[int, ...]) -> torch.Tensor:
@@ -199,7 +200,8 @@ def _empty_float(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def to_batch(images: np.ndarray) -> torch.Tensor:
-    """N x H x W x 3 uint8 RGB -> N x 3 x H x W float32 in [-1, 1] ((x/255 - 0.5)/0.5), one pass.
+    """N x H x W x 3 uint8 RGB -> N x 3 x H x W float32 in [-1, 1] (the networks' input scale,
+    :func:`pipeline.models.pixels_to_input`), one pass.
     The memory is channels_last (NHWC), the layout the training step uses."""
     n, h, w, c = images.shape
     out = _empty_float((n, h, w, c))

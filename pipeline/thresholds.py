@@ -6,7 +6,7 @@ A 1:1 threshold does not carry to 1:N: a stranger searched against N people is l
 the N scores passes, about N times as often. So the thresholds here are measured on searches:
 
 - **Enrolment** as identify does it: each person with >= 2 photos enrols the mean template
-  (:func:`enrol`) of a seeded half of them (at least one); the other photos are
+  (:func:`pipeline.metrics.enrol`) of a seeded half of them (at least one); the other photos are
   that person's mated searches. People with one photo are strangers only.
 - **Strangers**: every photo searches against everybody else's templates (leave-one-person-out:
   its own person's template, which its enrolment photos built, is not in that search), so each
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bootstrap import draw_identities, interval, replicate
-from pipeline.metrics import FPIR_TARGETS, MIN_FALSE_ACCEPTS, l2_normalize, rate_key, reachable, threshold_at_rate
+from pipeline.metrics import FPIR_TARGETS, MIN_FALSE_ACCEPTS, enrol, rate_key, reachable, threshold_at_rate
 from pipeline.seeding import item_rng
 
 # gallery sizes a thresholds file holds a threshold for; identify takes the first >= its gallery
@@ -42,16 +42,6 @@ GALLERY_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 10
 
 class ThresholdError(ValueError):
     pass
-
-
-def enrol(identities: list[str], embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """(sorted identity names, one unit template each): the normalised mean of an identity's
-    photos, which is steadier than any one photo (and one comparison per person). `identify`'s
-    enrolment, and the one every threshold here is set with."""
-    names = sorted(set(identities))
-    ids = np.asarray(identities)
-    templates = np.stack([embeddings[ids == n].mean(axis=0) for n in names])
-    return names, l2_normalize(templates).astype(np.float32)
 
 
 def split_enrolment(identities: list[str], *, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,8 +44,9 @@ from pipeline.embedders import TorchEmbedder
 from pipeline.evaluation import embed_chunks
 from pipeline.losses import ArcFace, PairLoss, pair_loss
 from pipeline.models import build_embedding_net, interpolate_weights, make_net
+from pipeline.shards import ShardSet, read_shard_set
 from pipeline.pair_loader import check_shard_count, make_pair_loader
-from pipeline.tar_chunks import dumps_json, file_sha256, list_chunks
+from pipeline.tar_chunks import dumps_json
 from pipeline.validation import score_validation, training_figures
 
 CHECKPOINT_FORMAT = 3  # 3: the best point travels inside last.pt (no best.pt)
@@ -114,32 +115,6 @@ def launch_ranks(params: TrainParams, module: str, argv: list[str], shards_dir: 
 
 
 # ----------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class ShardSet:
-    """What pack wrote: train/val shards, the training classes and a fingerprint of it all."""
-
-    train: list[Path]
-    val: list[Path]
-    classes: dict[str, int]
-    train_samples: int
-    val_identities: list[str]
-    fingerprint: str
-    template: str  # the crop layout the pairs were aligned to (align.template)
-    standalone_twins: int = 0  # train pairs whose masked twin was also aligned on its own
-
-
-def read_shard_set(shards_dir: Path) -> ShardSet:
-    train, val = list_chunks(shards_dir, "train-"), list_chunks(shards_dir, "val-")
-    classes_file, index_file = shards_dir / "classes.json", shards_dir / "index.json"
-    if not train or not classes_file.is_file() or not index_file.is_file():
-        raise FileNotFoundError(f"{shards_dir}: no train-*.tar shards, classes.json or index.json "
-                                f"(run the pack stage)")
-    index = json.loads(index_file.read_text())
-    return ShardSet(train, val, json.loads(classes_file.read_text()), int(index["train"]["samples"]),
-                    list(index.get("val", {}).get("identities", [])), file_sha256(index_file),
-                    index.get("template", LEGACY_TEMPLATE), int(index["train"].get("standalone_twins", 0)))
-
-
 def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
     """sha256 over every .py of pipeline/ and stages/ (path and bytes): a superset of what DVC
     hashes for the train stage, so no code change can resume a checkpoint made by other code."""
@@ -613,6 +588,8 @@ def setup(params: TrainParams, shards_dir: Path, resume_dir: Path, make_loader: 
     """Shards, device, process group, model, optimiser and the resume state, checked before any
     training step."""
     shards = read_shard_set(shards_dir)
+    if not shards.train:
+        raise FileNotFoundError(f"{shards_dir}: no train-*.tar shards (run the pack stage)")
     if params.augment.masked_geometry == "detected" and not shards.standalone_twins:
         raise ValueError(f"train.augment.masked_geometry 'detected' trains on masked twins aligned on their own, "
                          f"and {shards_dir} holds none: set align.standalone_twin_splits: [train], then "

@@ -21,45 +21,34 @@ its checkpoint on :data:`SELECTION`.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import EvaluateParams, ValidateParams
 from pipeline.devices import select_device
 from pipeline.embedders import Embedder
-from pipeline.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks, held_out_mask_types,
+from pipeline.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks,
                                  paired_comparison, round_metrics, score_by_mask, score_identification,
                                  score_verification)
 from pipeline.mask.records import MaskRecord, read_mask_records
+from pipeline.shards import read_shard_set
 from pipeline.protocols import build_validation_pairs
-from pipeline.tar_chunks import file_sha256, list_chunks, write_json
+from pipeline.tar_chunks import file_sha256, write_json
 from pipeline.thresholds import calibrate
 
-VAL_PREFIX = "val-"
 SELECTION = ("verification", "masked_unmasked", "accuracy")  # what the checkpoint and recipes are picked on
 RESOLVE = 0.01  # the difference in masked-unmasked accuracy validation must be able to resolve
 
 
-def validation_chunks(shards_dir: str | Path) -> list[Path]:
-    """pack's val-*.tar shards (the same members as aligned chunks: raw.jpg, masked.jpg, json)."""
-    return list_chunks(Path(shards_dir), prefix=VAL_PREFIX)
-
-
-def shards_template(shards_dir: str | Path) -> str:
-    index = Path(shards_dir) / "index.json"
-    if not index.is_file():
-        raise EvaluationError(f"{index} not found: run the pack stage")
-    return json.loads(index.read_text()).get("template", LEGACY_TEMPLATE)
-
-
 def embed_validation(embedder: Embedder | str, shards_dir: str | Path, *, params: EvaluateParams,
                      device: str = "cpu") -> EmbeddedSet:
-    chunks = validation_chunks(shards_dir)
-    if not chunks:
+    try:
+        shards = read_shard_set(shards_dir)
+    except FileNotFoundError as err:
+        raise EvaluationError(str(err)) from None
+    if not shards.val:
         raise EvaluationError(f"{shards_dir} holds no val-*.tar shards: pack.val_fraction is 0")
-    return embed_chunks(embedder, chunks, template=shards_template(shards_dir), flip=params.flip,
+    return embed_chunks(embedder, shards.val, template=shards.template, flip=params.flip,
                         batch_size=params.batch_size, device=device, where=f"{shards_dir} (val shards)")
 
 
@@ -130,7 +119,7 @@ def run_validate(*, evaluate: EvaluateParams, validate: ValidateParams, shards_d
     device = str(select_device(evaluate.device))
     emb = embed_validation(str(model_path), shards_dir, params=evaluate, device=device)
     by_mask = {"masks": read_mask_records(masked_dir, emb.image_ids) if masked_dir is not None else None,
-               "unseen_types": held_out_mask_types(shards_dir)}
+               "unseen_types": list(read_shard_set(shards_dir).held_out_mask_types)}
     results = {"model": score_validation(emb, evaluate=evaluate, validate=validate, **by_mask)}
     metrics = {**results["model"][0], "evaluation_set": "validation: held-out train people (pack.val_fraction)"}
     if evaluate.reference_dlib:

@@ -32,8 +32,8 @@ def worker(images: int, steps: int, out: Path) -> None:
     from pipeline.config import TrainParams
     from pipeline.embedders import make_embedder
     from pipeline.evaluation import aligned_eval_chunks, read_aligned_chunk
+    from pipeline.shards import read_shard_set
     from pipeline.pair_loader import make_pair_loader
-    from pipeline.tar_chunks import list_chunks
     from pipeline.training import build_pair_model, train_step
 
     torch.manual_seed(0)
@@ -45,10 +45,9 @@ def worker(images: int, steps: int, out: Path) -> None:
     emb = make_embedder("dlib").embed(np.stack(crops[:images]), batch_size=64)
 
     params = TrainParams(batch_size=16, num_workers=0, shuffle_buffer=16, device="cpu")
-    classes = json.loads(Path("data/shards/classes.json").read_text())
-    template = json.loads(Path("data/shards/index.json").read_text())["template"]
-    model, optimizer = build_pair_model(params, len(classes), torch.device("cpu"), template)
-    loader = make_pair_loader(list_chunks("data/shards", "train-")[:1], batch_size=16, augment=None, seed=0)
+    shards = read_shard_set("data/shards")
+    model, optimizer = build_pair_model(params, len(shards.classes), torch.device("cpu"), shards.template)
+    loader = make_pair_loader(shards.train[:1], batch_size=16, augment=None, seed=0)
     model.train()
     for step, batch in enumerate(loader):
         if step == steps:

@@ -41,9 +41,10 @@ from pipeline.bootstrap import draw_identities, interval, paired_difference, rep
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluation import round_metrics  # noqa: E402
 from pipeline.metrics import kfold_accuracy, l2_normalize, verification_metrics  # noqa: E402
+from pipeline.models import pixels_to_input  # noqa: E402
 from pipeline.protocols import build_validation_pairs, parse_pairs  # noqa: E402
+from pipeline.shards import read_shard_set  # noqa: E402
 from pipeline.tar_chunks import read_chunk  # noqa: E402
-from pipeline.validation import validation_chunks  # noqa: E402
 
 SHOWN = ("accuracy", "auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")
 
@@ -60,7 +61,7 @@ def main() -> None:
     if args.pairs == "devtest":
         pairs = parse_pairs(lfw / "pairsDevTest.txt")
     else:
-        members = [json.loads(m["json"]) for c in validation_chunks(args.shards) for _, m in read_chunk(c)]
+        members = [json.loads(m["json"]) for c in read_shard_set(args.shards).val for _, m in read_chunk(c)]
         pairs = build_validation_pairs([m["image_id"] for m in members], [m["identity"] for m in members],
                                        per_identity=params.validation.pairs_per_identity,
                                        n_folds=params.evaluate.n_folds, seed=params.evaluate.seed)
@@ -74,9 +75,9 @@ def main() -> None:
         img = decode_rgb((lfw / "lfw-deepfunneled" / f"{i}.jpg").read_bytes())
         faces = det(img, 0) or det(img, 1)
         shape = landmarks = None
-        if faces:  # the face nearest the centre, as LFW's subject is
-            c = np.array(img.shape[1::-1]) / 2
-            shape = sp(img, min(faces, key=lambda r: np.hypot(r.center().x - c[0], r.center().y - c[1])))
+        if faces:  # the subject, as the mask stage picks it
+            subject = geo.subject_index([geo.box_from_rect(r) for r in faces], img.shape[1], img.shape[0])
+            shape = sp(img, faces[subject])
             landmarks = np.array([[p.x, p.y] for p in shape.parts()], np.float64)
         else:
             no_hog += 1
@@ -93,7 +94,7 @@ def main() -> None:
     net = DlibEmbeddingNet().load_dat().eval()
 
     def embed(crops: list[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = pixels_to_input(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
         with torch.inference_mode():
             return net(x).numpy()
 

@@ -37,7 +37,8 @@ from pipeline.images import decode_rgb  # noqa: E402
 from pipeline.mask.bank_stage import photos_in_bank  # noqa: E402
 from pipeline.mask.overlay import apply_overlay  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
-from pipeline.thresholds import enrol, find_entry, threshold_for  # noqa: E402
+from pipeline.metrics import enrol  # noqa: E402
+from pipeline.thresholds import find_entry, threshold_for  # noqa: E402
 
 LFW = Path("data/sources/lfw/lfw-deepfunneled")
 RMFD = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmfd"

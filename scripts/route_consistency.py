@@ -43,7 +43,7 @@ from pipeline.images import decode_rgb  # noqa: E402
 from pipeline.mask.overlay import apply_overlay  # noqa: E402
 from pipeline.metrics import kfold_correct, verification_metrics  # noqa: E402
 from pipeline.protocols import build_validation_pairs, parse_pairs  # noqa: E402
-from pipeline.validation import validation_chunks  # noqa: E402
+from pipeline.shards import read_shard_set  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 # (row name, standalone route, retinaface_points)
@@ -104,7 +104,7 @@ def main() -> None:
             crops.update({i: (r, m) for i, r, m in zip(ids, raw, masked) if i in wanted})
     else:  # the validate stage's people and pairs
         identity = {}
-        for chunk in validation_chunks("data/shards"):
+        for chunk in read_shard_set("data/shards").val:
             for key, m in read_chunk(chunk):
                 identity[key] = json.loads(m["json"])["identity"]
                 crops[key] = (decode_rgb(m["raw.jpg"]), decode_rgb(m["masked.jpg"]))

@@ -41,7 +41,8 @@ from pipeline.devices import select_device  # noqa: E402
 from pipeline.embedders import TorchEmbedder, make_embedder  # noqa: E402
 from pipeline.evaluation import figure_at, paired_comparison, round_metrics  # noqa: E402
 from pipeline.models import interpolate_weights  # noqa: E402
-from pipeline.validation import SELECTION, embed_validation, score_validation, shards_template  # noqa: E402
+from pipeline.shards import read_shard_set  # noqa: E402
+from pipeline.validation import SELECTION, embed_validation, score_validation  # noqa: E402
 
 CACHE = Path(".dvc/cache/files/md5")
 # column title -> path in the validation metrics
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     ev, va = params.evaluate, params.validation
     device = str(select_device(ev.device))
-    template = shards_template(args.shards)
+    template = read_shard_set(args.shards).template
 
     def score(embedder) -> tuple[dict, dict]:
         return score_validation(embed_validation(embedder, args.shards, params=ev, device=device),

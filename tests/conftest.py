@@ -17,6 +17,13 @@ def lfw_root() -> Path:
     return root
 
 
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder``, by relative path: what byte-identical outputs compare."""
+    from pipeline.tar_chunks import file_sha256
+
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _people(path: Path) -> list[tuple[str, int]]:
     lines = [ln.split() for ln in path.read_text().splitlines()[1:] if ln.strip()]
     return [(p[0], int(p[1])) for p in lines if len(p) == 2]

@@ -148,3 +148,61 @@ def test_standalone_rejects_bad_input_and_reports_no_face():
         al.align_standalone(np.zeros((10, 10), np.float32))
     res = al.align_standalone(np.full((120, 120, 3), 200, np.uint8))
     assert res.crop is None and res.route == "none" and res.reason
+
+
+def test_subject_rule_and_box_conventions():
+    """One rule picks the subject: the box centre nearest the photo's centre, the larger box on a
+    tie; boxes of every detector meet it as (x0, y0, x1, y1)."""
+    w, h = 250, 250
+    centred_small = (95, 95, 155, 155)
+    big_off_centre = (130, 20, 250, 160)
+    assert geo.subject_order([big_off_centre, centred_small], w, h) == [1, 0]
+    # two boxes with the same centre: the larger first, whatever the order given
+    inner, outer = (100, 100, 150, 150), (80, 80, 170, 170)
+    assert geo.subject_index([inner, outer], w, h) == 1 and geo.subject_index([outer, inner], w, h) == 0
+    with pytest.raises(ValueError, match="no face boxes"):
+        geo.subject_index([], w, h)
+    assert geo.box_from_xywh((10, 20, 30, 40)) == (10.0, 20.0, 40.0, 60.0)
+    x0, y0, x1, y1 = geo.dlib_box_from_haar((100, 100, 100, 100))
+    a, b, c, d = geo.HAAR_TO_DLIB_BOX
+    assert (x0, y0, x1, y1) == (100 + 100 * a, 100 + 100 * b, 100 + 100 * c, 100 + 100 * d)
+
+
+def test_every_route_picks_the_same_subject_in_a_two_face_photo():
+    """Julianne Moore 0008: she is in the middle, a man's larger face above and right of her (the
+    area-weighted rules the mask stage and alignment had picked him). The mask stage's landmarks,
+    the Haar face order and each standalone route now all take her: each standalone crop puts her
+    eyes (the mask stage's 68 points) on the template's eyes."""
+    from pipeline.align import retinaface
+    from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
+
+    image = _read_rgb(lfw_root() / "lfw-deepfunneled" / "Julianne_Moore" / "Julianne_Moore_0008.jpg")
+    res = LandmarkDetector(default_predictor_path()).detect(image)
+    assert res.route == "hog" and res.n_faces == 2
+    x0, y0, x1, y1 = res.face_box
+    assert abs((x0 + x1) / 2 - 125) < 15 and abs((y0 + y1) / 2 - 125) < 20
+    assert max(f.box[2] * f.box[3] for f in retinaface.detect(image)) > 1.2 * (x1 - x0) * (y1 - y0)  # a bigger face
+    eyes = np.stack(geo.eye_centres_from_landmarks(res.landmarks))
+    hx, hy, hw, hh = al.detect_faces(al.cascade_gray(image))[0]
+    assert all(hx < ex < hx + hw and hy < ey < hy + hh for ex, ey in eyes)
+    for route in ("retinaface", "haar", "dlib_hog"):
+        out = al.align_standalone(image, params=StandaloneParams(routes=[route]))
+        assert out.matrix is not None, route
+        err = np.linalg.norm(geo.apply_matrix(out.matrix, eyes) - geo.TEMPLATE_EYES, axis=1).max()
+        assert err < 6.0, (route, err)
+
+
+def test_mask_fallback_and_standalone_run_retinaface_alike():
+    """Abdoulaye Wade 0003, a face HOG misses: the mask stage's RetinaFace route and standalone
+    alignment's ``retinaface_dlib68`` route both put dlib's predictor in the box of the same
+    RetinaFace detection (one configuration, one subject rule), so their five points agree to
+    rounding."""
+    from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
+
+    image = _read_rgb(lfw_root() / "lfw-deepfunneled" / "Abdoulaye_Wade" / "Abdoulaye_Wade_0003.jpg")
+    res = LandmarkDetector(default_predictor_path()).detect(image)
+    assert res.route == "retinaface"
+    out = al.align_standalone(image, params=StandaloneParams(routes=["retinaface"], retinaface_points="dlib68"))
+    assert out.route == "retinaface_dlib68"
+    mask_five = geo.five_points_from_landmarks(res.landmarks)
+    assert np.allclose(out.matrix, geo.umeyama_similarity(mask_five, geo.TEMPLATE_5), atol=1e-9)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tests.conftest import lfw_root
-from tests.test_cli import _masked_copy, cli, in_process
+from tests.test_cli import cli, in_process, masked_copy
 
 # people with >= 4 photos in LFW: 2 enrolled (mean template) and 2 searching each
 PEOPLE = ["Ariel_Sharon", "Colin_Powell", "Donald_Rumsfeld", "George_W_Bush", "Gerhard_Schroeder",
@@ -26,7 +26,7 @@ def labelled(tmp_path_factory):
         (root / name).mkdir()
         for n in (1, 2, 3):
             shutil.copy(lfw / name / f"{name}_{n:04d}.jpg", root / name)
-        _masked_copy(lfw / name / f"{name}_0004.jpg", root / name / f"{name}_0004_masked.jpg")
+        masked_copy(lfw / name / f"{name}_0004.jpg", root / name / f"{name}_0004_masked.jpg")
     (root / "Tony_Blair" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return root
 

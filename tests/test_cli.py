@@ -182,7 +182,7 @@ def test_identify_with_the_onnx_export_decides_as_the_checkpoint(gallery, model,
     export_onnx(model_path=model, out_path=onnx)
     lfw = lfw_root() / "lfw-deepfunneled"
     probes = [lfw / n / f"{n}_0003.jpg" for n in PEOPLE] + [tmp_path / "Colin_Powell_masked.jpg"]
-    _masked_copy(lfw / "Colin_Powell" / "Colin_Powell_0004.jpg", probes[-1])
+    masked_copy(lfw / "Colin_Powell" / "Colin_Powell_0004.jpg", probes[-1])
     runs = {}
     for m in (model, onnx):
         p = cli("pipeline.identify", *probes, "--gallery", gallery, "--model", m, "--device", "cpu",
@@ -196,7 +196,7 @@ def test_identify_with_the_onnx_export_decides_as_the_checkpoint(gallery, model,
     assert info[str(onnx)]["model_sha256"] == info[str(model)]["model_sha256"]
 
 
-def _masked_copy(src, dest) -> None:
+def masked_copy(src, dest) -> None:
     """``src`` with the project's own synthetic mask, written to ``dest``."""
     import cv2
 
@@ -219,7 +219,7 @@ def test_identify_as_access_control_knows_who_is_enrolled_and_who_is_not(gallery
     lfw = lfw_root() / "lfw-deepfunneled"
     enrolled = [lfw / n / f"{n}_0003.jpg" for n in PEOPLE]
     strangers = [lfw / "Serena_Williams" / "Serena_Williams_0001.jpg", tmp_path / "Aaron_Eckhart_masked.jpg"]
-    _masked_copy(lfw / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg", strangers[1])
+    masked_copy(lfw / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg", strangers[1])
     p = cli("pipeline.identify", *enrolled, *strangers, "--gallery", gallery, "--model", "dlib", "--json")
     assert p.returncode == 0, p.stderr
     results = json.loads(p.stdout)

@@ -12,10 +12,11 @@ import torch
 from pipeline.config import MASK_TYPES, EvaluateParams
 from pipeline.mask.records import read_mask_records
 from pipeline.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned, load_embeddings,
-                                 held_out_mask_types, paired_comparison, read_train_identities, run_embed_reference, run_evaluate,
+                                 paired_comparison, run_embed_reference, run_evaluate,
                                  score_embeddings, score_gallery, score_verification)
 from pipeline.metrics import identification_ranks, l2_normalize
 from pipeline.models import EmbeddingNet
+from pipeline.shards import read_shard_set
 from pipeline.protocols import (Gallery, IdentityOverlapError, Pairs, build_gallery,
                                 build_paper_protocol, parse_pairs)
 from tests.conftest import write_eval_pairs
@@ -100,18 +101,18 @@ def test_every_metric_key_plot_and_picture_is_written(tiny, evaluated):
     _check_keys(metrics)
     _check_keys(metrics["reference"]["dlib"])
     # each block is exactly what the scoring functions give on that embedder's embeddings
-    train = read_train_identities(tiny / "shards")
+    train = read_shard_set(tiny / "shards").trained_identities
     ref = load_embeddings(tiny / "reference" / "dlib.parquet")
     emb = embed_aligned(str(tiny / "model.pt"), tiny / "aligned", flip=False, batch_size=16)
     masks = read_mask_records(tiny / "masked", emb.image_ids)
-    assert metrics["by_mask"]["unseen_types"] == held_out_mask_types(tiny / "shards")
+    assert metrics["by_mask"]["unseen_types"] == list(read_shard_set(tiny / "shards").held_out_mask_types)
     assert sum(metrics["by_mask"]["verification_masked_unmasked"]["count"][f"type_{t}"] for t in MASK_TYPES) == (
         metrics["verification"]["masked_unmasked"]["pairs_same"] + metrics["verification"]["masked_unmasked"]["pairs_different"])
     assert "masked_unmasked" in metrics["vs_dlib"]["verification"] and "by_mask" in metrics["vs_dlib"]
     for name, e, written in (("model", emb, metrics), ("dlib", ref, metrics["reference"]["dlib"])):
         computed, curves = score_embeddings(e, params=PARAMS, protocol_dir=tiny / "protocol",
                                             train_identities=train, masks=masks,
-                                            unseen_types=held_out_mask_types(tiny / "shards"))
+                                            unseen_types=list(read_shard_set(tiny / "shards").held_out_mask_types))
         _assert_same_metrics({k: v for k, v in written.items()
                                if k not in ("embedder", "reference", "training_set", "evaluation_set", "vs_dlib",
                                          "identify_thresholds")},

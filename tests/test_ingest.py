@@ -11,15 +11,11 @@ from PIL import Image
 
 from pipeline.config import ComputeParams, DatasetParams, IngestParams
 from pipeline.ingest import IngestError, manifest_rows, run_ingest
-from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk
-from tests.conftest import lfw_root
+from pipeline.tar_chunks import list_chunks, read_chunk
+from tests.conftest import lfw_root, tree_hashes
 from tests.test_recordio import write_insightface_rec
 
 SERIAL = ComputeParams(n_jobs=1)
-
-
-def _tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_lfw_split_from_view1(tmp_path, lfw_small):
@@ -138,7 +134,7 @@ def test_deterministic_across_runs_and_workers(tmp_path, lfw_small):
     params, lfw = IngestParams(chunk_size=10), DatasetParams(path=str(lfw_small))
     run_ingest(params=params, dataset=lfw, compute=SERIAL, out_dir=tmp_path / "a")
     run_ingest(params=params, dataset=lfw, compute=ComputeParams(n_jobs=2), out_dir=tmp_path / "b")
-    a, b = _tree_hashes(tmp_path / "a"), _tree_hashes(tmp_path / "b")
+    a, b = tree_hashes(tmp_path / "a"), tree_hashes(tmp_path / "b")
     assert len(a) > 5 and a == b
 
 

@@ -15,8 +15,8 @@ from pipeline.mask.bank_stage import MaskBankError, link_source, load_bank, run_
 from pipeline.mask.stage import MaskStageError, run_mask
 from pipeline.stage_report import status_rows
 from pipeline.tar_chunks import UnsafeArchiveError, list_chunks, read_chunk
-from tests.conftest import RMFD_KEPT, make_bank_subset
-from tests.test_mask_stage import SERIAL, _hashes
+from tests.conftest import RMFD_KEPT, make_bank_subset, tree_hashes
+from tests.test_mask_stage import SERIAL
 
 REAL = {"surgical": 1.0, "real": 3.0}
 
@@ -80,13 +80,13 @@ def test_photos_in_bank_are_the_kept_ones_and_their_copies(bank, photos, tmp_pat
 def test_bank_is_byte_identical_across_runs_and_workers(photos, bank, tmp_path, monkeypatch):
     out, summary = bank
     again = run_mask_bank(params=MaskBankParams(path=str(photos)), compute=SERIAL, out_dir=tmp_path / "again")
-    assert _hashes(tmp_path / "again") == _hashes(out) and again == summary
+    assert tree_hashes(tmp_path / "again") == tree_hashes(out) and again == summary
     monkeypatch.setattr(bank_stage, "BATCH", 2)  # three batches, shared by the two workers
     one = run_mask_bank(params=MaskBankParams(path=str(photos)), compute=SERIAL, out_dir=tmp_path / "one")
     two = run_mask_bank(params=MaskBankParams(path=str(photos)), compute=ComputeParams(n_jobs=2),
                         out_dir=tmp_path / "two")
     assert one == two == summary
-    assert _hashes(tmp_path / "one") == _hashes(tmp_path / "two")
+    assert tree_hashes(tmp_path / "one") == tree_hashes(tmp_path / "two")
 
 
 def test_no_photos_gives_an_empty_bank_that_says_so(tmp_path):
@@ -99,11 +99,11 @@ def test_no_photos_gives_an_empty_bank_that_says_so(tmp_path):
 
 
 def test_the_mask_stage_wears_bank_entries(bank, tmp_path):
-    from tests.test_mask_stage import _ingest
+    from tests.test_mask_stage import ingest_into
     from tests.conftest import make_lfw_subset
 
     out, _ = bank
-    ingested = _ingest(make_lfw_subset(tmp_path / "lfw", 3, 2), tmp_path / "ingest", chunk_size=6)
+    ingested = ingest_into(make_lfw_subset(tmp_path / "lfw", 3, 2), tmp_path / "ingest", chunk_size=6)
     params = MaskParams(type_weights=REAL)
     summary = run_mask(params=params, compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "m", bank_dir=out)
     rows = [r for r in status_rows(tmp_path / "m") if r["status"] == "masked"]
@@ -117,17 +117,17 @@ def test_the_mask_stage_wears_bank_entries(bank, tmp_path):
     assert {i["texture"] for i in infos if i["mask_type"] == "real"} == set(RMFD_KEPT)
     # the same outputs from two workers
     run_mask(params=params, compute=ComputeParams(n_jobs=2), in_dir=ingested, out_dir=tmp_path / "m2", bank_dir=out)
-    assert _hashes(tmp_path / "m2") == _hashes(tmp_path / "m")
+    assert tree_hashes(tmp_path / "m2") == tree_hashes(tmp_path / "m")
     # weight 0: byte for byte what the stage draws with no bank at all
     run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "p0", bank_dir=out)
     run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "none")
-    assert _hashes(tmp_path / "p0") == _hashes(tmp_path / "none")
+    assert tree_hashes(tmp_path / "p0") == tree_hashes(tmp_path / "none")
     # bank_splits [train]: the test people's masks are byte for byte those drawn without the real type
     run_mask(params=MaskParams(type_weights=REAL, bank_splits=["train"]), compute=SERIAL, in_dir=ingested,
              out_dir=tmp_path / "tr", bank_dir=out)
     run_mask(params=MaskParams(type_weights={"surgical": 1.0}), compute=SERIAL, in_dir=ingested,
              out_dir=tmp_path / "proc")
-    tr, proc = _hashes(tmp_path / "tr"), _hashes(tmp_path / "proc")
+    tr, proc = tree_hashes(tmp_path / "tr"), tree_hashes(tmp_path / "proc")
     test_chunks = [k for k in tr if k.startswith("chunks/test-")]
     assert test_chunks and all(tr[k] == proc[k] for k in test_chunks)
     rows_tr = status_rows(tmp_path / "tr")

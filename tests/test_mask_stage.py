@@ -15,13 +15,14 @@ from pipeline.mask.landmarks import LandmarkModelError
 from pipeline.mask.overlay import apply_overlay
 from pipeline.mask.stage import choose_style, image_rng, run_mask
 from pipeline.stage_report import status_rows
-from pipeline.tar_chunks import UnsafeArchiveError, file_sha256, list_chunks, read_chunk
+from pipeline.tar_chunks import UnsafeArchiveError, list_chunks, read_chunk
+from tests.conftest import tree_hashes
 from tests.test_mask_landmarks import lfw_rgb
 
 SERIAL = ComputeParams(n_jobs=1)
 
 
-def _ingest(src, out, chunk_size=16, source="lfw"):
+def ingest_into(src, out, chunk_size=16, source="lfw"):
     run_ingest(params=IngestParams(chunk_size=chunk_size), dataset=DatasetParams(source=source, path=str(src)),
                compute=SERIAL,
                out_dir=out)
@@ -30,7 +31,7 @@ def _ingest(src, out, chunk_size=16, source="lfw"):
 
 @pytest.fixture(scope="module")
 def ingested(lfw_small, tmp_path_factory):
-    return _ingest(lfw_small, tmp_path_factory.mktemp("mask_in") / "ingest")
+    return ingest_into(lfw_small, tmp_path_factory.mktemp("mask_in") / "ingest")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,6 @@ def masked(ingested, tmp_path_factory):
     out = tmp_path_factory.mktemp("mask_out") / "masked"
     summary = run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=out)
     return out, summary
-
-
-def _hashes(folder) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_outputs_follow_the_documented_format(ingested, masked):
@@ -80,19 +77,19 @@ def test_outputs_follow_the_documented_format(ingested, masked):
 
 def test_outputs_are_byte_identical_across_runs_workers_and_dask(ingested, masked, tmp_path):
     out, _ = masked
-    reference = _hashes(out)
+    reference = tree_hashes(out)
     assert len(reference) > 4
     again = run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingested, out_dir=tmp_path / "again")
-    assert _hashes(tmp_path / "again") == reference and again == masked[1]
+    assert tree_hashes(tmp_path / "again") == reference and again == masked[1]
     run_mask(params=MaskParams(), compute=ComputeParams(n_jobs=2), in_dir=ingested, out_dir=tmp_path / "two")
-    assert _hashes(tmp_path / "two") == reference
+    assert tree_hashes(tmp_path / "two") == reference
     run_mask(params=MaskParams(), compute=ComputeParams(backend="dask", n_jobs=2), in_dir=ingested,
              out_dir=tmp_path / "dask")
-    assert _hashes(tmp_path / "dask") == reference
+    assert tree_hashes(tmp_path / "dask") == reference
 
 
 def test_per_image_results_do_not_depend_on_chunking(lfw_small, masked, tmp_path):
-    ingest2 = _ingest(lfw_small, tmp_path / "ingest", chunk_size=7)
+    ingest2 = ingest_into(lfw_small, tmp_path / "ingest", chunk_size=7)
     run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingest2, out_dir=tmp_path / "m")
     assert status_rows(tmp_path / "m") == status_rows(masked[0])
 
@@ -122,7 +119,7 @@ def test_bad_inputs_get_documented_statuses(tmp_path):
     for name, rgb in images.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(root / f"{name}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    ingest = _ingest(root, tmp_path / "ingest", source="imagefolder")
+    ingest = ingest_into(root, tmp_path / "ingest", source="imagefolder")
     summary = run_mask(params=MaskParams(), compute=SERIAL, in_dir=ingest, out_dir=tmp_path / "m")
     rows = {r["image_id"]: r for r in status_rows(tmp_path / "m")}
     assert len(rows) == 5 and summary["masked"] == 2 and summary["rejected"] == 3

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import MASK_TEXTURES, MASK_TYPES
 from pipeline.mask.landmarks import CANONICAL_112
-from pipeline.mask.templates import (PALETTES, _draw_template, anchor_points, canonical_anchors,
+from pipeline.mask.templates import (PALETTES, anchor_points, canonical_anchors, draw_template,
                                      get_template, outline_points, triangles)
 
 
@@ -30,7 +30,7 @@ def test_every_type_and_texture_draws_an_opaque_mask_of_its_colour(mask_type, te
 
 def test_templates_are_deterministic_and_cached_per_process():
     a = get_template("cloth", "navy", "print", 3).rgba.copy()
-    _draw_template.cache_clear()
+    draw_template.cache_clear()
     b = get_template("cloth", "navy", "print", 3).rgba
     assert np.array_equal(a, b)
     assert get_template("cloth", "navy", "grain", 1) is get_template("cloth", "navy", "grain", 2), \

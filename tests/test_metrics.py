@@ -23,11 +23,15 @@ def test_gallery_rank1_and_cmc_hand_computed():
     assert metrics.cmc(ranks, 3).tolist() == [0.75, 1.0, 1.0]
 
 
-def test_identity_scores_best_enrolled_image_and_ties_count_against_probe():
+def test_identity_scores_mean_template_and_ties_count_against_probe():
     gallery = np.array([_unit(0), _unit(170), _unit(90)])
-    # A has two images (0 and 170): probe at 160 is 10 deg from A's second image -> rank 1.
-    ranks = metrics.identification_ranks(gallery, ["A", "A", "B"], np.array([_unit(160)]), ["A"])
-    assert ranks.tolist() == [1]
+    # A has two images (0 and 170 deg), enrolled as one template at 85 deg (metrics.enrol, as
+    # identify enrols): a probe at 85 deg is A's (rank 1) although B's image at 90 is nearer than
+    # either of A's images; a probe at 160 deg, 10 deg from A's second image, is B's (75 vs 70).
+    ranks = metrics.identification_ranks(gallery, ["A", "A", "B"], np.array([_unit(85), _unit(160)]), ["A", "A"])
+    assert ranks.tolist() == [1, 2]
+    names, templates = metrics.enrol(["A", "A", "B"], gallery)
+    assert names == ["A", "B"] and np.allclose(templates, [_unit(85), _unit(90)], atol=1e-6)
     # A collapsed embedding (all equal) ties every identity: rank = number of identities, not 1.
     same = np.ones((3, 4))
     ranks = metrics.identification_ranks(same, ["A", "B", "C"], np.ones((2, 4)), ["A", "C"])

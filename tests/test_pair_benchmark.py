@@ -13,7 +13,7 @@ import torch
 from pipeline.config import EvaluateParams, PairBenchmarkParams, StandaloneParams
 from pipeline.pair_benchmark import PairBenchmarkError, photo_file, run_pair_benchmark
 from tests.conftest import lfw_root
-from tests.test_cli import _masked_copy
+from tests.test_cli import masked_copy
 
 PEOPLE = ["Colin_Powell", "Donald_Rumsfeld", "George_W_Bush", "Gerhard_Schroeder", "Tony_Blair", "Ariel_Sharon"]
 # two folds ('2 4'): 4 same + 4 different pairs each; Tony_Blair 99 is missing, Ariel_Sharon 9 a blank image
@@ -35,7 +35,7 @@ def bench(tmp_path_factory):
         (photos / name).mkdir(parents=True)
         for n in (1, 2, 3, 4):
             src, dst = lfw / name / f"{name}_{n:04d}.jpg", photos / name / f"{name}_{n:04d}.jpg"
-            _masked_copy(src, dst) if (name, n) in MASKED else shutil.copy(src, dst)
+            masked_copy(src, dst) if (name, n) in MASKED else shutil.copy(src, dst)
     cv2.imwrite(str(photos / "Ariel_Sharon" / "Ariel_Sharon_0009.jpg"), np.full((250, 250, 3), 128, np.uint8))
     lines = ["2\t4"]
     for k in range(2):

@@ -35,18 +35,16 @@ def test_weights_come_from_the_wheel_and_are_checked(tmp_path):
 def test_five_points_on_real_lfw_faces_agree_with_dlib():
     """One confident face per LFW portrait; its eyes within 10% of the eye distance of dlib's eye
     centres, and its nose and mouth points in the right order below them."""
-    import dlib
+    from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
 
-    from pipeline.align.detection import _dlib
-
+    hog = LandmarkDetector(default_predictor_path(), retinaface_fallback=False, haar_fallback=False)
     for name in LFW_FACES:
         image = _rgb(lfw_root() / "lfw-deepfunneled" / f"{name}.jpg")
         faces = [f for f in rf.detect(image) if f.score > 0.9]
         assert faces, name
-        face = max(faces, key=lambda f: f.box[2] * f.box[3])
-        x, y, w, h = face.box
-        shape = _dlib("shape68")(image, dlib.rectangle(int(x), int(y + 0.2 * h), int(x + w), int(y + h)))
-        lm = np.array([[p.x, p.y] for p in shape.parts()], float)
+        face = faces[geo.subject_index([f.xyxy for f in faces], image.shape[1], image.shape[0])]
+        lm = hog.detect(image).landmarks  # dlib's own: HOG box, 68 points
+        assert lm is not None, name
         eyes = np.stack(geo.eye_centres_from_landmarks(lm))
         eye_dist = np.linalg.norm(eyes[1] - eyes[0])
         assert np.linalg.norm(face.points[:2] - eyes, axis=1).max() < 0.1 * eye_dist, name

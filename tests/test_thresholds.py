@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import l2_normalize
-from pipeline.thresholds import (ThresholdError, calibrate, describe, enrol, fpir_at, searches, split_enrolment,
+from pipeline.metrics import enrol, l2_normalize
+from pipeline.thresholds import (ThresholdError, calibrate, describe, fpir_at, searches, split_enrolment,
                                  threshold_at_fpir, threshold_for)
 
 

@@ -23,8 +23,8 @@ from pipeline.config import DistillParams, TrainParams
 from pipeline.models import load_embedding_model
 from pipeline.pair_loader import make_pair_loader
 from pipeline.tar_chunks import list_chunks, read_chunk
-from pipeline.training import (build_pair_model, code_fingerprint, fingerprint, lr_at, read_shard_set, train,
-                               train_step)
+from pipeline.shards import read_shard_set
+from pipeline.training import build_pair_model, code_fingerprint, fingerprint, lr_at, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # the from-scratch recipe (ResNet18, ArcFace + the report's twin distillation), at toy size

@@ -13,11 +13,11 @@ from pipeline.metrics import kfold_accuracy
 from pipeline.models import build_embedding_net
 from pipeline.protocols import build_validation_pairs
 from pipeline.tar_chunks import list_chunks
-from pipeline.training import Validator, read_shard_set
+from pipeline.shards import read_shard_set
+from pipeline.training import Validator
 from pipeline.config import MASK_TYPES
 from pipeline.tar_chunks import file_sha256
-from pipeline.validation import (embed_validation, resolution, run_validate, score_validation, shards_template,
-                                 training_figures, validation_chunks)
+from pipeline.validation import embed_validation, resolution, run_validate, score_validation, training_figures
 
 EVAL = EvaluateParams(device="cpu", bootstrap_replicates=200)
 VAL = ValidateParams(pairs_per_identity=4)
@@ -33,7 +33,7 @@ def test_val_crops_embed_as_the_same_crops_in_the_aligned_train_chunks(tiny_shar
     aligned crops' bytes and go through evaluate's embedder path, so each held-out image's vectors
     are those of its aligned train chunk."""
     chunks = list_chunks(tiny_shards.parent / "aligned" / "chunks", prefix="train-")
-    everyone = embed_chunks("dlib", chunks, template=shards_template(tiny_shards), flip=False, batch_size=64)
+    everyone = embed_chunks("dlib", chunks, template=read_shard_set(tiny_shards).template, flip=False, batch_size=64)
     held_out = set(json.loads((tiny_shards / "index.json").read_text())["val"]["identities"])
     assert set(dlib_val.identities) == held_out and len(held_out) >= 2
     idx = everyone.index()
@@ -64,7 +64,7 @@ def test_validation_figures_carry_bootstrap_intervals(tiny_shards):
     """Every person of the tiny pipeline (10, train and test chunks) as a validation set: the
     figures come with their interval and replicates (2 held-out people are too few to resample)."""
     chunks = sorted((tiny_shards.parent / "aligned" / "chunks").glob("*.tar"))
-    emb = embed_chunks("dlib", chunks, template=shards_template(tiny_shards), flip=False, batch_size=64)
+    emb = embed_chunks("dlib", chunks, template=read_shard_set(tiny_shards).template, flip=False, batch_size=64)
     assert len(set(emb.identities)) == 10
     with_ci, extra = score_validation(emb, evaluate=EVAL, validate=VAL)
     ci = with_ci["verification"]["masked_unmasked"]["accuracy_ci"]
@@ -108,7 +108,7 @@ def test_run_validate_writes_figures_paired_differences_and_the_size_it_takes(ti
     # 2 held-out people: too few to resample verification (no interval, so no size from it)
     assert m["verification"]["masked_unmasked"]["accuracy_ci"] is None
     assert m["resolution"]["identities"] == 2 and "figure" not in m["resolution"]
-    assert len(validation_chunks(tiny_shards)) >= 1
+    assert len(read_shard_set(tiny_shards).val) >= 1
 
 
 def test_resolution_by_hand():

