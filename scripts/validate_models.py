@@ -62,8 +62,11 @@ def cached_model(rev: str) -> Path:
         raise SystemExit(f"{rev!r} is neither a model file nor a git revision with a dvc.lock: "
                          f"{shown.stderr.strip()}")
     lock = yaml.safe_load(shown.stdout)
-    outs = lock["stages"]["train"]["outs"]
-    md5 = next(o["md5"] for o in outs if o["path"] == "models")
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["train"]["outs"]}
+    if "models/model.pt" in outs:  # the file itself (since the export stage writes models/model.onnx)
+        md5 = outs["models/model.pt"]
+        return CACHE / md5[:2] / md5[2:]
+    md5 = outs["models"]  # older locks: the whole folder
     manifest = json.loads((CACHE / md5[:2] / md5[2:]).read_text())
     file_md5 = next(e["md5"] for e in manifest if e["relpath"] == "model.pt")
     return CACHE / file_md5[:2] / file_md5[2:]

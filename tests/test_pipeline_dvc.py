@@ -317,7 +317,7 @@ def test_code_change_retrains_from_scratch(tiny_project):
 
     losses = tiny_project / "pipeline" / "losses.py"
     source = losses.read_text()
-    before = lock_hashes(tiny_project)["train"]["models"]
+    before = lock_hashes(tiny_project)["train"]["models/model.pt"]
     assert not (tiny_project / "checkpoints" / "train").exists()  # a finished run leaves no resume state
     losses.write_text(source.replace("nn.init.normal_(self.weight, std=0.01)", "nn.init.normal_(self.weight, std=0.02)"))
     try:
@@ -329,7 +329,7 @@ def test_code_change_retrains_from_scratch(tiny_project):
         assert not summary["resumed"] and summary["steps"] >= 1, summary
     finally:
         _back_to_committed(tiny_project)
-    assert lock_hashes(tiny_project)["train"]["models"] == before
+    assert lock_hashes(tiny_project)["train"]["models/model.pt"] == before
 
 
 # ---------------------------------------------------------------- an external training set
