@@ -197,7 +197,8 @@ def test_status_is_written_and_checked_chunk_by_chunk(tiny, tmp_path, monkeypatc
     real, calls = stage.align_chunk, []
 
     def lossy(name, **kw):
-        assert set(kw) == {"ingest_chunks", "masked_chunks", "mask_status", "params", "out_chunks", "assume_aligned"}
+        assert set(kw) == {"ingest_chunks", "masked_chunks", "mask_status", "params", "out_chunks", "assume_aligned",
+                           "standalone"}
         calls.append(name)
         return real(name, **kw)[:-1]
 
