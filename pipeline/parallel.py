@@ -21,6 +21,9 @@ from pipeline.config import ComputeParams
 # Seconds to reach compute.dask_scheduler before failing (Dask's own default is 30 s, then an error
 # that does not say which setting holds the address).
 CONNECT_TIMEOUT_S = 10
+# Tries at starting the client. Dask gives a client's IO-loop thread 10 s to start and otherwise fails
+# with a bare AssertionError, which a loaded machine can hit (once in CI, on 2 busy cores).
+CONNECT_TRIES = 3
 
 
 class DaskSchedulerError(RuntimeError):
@@ -32,14 +35,20 @@ def _connect(address: str) -> Any:
 
     hint = ("Start one (`dask scheduler`, then `dask worker <its address>` on each machine), fix the "
             "address, or set compute.dask_scheduler to null for a local cluster of compute.n_jobs workers.")
-    try:
-        return Client(address, timeout=CONNECT_TIMEOUT_S)
-    except (ValueError, TypeError) as e:
-        raise DaskSchedulerError(f"compute.dask_scheduler = {address!r} is not a scheduler address like "
-                                 f"'tcp://host:8786' ({type(e).__name__}: {e}). {hint}") from e
-    except (OSError, TimeoutError) as e:
-        raise DaskSchedulerError(f"compute.dask_scheduler = {address!r}: no Dask scheduler answered there "
-                                 f"within {CONNECT_TIMEOUT_S} s ({type(e).__name__}: {e}). {hint}") from e
+    loop_error = None
+    for _ in range(CONNECT_TRIES):
+        try:
+            return Client(address, timeout=CONNECT_TIMEOUT_S)
+        except AssertionError as e:  # the IO-loop thread did not start in time (see CONNECT_TRIES)
+            loop_error = e
+        except (ValueError, TypeError) as e:
+            raise DaskSchedulerError(f"compute.dask_scheduler = {address!r} is not a scheduler address like "
+                                     f"'tcp://host:8786' ({type(e).__name__}: {e}). {hint}") from e
+        except (OSError, TimeoutError) as e:
+            raise DaskSchedulerError(f"compute.dask_scheduler = {address!r}: no Dask scheduler answered there "
+                                     f"within {CONNECT_TIMEOUT_S} s ({type(e).__name__}: {e}). {hint}") from e
+    raise DaskSchedulerError(f"compute.dask_scheduler = {address!r}: the Dask client's event loop did not "
+                             f"start in {CONNECT_TRIES} tries (is this machine overloaded?)") from loop_error
 
 
 @contextlib.contextmanager

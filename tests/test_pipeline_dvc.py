@@ -239,7 +239,7 @@ def test_two_ranks_train_inside_dvc_repro(tiny_project):
     assert len(curve.read_text().splitlines()) - 1 == one_rank_steps >= 1
     assert "train" not in dvc("status", "train", cwd=tiny_project).stdout  # recorded in dvc.lock
     first = model.read_bytes()
-    assert _ran(dvc("repro", "-f", "train", cwd=tiny_project).stdout) == {"train"}
+    assert _ran(dvc("repro", "-f", "-s", "train", cwd=tiny_project).stdout) == {"train"}
     assert model.read_bytes() == first  # a 2-rank run is deterministic (gloo, fixed shards per rank)
     _back_to_committed(tiny_project)
 
