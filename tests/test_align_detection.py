@@ -177,7 +177,7 @@ def test_every_route_picks_the_same_subject_in_a_two_face_photo():
     from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
 
     image = _read_rgb(lfw_root() / "lfw-deepfunneled" / "Julianne_Moore" / "Julianne_Moore_0008.jpg")
-    res = LandmarkDetector(default_predictor_path()).detect(image)
+    res = LandmarkDetector(default_predictor_path(), retinaface_first=False).detect(image)
     assert res.route == "hog" and res.n_faces == 2
     x0, y0, x1, y1 = res.face_box
     assert abs((x0 + x1) / 2 - 125) < 15 and abs((y0 + y1) / 2 - 125) < 20
@@ -200,7 +200,7 @@ def test_mask_fallback_and_standalone_run_retinaface_alike():
     from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
 
     image = _read_rgb(lfw_root() / "lfw-deepfunneled" / "Abdoulaye_Wade" / "Abdoulaye_Wade_0003.jpg")
-    res = LandmarkDetector(default_predictor_path()).detect(image)
+    res = LandmarkDetector(default_predictor_path(), retinaface_first=False).detect(image)
     assert res.route == "retinaface"
     out = al.align_standalone(image, params=StandaloneParams(routes=["retinaface"], retinaface_points="dlib68"))
     assert out.route == "retinaface_dlib68"

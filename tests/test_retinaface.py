@@ -37,7 +37,8 @@ def test_five_points_on_real_lfw_faces_agree_with_dlib():
     centres, and its nose and mouth points in the right order below them."""
     from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path
 
-    hog = LandmarkDetector(default_predictor_path(), retinaface_fallback=False, haar_fallback=False)
+    hog = LandmarkDetector(default_predictor_path(), retinaface_first=False, retinaface_fallback=False,
+                           haar_fallback=False)
     for name in LFW_FACES:
         image = _rgb(lfw_root() / "lfw-deepfunneled" / f"{name}.jpg")
         faces = [f for f in rf.detect(image) if f.score > 0.9]

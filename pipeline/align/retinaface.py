@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -45,6 +46,12 @@ NMS_IOU = 0.4
 # serves). SCORE_THRESHOLD is the confidence a face needs.
 LONG_SIDE = 640
 SCORE_THRESHOLD = 0.5
+# The mask stage's first route (pipeline/mask/landmarks.py, ``retinaface_fast``): the photo shrunk
+# to FAST_LONG_SIDE, its subject taken only when its box is at least FAST_MIN_FACE px there. On 400
+# LFW photos (250 px): 2.3 ms of CPU a photo (HOG: 5.2 ms), none missed, dlib's 68 points in its box
+# 0.8% of the eye distance (median) from those in HOG's box; 128 px: 1.7 ms, the same agreement.
+FAST_LONG_SIDE = 160
+FAST_MIN_FACE = 32
 
 
 class DetectorError(RuntimeError):
@@ -105,8 +112,10 @@ def _session():
         return _SESSION["s"]
 
 
+@lru_cache(maxsize=64)
 def _anchors(height: int, width: int) -> np.ndarray:
-    """(N, 4) cx, cy, w, h in input pixels, in the network's output order."""
+    """(N, 4) cx, cy, w, h in input pixels, in the network's output order (read-only: cached per
+    input size, which a data set of one photo size meets once)."""
     out = []
     for stride, sizes in zip(STRIDES, ANCHOR_SIZES):
         ny, nx = -(-height // stride), -(-width // stride)
@@ -114,7 +123,9 @@ def _anchors(height: int, width: int) -> np.ndarray:
         centres = np.stack([(xs.ravel() + 0.5) * stride, (ys.ravel() + 0.5) * stride], 1)
         for_cell = [np.column_stack([centres, np.full((len(centres), 2), s, np.float64)]) for s in sizes]
         out.append(np.stack(for_cell, 1).reshape(-1, 4))
-    return np.concatenate(out)
+    anchors = np.concatenate(out)
+    anchors.flags.writeable = False
+    return anchors
 
 
 def detect(image_rgb: np.ndarray, *, score_threshold: float = SCORE_THRESHOLD,
@@ -123,7 +134,8 @@ def detect(image_rgb: np.ndarray, *, score_threshold: float = SCORE_THRESHOLD,
     ``long_side`` (small photos are upscaled: RMFD's 256 px portraits hold faces the 16 px anchors
     would otherwise miss at the other end of the scale); boxes and points come back in the
     photo's own pixels. Every stage calls it with the defaults (:data:`LONG_SIDE`,
-    :data:`SCORE_THRESHOLD`); the keywords are for measuring other settings."""
+    :data:`SCORE_THRESHOLD`), but for the mask stage's first, fast look (:data:`FAST_LONG_SIDE`);
+    the keywords are also for measuring other settings."""
     if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 \
             or image_rgb.shape[2] != 3:
         raise DetectorError("detect expects an HxWx3 uint8 RGB image")

@@ -41,6 +41,9 @@ STATUS_SCHEMA = pa.schema([
     ("colour", pa.string()), ("texture", pa.string()), ("reason", pa.string()),
 ])
 THUMB = 150  # contact sheet tile side
+# zlib level of the overlay patch: 1 encodes in 1.0 ms where the default 3 takes 1.5 ms, for 4% more
+# bytes (the same pixels)
+PNG_COMPRESSION = 1
 
 
 class MaskStageError(RuntimeError):
@@ -80,9 +83,11 @@ _DETECTORS: dict[tuple, LandmarkDetector] = {}
 
 def get_detector(predictor_path: str, params: MaskParams, assume_aligned: bool = False) -> LandmarkDetector:
     """One detector per worker process (loading the 100 MB predictor takes ~0.5 s)."""
-    key = (predictor_path, params.max_upsample, params.retinaface_fallback, params.haar_fallback, assume_aligned)
+    key = (predictor_path, params.max_upsample, params.retinaface_first, params.retinaface_fallback,
+           params.haar_fallback, assume_aligned)
     if key not in _DETECTORS:
         _DETECTORS[key] = LandmarkDetector(predictor_path, max_upsample=params.max_upsample,
+                                           retinaface_first=params.retinaface_first,
                                            retinaface_fallback=params.retinaface_fallback,
                                            haar_fallback=params.haar_fallback,
                                            assume_aligned=assume_aligned)
@@ -135,7 +140,7 @@ def mask_chunk(chunk_path: str, *, params: MaskParams, predictor_path: str, out_
                                                        for x, y in r["landmarks"]],
                     "mask_type": r["mask_type"], "colour": r["colour"], "texture": r["texture"],
                     "face_box": r["face_box"], "n_faces": r["n_faces"], "overlay_box": box}
-            samples.append((key, {"overlay.png": encode_png(patch), "mask.png": encode_png(r["mask"]),
+            samples.append((key, {"overlay.png": encode_png(patch, PNG_COMPRESSION), "mask.png": encode_png(r["mask"]),
                                   "json": dumps_json(info)}))
             row.update(status="masked", mask_type=r["mask_type"], colour=r["colour"],
                        texture=r["texture"], n_faces=r["n_faces"])
