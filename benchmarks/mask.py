@@ -1,6 +1,9 @@
 """Benchmark the mask stage against a MaskTheFace-equivalent baseline in one run; prints ONE JSON line.
 
-Usage (from the project root, after the ingest stage): python benchmarks/mask.py [--n 1000] [--baseline-n 300]
+Usage (from the project root, after the ingest stage):
+    python benchmarks/mask.py [--n 1000] [--baseline-n 300] [--agreement-n 400] [--profile]
+``--profile``: where the time goes, cProfile's functions by their own time over the stage's n_jobs 1
+warm run (on stderr; the JSON line on stdout is unchanged).
 The N images are the first N of data/lfw/ingest's chunks, re-chunked into 4 chunks so 2 workers share
 the work. n_jobs=1 runs in this process, so it is timed twice: cold (predictor load, template
 drawing) and warm (steady state, the per-core figure).
@@ -14,11 +17,20 @@ the alpha blend, a JPEG encode. Its template is ours (318 x 294 px) encoded as P
 own are larger, so the baseline is, if anything, faster than MaskTheFace: the ratios are a lower
 bound. It runs on the first ``--baseline-n`` of the N photos in this process (one core, as
 MaskTheFace runs). Ratios: ``x_per_machine`` = the stage at n_jobs 2 (images/s) over the baseline's
-images/s; ``x_per_cpu_s`` = images per CPU-second of each, in this thread.
+images/s; ``x_per_cpu_s`` = images per CPU-second of each, in this thread. The stage runs once more
+at n_jobs 1 with ``mask.retinaface_first: false`` (dlib's HOG first, the stage before the fast
+route): ``x_fast_over_hog_first_per_cpu_s``.
+
+The stage's first route (``retinaface_fast``, RetinaFace at 160 px) is checked against dlib's HOG
+box on the first ``--agreement-n`` photos: both detectors' 68 points, their mean distance over the
+outer-eye-corner distance (NME), median and 95th percentile, and the photos where the fast route
+found no face.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import tempfile
 import time
@@ -33,7 +45,7 @@ import numpy as np  # noqa: E402
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.config import ComputeParams, MaskParams  # noqa: E402
 from pipeline.images import encode_png  # noqa: E402
-from pipeline.mask.landmarks import default_predictor_path  # noqa: E402
+from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path  # noqa: E402
 from pipeline.mask.stage import run_mask  # noqa: E402
 from pipeline.mask.templates import get_template  # noqa: E402
 from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk  # noqa: E402
@@ -124,6 +136,26 @@ def run_baseline(jpegs: list[bytes]) -> tuple[float, float]:
     return len(jpegs) / (time.perf_counter() - wall0), len(jpegs) / (time.thread_time() - cpu0)
 
 
+def route_agreement(jpegs: list[bytes]) -> dict:
+    """dlib's 68 points in the ``retinaface_fast`` box against those in HOG's box (the MaskTheFace
+    route), on the photos where each route found the face."""
+    fast = LandmarkDetector(default_predictor_path(), retinaface_first=True)
+    hog = LandmarkDetector(default_predictor_path(), retinaface_first=False)
+    nme, not_fast = [], 0
+    for data in jpegs:
+        rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        a, b = fast.detect(rgb), hog.detect(rgb)
+        if a.route != "retinaface_fast":
+            not_fast += 1
+            continue
+        if b.route.startswith("hog"):
+            iod = np.linalg.norm(b.landmarks[45] - b.landmarks[36])
+            nme.append(float(np.linalg.norm(a.landmarks - b.landmarks, axis=1).mean() / iod))
+    return {"agreement_photos": len(nme), "agreement_nme_median_pct": round(100 * float(np.median(nme)), 2),
+            "agreement_nme_p95_pct": round(100 * float(np.percentile(nme, 95)), 2),
+            "agreement_not_fast_route": not_fast}
+
+
 def make_input(src: Path, dest: Path, n: int, n_chunks: int = 4) -> int:
     samples = []
     for chunk in list_chunks(src / "chunks"):
@@ -146,6 +178,8 @@ def main() -> None:
     ap.add_argument("--ingest", default="data/lfw/ingest")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--baseline-n", type=int, default=300)
+    ap.add_argument("--agreement-n", type=int, default=400)
+    ap.add_argument("--profile", action="store_true", help="cProfile the n_jobs 1 warm run (stderr)")
     args = ap.parse_args()
     params = MaskParams()
     figures: dict = {"stage": "mask"}
@@ -156,20 +190,35 @@ def main() -> None:
         base_per_s, base_per_cpu_s = run_baseline(jpegs[:args.baseline_n])
         figures.update(baseline_images=min(len(jpegs), args.baseline_n),
                        baseline_images_per_s=round(base_per_s, 1), baseline_images_per_cpu_s=round(base_per_cpu_s, 1))
-        runs = (("n_jobs_1_cold", 1), ("n_jobs_1_warm", 1), ("n_jobs_2", 2))
-        for name, n_jobs in runs:
+        if args.agreement_n:
+            figures.update(route_agreement(jpegs[:args.agreement_n]))
+        hog_first = params.model_copy(update={"retinaface_first": False})
+        runs = (("n_jobs_1_cold", 1, params), ("n_jobs_1_warm", 1, params), ("n_jobs_2", 2, params),
+                ("n_jobs_1_hog_first", 1, hog_first))
+        for name, n_jobs, run_params in runs:
             cpu0 = time.thread_time()  # this thread only: not the RSS sampler
+            profiler = cProfile.Profile() if args.profile and name == "n_jobs_1_warm" else None
             with PeakRSS() as rss:
-                summary, seconds = timed(run_mask, params=params, compute=ComputeParams(n_jobs=n_jobs),
-                                         in_dir=tmp / "in", out_dir=tmp / f"out{n_jobs}")
+                if profiler:
+                    profiler.enable()
+                summary, seconds = timed(run_mask, params=run_params, compute=ComputeParams(n_jobs=n_jobs),
+                                         in_dir=tmp / "in", out_dir=tmp / name)
+                if profiler:
+                    profiler.disable()
+                    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+            if run_params is params:
+                fast_summary = summary
             figures[f"images_per_s_{name}"] = round(n / seconds, 1)
             if n_jobs == 1:  # in-process: images per CPU-second, the per-core rate on a busy machine
                 figures[f"images_per_cpu_s_{name}"] = round(n / (time.thread_time() - cpu0), 1)
             figures[f"peak_rss_mib_{name}"] = rss.peak_mib
     figures["x_per_machine"] = round(figures["images_per_s_n_jobs_2"] / figures["baseline_images_per_s"], 2)
     figures["x_per_cpu_s"] = round(figures["images_per_cpu_s_n_jobs_1_warm"] / figures["baseline_images_per_cpu_s"], 2)
-    figures.update(masked=summary["masked"], rejected=summary["rejected"], routes=summary["routes"],
-                   landmark_route_share=summary["landmark_route_share"])
+    figures["x_fast_over_hog_first_per_cpu_s"] = round(
+        figures["images_per_cpu_s_n_jobs_1_warm"] / figures["images_per_cpu_s_n_jobs_1_hog_first"], 2)
+    figures.update(masked=fast_summary["masked"], rejected=fast_summary["rejected"], routes=fast_summary["routes"],
+                   landmark_route_share=fast_summary["landmark_route_share"],
+                   hog_first_routes=summary["routes"])
     emit(figures)
 
 
