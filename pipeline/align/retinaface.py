@@ -48,8 +48,9 @@ LONG_SIDE = 640
 SCORE_THRESHOLD = 0.5
 # The mask stage's first route (pipeline/mask/landmarks.py, ``retinaface_fast``): the photo shrunk
 # to FAST_LONG_SIDE, its subject taken only when its box is at least FAST_MIN_FACE px there. On 400
-# LFW photos (250 px): 2.3 ms of CPU a photo (HOG: 5.2 ms), none missed, dlib's 68 points in its box
-# 0.8% of the eye distance (median) from those in HOG's box; 128 px: 1.7 ms, the same agreement.
+# LFW photos (250 px): 2.3-2.6 ms of CPU a photo (HOG: 3.9-5.2 ms, by CPU), none missed, dlib's 68
+# points in its box 1.1% of the eye-corner distance (NME, median) from those in HOG's box
+# (python benchmarks/mask.py, agreement_*); 128 px: 1.7 ms.
 FAST_LONG_SIDE = 160
 FAST_MIN_FACE = 32
 

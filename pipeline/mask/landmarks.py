@@ -4,9 +4,9 @@ Routes, tried in order (the route that produced the landmarks is recorded per im
 
 - ``retinaface_fast``: RetinaFace on the photo shrunk to :data:`pipeline.align.retinaface.FAST_LONG_SIDE`
   (160 px), its subject's five points turned into dlib's box convention, then the 68-point
-  predictor inside it. 2.3 ms of CPU on an LFW photo against HOG's 5.2 ms, and dlib's points land
-  where HOG's box puts them (median 0.8% of the eye distance on 400 LFW photos: scripts in
-  benchmarks/mask.py's docstring). Taken only when the subject is at least
+  predictor inside it. 2.3-2.6 ms of CPU on an LFW photo against HOG's 3.9-5.2 ms (by CPU), and
+  dlib's points land where HOG's box puts them (NME median 1.1% of the eye-corner distance on 400
+  LFW photos: ``python benchmarks/mask.py``, its ``agreement_*`` figures). Taken only when the subject is at least
   :data:`~pipeline.align.retinaface.FAST_MIN_FACE` px there (the small faces of a big photo go on
   to the routes below, which look at full resolution),
 - ``hog``: dlib's frontal HOG detector at upsample 0 (fast), then
