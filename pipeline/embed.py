@@ -30,10 +30,10 @@ from pydantic import ValidationError
 
 from pipeline.align.geometry import ARCFACE_112, Template
 from pipeline.config import STANDALONE_ROUTES, StandaloneParams, load_params
-from pipeline.embedders import Embedder, make_embedder
-from pipeline.image_check import check_image
-from pipeline.ingest import IMAGE_EXTENSIONS, walk_source
-from pipeline.tar_chunks import file_sha256
+from pipeline.recognition.embedders import Embedder, make_embedder
+from pipeline.data.image_check import check_image
+from pipeline.data.ingest import IMAGE_EXTENSIONS, walk_source
+from pipeline.data.tar_chunks import file_sha256
 
 SCHEMA = pa.schema([("path", pa.string()), ("identity", pa.string()), ("status", pa.string()),
                     ("reason", pa.string()), ("route", pa.string()),
@@ -75,7 +75,7 @@ def align_file(path: Path, *, standalone: StandaloneParams | None = None,
 
 def embedder_info(embedder: Embedder, model: str, flip: bool) -> dict:
     info = dict(embedder.describe(), flip=bool(flip))
-    # an ONNX export shares the thresholds of the checkpoint it was checked against (pipeline.export)
+    # an ONNX export shares the thresholds of the checkpoint it was checked against (pipeline.recognition.export)
     info["model_sha256"] = "dlib" if model == "dlib" else getattr(embedder, "source_sha256", None) or file_sha256(model)
     return info
 

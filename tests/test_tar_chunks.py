@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from pipeline.tar_chunks import (CHUNK_RECORD, FIXED_MTIME, UnsafeArchiveError, check_key, iter_tar, list_chunks,
+from pipeline.data.tar_chunks import (CHUNK_RECORD, FIXED_MTIME, UnsafeArchiveError, check_key, iter_tar, list_chunks,
                                  read_chunk, record_chunks, write_chunk)
 
 

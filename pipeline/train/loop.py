@@ -39,19 +39,19 @@ from tqdm import tqdm
 from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import EvaluateParams, TrainParams, ValidateParams
 from pipeline.devices import select_device
-from pipeline.dlib_resnet import Affine
-from pipeline.embedders import TorchEmbedder
-from pipeline.evaluation import embed_chunks
-from pipeline.losses import ArcFace, PairLoss, pair_loss
-from pipeline.models import build_embedding_net, interpolate_weights, make_net
-from pipeline.shards import ShardSet, read_shard_set
-from pipeline.pair_loader import check_shard_count, make_pair_loader
-from pipeline.tar_chunks import dumps_json
-from pipeline.validation import score_validation, training_figures
+from pipeline.recognition.dlib_resnet import Affine
+from pipeline.recognition.embedders import TorchEmbedder
+from pipeline.evaluate.evaluation import embed_chunks
+from pipeline.train.losses import ArcFace, PairLoss, pair_loss
+from pipeline.recognition.models import build_embedding_net, interpolate_weights, make_net
+from pipeline.pack.shards import ShardSet, read_shard_set
+from pipeline.train.pair_loader import check_shard_count, make_pair_loader
+from pipeline.data.tar_chunks import dumps_json
+from pipeline.evaluate.validation import score_validation, training_figures
 
 CHECKPOINT_FORMAT = 3  # 3: the best point travels inside last.pt (no best.pt)
 CODE_DIRS = ("pipeline", "stages")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Params that change how fast, not what is learned: a checkpoint stays resumable across them.
 _NOT_FINGERPRINTED = ("num_workers", "device")
 
@@ -126,7 +126,7 @@ def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
 
 
 class Validator:
-    """The validate stage's figures of the net being trained (:mod:`pipeline.validation`: the
+    """The validate stage's figures of the net being trained (:mod:`pipeline.evaluate.validation`: the
     held-out train people in the val shards, through evaluate's embedder path and scoring, without
     the intervals), read afresh from the shards at each call: nothing is held between validations.
     ``accuracy`` (masked-unmasked verification) picks the checkpoint; unmasked accuracy and rank-1
