@@ -78,7 +78,7 @@ def _train_steps(work: Path, steps: int, params_path: str) -> dict:
     from pipeline.devices import select_device
     from pipeline.train.pair_loader import make_pair_loader
     from pipeline.pack.shards import read_shard_set
-    from pipeline.train.loop import autocast_for, build_pair_model, train_step
+    from pipeline.train.pair_model import autocast_for, build_pair_model, train_step
 
     params = load_params(params_path).train
     device = select_device("cpu")

@@ -34,7 +34,7 @@ def worker(images: int, steps: int, out: Path) -> None:
     from pipeline.evaluate.evaluation import aligned_eval_chunks, read_aligned_chunk
     from pipeline.pack.shards import read_shard_set
     from pipeline.train.pair_loader import make_pair_loader
-    from pipeline.train.loop import build_pair_model, train_step
+    from pipeline.train.pair_model import build_pair_model, train_step
 
     torch.manual_seed(0)
     crops = []

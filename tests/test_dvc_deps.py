@@ -89,6 +89,6 @@ def test_every_stage_lists_exactly_the_modules_it_imports():
 
 def test_closure_follows_lazy_and_transitive_imports():
     closure = import_closure("stages.train")
-    assert "pipeline/train/pair_loader.py" in closure  # imported inside a function of training.py
+    assert "pipeline/train/pair_loader.py" in closure  # through the train loop
     assert "pipeline/config.py" in closure  # transitively, through every stage
     assert "pipeline/seeding.py" in closure  # through the pair loader

@@ -24,7 +24,9 @@ from pipeline.recognition.models import load_embedding_model
 from pipeline.train.pair_loader import make_pair_loader
 from pipeline.data.tar_chunks import list_chunks, read_chunk
 from pipeline.pack.shards import read_shard_set
-from pipeline.train.loop import build_pair_model, code_fingerprint, fingerprint, lr_at, train, train_step
+from pipeline.train.checkpoint import code_fingerprint, fingerprint
+from pipeline.train.loop import lr_at, train
+from pipeline.train.pair_model import build_pair_model, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # the from-scratch recipe (ResNet18, ArcFace + the report's twin distillation), at toy size
@@ -203,16 +205,16 @@ def test_killed_run_resumes_to_a_byte_identical_model(tiny_shards, tmp_path):
 
 def test_resume_state_of_other_code_is_ignored(tiny_shards, tmp_path, monkeypatch):
     """A resume state from other code (same params and data) trains from scratch."""
-    import pipeline.train.loop as training
+    import pipeline.train.loop as loop
 
     params = TrainParams(**TINY, epochs=1, val_every=0)
     kw = dict(params=params, shards_dir=tiny_shards, live_dir=tmp_path / "live", resume_dir=tmp_path / "r")
-    monkeypatch.setattr(training, "code_fingerprint", lambda root=None: "old code")
-    monkeypatch.setattr(training, "discard_resume_state", lambda d, **kw: None)
+    monkeypatch.setattr(loop, "code_fingerprint", lambda root=None: "old code")
+    monkeypatch.setattr(loop, "discard_resume_state", lambda d, **kw: None)
     first = train(out_dir=tmp_path / "a", **kw)
     assert (tmp_path / "r" / "last.pt").is_file()  # as if the run had been killed after its last epoch
     monkeypatch.undo()
-    monkeypatch.setattr(training, "code_fingerprint", lambda root=None: "new code")
+    monkeypatch.setattr(loop, "code_fingerprint", lambda root=None: "new code")
     second = train(out_dir=tmp_path / "b", **kw)
     assert not second["resumed"] and second["steps"] == first["steps"] > 0
 
@@ -384,7 +386,9 @@ def test_the_written_model_is_the_best_point_moved_towards_the_start(tiny_shards
     from dvclive import Live
 
     from pipeline.recognition.models import build_embedding_net
-    from pipeline.train.loop import Validator, model_checkpoint, save_atomic, setup
+    from pipeline.evaluate.validation import Validator
+    from pipeline.train.checkpoint import model_checkpoint, save_atomic
+    from pipeline.train.loop import setup
 
     params = TrainParams(**dict(FINE_TUNE, arcface={"weight": 1.0}), epochs=1, val_every=0, device="cpu",
                          wise_alpha=0.5)
@@ -436,12 +440,12 @@ def test_the_trainer_deletes_only_its_own_files(tiny_shards, tmp_path):
 def test_a_kill_at_the_resume_write_resumes_to_the_same_model(tiny_shards, tmp_path, monkeypatch):
     """The best point travels inside last.pt (one atomic write per epoch): a kill after the new file
     is written but before it replaces the old one resumes from the epoch before, to the same model."""
-    import pipeline.train.loop as training
+    import pipeline.train.checkpoint as checkpoint
 
     params = TrainParams(**TINY, epochs=2)
     kw = dict(params=params, shards_dir=tiny_shards)
     train(out_dir=tmp_path / "a", live_dir=tmp_path / "la", resume_dir=tmp_path / "ra", **kw)
-    real = training.save_atomic
+    real = checkpoint.save_atomic
 
     def killed_before_the_rename(obj, path):
         if path.name == "last.pt" and obj["epoch"] == 2:
@@ -449,7 +453,7 @@ def test_a_kill_at_the_resume_write_resumes_to_the_same_model(tiny_shards, tmp_p
             raise KeyboardInterrupt("killed")
         real(obj, path)
 
-    monkeypatch.setattr(training, "save_atomic", killed_before_the_rename)
+    monkeypatch.setattr(checkpoint, "save_atomic", killed_before_the_rename)
     with pytest.raises(KeyboardInterrupt):
         train(out_dir=tmp_path / "b", live_dir=tmp_path / "lb", resume_dir=tmp_path / "rb", **kw)
     monkeypatch.undo()

@@ -16,17 +16,18 @@ same people agree:
   network on the same pairs with paired differences, and :func:`resolution`: how many people it
   takes to resolve a 1-point difference in masked-unmasked accuracy, from the spread measured here.
 
-The train stage runs :class:`pipeline.train.loop.Validator` (the same figures, no intervals) to pick
+The train stage runs :class:`Validator` (the same figures, no intervals) to pick
 its checkpoint on :data:`SELECTION`.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import EvaluateParams, ValidateParams
 from pipeline.devices import select_device
-from pipeline.recognition.embedders import Embedder
+from pipeline.recognition.embedders import Embedder, TorchEmbedder
 from pipeline.evaluate.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks,
                                  paired_comparison, round_metrics, score_by_mask, score_identification,
                                  score_verification)
@@ -35,6 +36,10 @@ from pipeline.pack.shards import read_shard_set
 from pipeline.data.protocols import build_validation_pairs
 from pipeline.data.tar_chunks import file_sha256, write_json
 from pipeline.evaluate.thresholds import calibrate
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 SELECTION = ("verification", "masked_unmasked", "accuracy")  # what the checkpoint and recipes are picked on
 RESOLVE = 0.01  # the difference in masked-unmasked accuracy validation must be able to resolve
@@ -147,3 +152,26 @@ def identify_thresholds(emb: EmbeddedSet, evaluate: EvaluateParams, *, model_sha
                       source=f"validation people ({len(set(emb.identities))}, held-out train people)")
     return {"model_sha256": model_sha256, "template": emb.embedder.get("template"), "flip": bool(evaluate.flip),
             "one_to_n": block}
+
+
+class Validator:
+    """The validate stage's figures of the net being trained, for the train loop (the
+    held-out train people in the val shards, through evaluate's embedder path and scoring, without
+    the intervals), read afresh from the shards at each call: nothing is held between validations.
+    ``accuracy`` (masked-unmasked verification) picks the checkpoint; unmasked accuracy and rank-1
+    without masks are logged beside it, where forgetting shows first."""
+
+    def __init__(self, val_shards: list[Path], template: str, device: torch.device, batch_size: int,
+                 evaluate: EvaluateParams | None = None, validate: ValidateParams | None = None):
+        self.shards, self.template, self.device, self.batch_size = val_shards, template, device, batch_size
+        self.evaluate, self.validate = evaluate or EvaluateParams(), validate or ValidateParams()
+
+    def __call__(self, net: nn.Module) -> dict[str, float]:
+        was_training = net.training
+        try:  # TorchEmbedder puts the net in eval mode and runs it in fp32
+            emb = embed_chunks(TorchEmbedder(net=net, device=str(self.device)), self.shards, template=self.template,
+                               flip=self.evaluate.flip, batch_size=self.batch_size, where="the val shards")
+        finally:
+            net.train(was_training)
+        metrics, _ = score_validation(emb, evaluate=self.evaluate, validate=self.validate, intervals=False)
+        return training_figures(metrics)
