@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import geometry as geo  # noqa: E402
 from pipeline.align import retinaface as rf  # noqa: E402
-from pipeline.data.images import decode_rgb  # noqa: E402
-from pipeline.mask.overlay import apply_overlay  # noqa: E402
+from pipeline.data.images import apply_overlay, decode_rgb  # noqa: E402
 from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 

@@ -27,8 +27,7 @@ from pipeline.align import detection as al  # noqa: E402
 from pipeline.align import geometry as geo  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluate.evaluation import aligned_template  # noqa: E402
-from pipeline.data.images import decode_rgb  # noqa: E402
-from pipeline.mask.overlay import apply_overlay  # noqa: E402
+from pipeline.data.images import apply_overlay, decode_rgb  # noqa: E402
 from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 

@@ -39,8 +39,7 @@ from pipeline.bootstrap import draw_identities, interval, replicate  # noqa: E40
 from pipeline.config import load_params  # noqa: E402
 from pipeline.recognition.embedders import make_embedder  # noqa: E402
 from pipeline.evaluate.evaluation import VIEW1_PAIRS, aligned_template, read_aligned_chunk  # noqa: E402
-from pipeline.data.images import decode_rgb  # noqa: E402
-from pipeline.mask.overlay import apply_overlay  # noqa: E402
+from pipeline.data.images import apply_overlay, decode_rgb  # noqa: E402
 from pipeline.metrics import kfold_correct, verification_metrics  # noqa: E402
 from pipeline.data.protocols import build_validation_pairs, parse_pairs  # noqa: E402
 from pipeline.pack.shards import read_shard_set  # noqa: E402

@@ -119,7 +119,7 @@ def test_standalone_twins_of_the_asked_splits_only(tiny, tiny_twin_shards, tmp_p
     byte the default's; summary.json counts the routes; same bytes with 2 workers."""
     from pipeline.align.detection import align_standalone
     from pipeline.data.images import decode_rgb
-    from pipeline.mask.overlay import apply_overlay
+    from pipeline.data.images import apply_overlay
 
     out = tiny_twin_shards.parent / "aligned"
     assert (out / "status.parquet").read_bytes() == (tiny / "aligned" / "status.parquet").read_bytes()

@@ -30,8 +30,7 @@ from pipeline.align import detection as al
 from pipeline.align import geometry as geo
 from pipeline.config import AlignParams, ComputeParams, StandaloneParams
 from pipeline.data.ingest import accepted_ids_by_chunk
-from pipeline.data.images import decode_gray, decode_rgb, encode_jpeg
-from pipeline.mask.overlay import apply_overlay
+from pipeline.data.images import apply_overlay, decode_gray, decode_rgb, encode_jpeg
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
 from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,

@@ -68,7 +68,7 @@ def photo_file(folder: Path, image_id: str) -> Path | None:
 
 def align_photos(folder: Path, image_ids: list[str], *, template, standalone: StandaloneParams | None):
     """({image_id: crop} of the photos that aligned, one status row per photo)."""
-    from pipeline.embed import align_file
+    from pipeline.align.detection import align_file
 
     crops, rows = {}, []
     for image_id in tqdm(image_ids, desc="align", unit="photo"):

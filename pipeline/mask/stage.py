@@ -26,9 +26,9 @@ from pipeline.config import ALL_MASK_TYPES, BANK_MASK_TYPE, MASK_TEXTURES, Compu
 from pipeline.data.ingest import accepted_ids_by_chunk
 from pipeline.mask.bank_stage import load_bank
 from pipeline.mask.landmarks import ROUTES, LandmarkDetector, check_predictor
-from pipeline.mask.overlay import apply_overlay, overlay_mask, overlay_patch
+from pipeline.mask.overlay import overlay_mask
 from pipeline.mask.templates import N_VARIANTS, PALETTES, Template, get_template
-from pipeline.data.images import decode_rgb, encode_png
+from pipeline.data.images import apply_overlay, decode_rgb, encode_png, overlay_patch
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, rank_key
 from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,
