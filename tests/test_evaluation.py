@@ -12,13 +12,13 @@ import torch
 from pipeline.config import MASK_TYPES, EvaluateParams
 from pipeline.mask.records import read_mask_records
 from pipeline.evaluate.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned, load_embeddings,
-                                 paired_comparison, run_embed_reference, run_evaluate,
-                                 score_embeddings, score_gallery, score_verification)
+                                          paired_comparison, run_embed_reference, run_evaluate,
+                                          score_embeddings, score_gallery, score_verification)
 from pipeline.metrics import identification_ranks, l2_normalize
 from pipeline.recognition.models import EmbeddingNet
 from pipeline.pack.shards import read_shard_set
 from pipeline.data.protocols import (Gallery, IdentityOverlapError, Pairs, build_gallery,
-                                build_paper_protocol, parse_pairs)
+                                     build_paper_protocol, parse_pairs)
 from tests.conftest import write_eval_pairs
 
 VERIFICATION_KEYS = {"accuracy", "auc", "tar_at_far_1e-2", "tar_at_far_1e-3", "eer"}

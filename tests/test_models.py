@@ -7,7 +7,7 @@ import torch
 from torchvision import models as tvm
 
 from pipeline.recognition.models import (BACKBONES, PretrainedWeightsError, build_embedding_net, feature_map_size,
-                             interpolate_weights, load_embedding_model)
+                                         interpolate_weights, load_embedding_model)
 
 
 def test_resnet18_maps_112px_faces_to_embeddings():

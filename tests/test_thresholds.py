@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.metrics import enrol, l2_normalize
 from pipeline.evaluate.thresholds import (ThresholdError, calibrate, describe, fpir_at, searches, split_enrolment,
-                                 threshold_at_fpir, threshold_for)
+                                          threshold_at_fpir, threshold_for)
 
 
 def test_fpir_at_gallery_size_by_hand():

@@ -16,7 +16,8 @@ from pipeline.data.tar_chunks import list_chunks
 from pipeline.pack.shards import read_shard_set
 from pipeline.config import MASK_TYPES
 from pipeline.data.tar_chunks import file_sha256
-from pipeline.evaluate.validation import Validator, embed_validation, resolution, run_validate, score_validation, training_figures
+from pipeline.evaluate.validation import (Validator, embed_validation, resolution, run_validate, score_validation,
+                                          training_figures)
 
 EVAL = EvaluateParams(device="cpu", bootstrap_replicates=200)
 VAL = ValidateParams(pairs_per_identity=4)

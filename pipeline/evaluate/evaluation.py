@@ -35,7 +35,7 @@ from pipeline.metrics import (FAR_TARGETS, Searches, cmc, identification_ranks, 
                               open_set_figures, open_set_searches, roc_curve, tar_at_far, tar_key, thin_roc,
                               verification_metrics)
 from pipeline.data.protocols import (Gallery, Pairs, build_gallery, build_open_set, build_paper_protocol,
-                                check_identity_overlap, parse_pairs)
+                                     check_identity_overlap, parse_pairs)
 from pipeline.data.tar_chunks import file_sha256, list_chunks, read_chunk, write_json
 from pipeline.evaluate.thresholds import ThresholdError, check_thresholds, find_entry
 

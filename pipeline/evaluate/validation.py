@@ -29,8 +29,8 @@ from pipeline.config import EvaluateParams, ValidateParams
 from pipeline.devices import select_device
 from pipeline.recognition.embedders import Embedder, TorchEmbedder
 from pipeline.evaluate.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks,
-                                 paired_comparison, round_metrics, score_by_mask, score_identification,
-                                 score_verification)
+                                          paired_comparison, round_metrics, score_by_mask, score_identification,
+                                          score_verification)
 from pipeline.mask.records import MaskRecord, read_mask_records
 from pipeline.pack.shards import read_shard_set
 from pipeline.data.protocols import build_validation_pairs

@@ -34,7 +34,7 @@ from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
 from pipeline.stage_report import SmallestK, StatusWriter, draw_sheet, fit_tile, status_rows, write_png
 from pipeline.data.tar_chunks import (dumps_json, file_sha256, list_chunks, read_chunk, record_chunks, write_chunk,
-                                 write_json)
+                                      write_json)
 
 BATCH = 64  # photos per worker task and per entries chunk
 MAX_FILE_BYTES = 64 << 20  # a photo file larger than this is rejected unread

@@ -68,7 +68,7 @@ from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, seed_for
 from pipeline.pack.shards import CLASSES_FILE, INDEX_FILE, TRAIN_PREFIX, VAL_PREFIX
 from pipeline.data.tar_chunks import (dumps_json, file_sha256, list_chunks, member_bytes, read_chunk,
-                                 record_chunks, tar_file_size, write_chunk, write_json, write_tar)
+                                      record_chunks, tar_file_size, write_chunk, write_json, write_tar)
 
 # Most sample bytes a shard writer holds in memory at once (a bigger bucket is read once per group
 # of shards of at most this size). Does not change the output.
