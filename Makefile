@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 # Real masked photos for the mask bank into data/sources/rmfd: linked from MASK_BANK_SOURCE when
 # set, else an empty folder (no bank: procedural masks only).
 data: venv
-	$(BIN)/python -m pipeline.lfw_source --dest data/sources/lfw
+	$(BIN)/python -m pipeline.data.lfw_source --dest data/sources/lfw
 	$(BIN)/python -m pipeline.mask.bank_stage --dest data/sources/rmfd
 
 repro: data

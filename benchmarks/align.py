@@ -19,7 +19,7 @@ from benchmarks.mask import make_input  # noqa: E402
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.align.stage import run_align  # noqa: E402
 from pipeline.config import AlignParams, ComputeParams  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk  # noqa: E402
 
 
 def make_twins(masked: Path, bench_in: Path, dest: Path) -> None:

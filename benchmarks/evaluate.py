@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align.detection import align_standalone  # noqa: E402
 from pipeline.align.geometry import ARCFACE_112, DLIB_150, Template  # noqa: E402
-from pipeline.embedders import DlibEmbedder, DlibLibraryEmbedder, TorchEmbedder  # noqa: E402
+from pipeline.recognition.embedders import DlibEmbedder, DlibLibraryEmbedder, TorchEmbedder  # noqa: E402
 from pipeline.metrics import cmc, identification_ranks, l2_normalize, verification_metrics  # noqa: E402
-from pipeline.models import EmbeddingNet  # noqa: E402
+from pipeline.recognition.models import EmbeddingNet  # noqa: E402
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "lfw-deepfunneled"
 

@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
-from pipeline.embedders import OnnxEmbedder, TorchEmbedder  # noqa: E402
-from pipeline.export import validation_crops  # noqa: E402
+from pipeline.recognition.embedders import OnnxEmbedder, TorchEmbedder  # noqa: E402
+from pipeline.recognition.export import validation_crops  # noqa: E402
 
 
 def best_rate(embedder, crops, repeats: int) -> float:

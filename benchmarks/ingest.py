@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.config import ComputeParams, IngestParams  # noqa: E402
-from pipeline.ingest import run_ingest  # noqa: E402
+from pipeline.data.ingest import run_ingest  # noqa: E402
 
 
 def main() -> None:

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import PeakRSS, emit  # noqa: E402
 from pipeline.config import AugmentParams  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.pair_loader import Sample, make_pair_loader, shard_samples  # noqa: E402
+from pipeline.data.images import decode_rgb  # noqa: E402
+from pipeline.train.pair_loader import Sample, make_pair_loader, shard_samples  # noqa: E402
 
 
 class MemorySource:

@@ -44,11 +44,11 @@ import numpy as np  # noqa: E402
 
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.config import ComputeParams, MaskParams  # noqa: E402
-from pipeline.images import encode_png  # noqa: E402
+from pipeline.data.images import encode_png  # noqa: E402
 from pipeline.mask.landmarks import LandmarkDetector, default_predictor_path  # noqa: E402
 from pipeline.mask.stage import run_mask  # noqa: E402
 from pipeline.mask.templates import get_template  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk  # noqa: E402
 
 JAW = list(range(17))
 

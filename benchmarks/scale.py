@@ -76,9 +76,9 @@ def _train_steps(work: Path, steps: int, params_path: str) -> dict:
 
     from pipeline.config import load_params
     from pipeline.devices import select_device
-    from pipeline.pair_loader import make_pair_loader
-    from pipeline.shards import read_shard_set
-    from pipeline.training import autocast_for, build_pair_model, train_step
+    from pipeline.train.pair_loader import make_pair_loader
+    from pipeline.pack.shards import read_shard_set
+    from pipeline.train.pair_model import autocast_for, build_pair_model, train_step
 
     params = load_params(params_path).train
     device = select_device("cpu")
@@ -122,9 +122,9 @@ def _warm(i: int, stage: str) -> int:
     elif stage == "align":
         import pipeline.align.stage  # noqa: F401
     elif stage == "ingest":
-        import pipeline.ingest  # noqa: F401
+        import pipeline.data.ingest  # noqa: F401
     elif stage == "pack":
-        import pipeline.pack  # noqa: F401
+        import pipeline.pack.stage  # noqa: F401
     return os.getpid()
 
 
@@ -133,9 +133,9 @@ def run_stage(stage: str, work: Path, n_jobs: int, chunk_size: int, steps: int, 
     from pipeline.align.stage import run_align
     from pipeline.config import (AlignParams, ComputeParams, DatasetParams, IngestParams, MaskParams,
                                  PackParams)
-    from pipeline.ingest import run_ingest
+    from pipeline.data.ingest import run_ingest
     from pipeline.mask.stage import run_mask
-    from pipeline.pack import run_pack
+    from pipeline.pack.stage import run_pack
 
     from pipeline.parallel import map_chunks
 
@@ -180,7 +180,7 @@ def run_stage(stage: str, work: Path, n_jobs: int, chunk_size: int, steps: int, 
 
 def make_source(aligned: Path, rec: Path, n: int, images_per_identity: int, seed: int) -> dict:
     """The simulated RecordIO set of ``n`` crops (reused when made with the same arguments)."""
-    from pipeline import recordio
+    from pipeline.data import recordio
     from scripts.simulate_dataset import simulate
 
     marker = rec / "simulated.json"

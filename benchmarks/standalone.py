@@ -24,8 +24,8 @@ from benchmarks.measure import PeakRSS, emit  # noqa: E402
 from pipeline.align.detection import align_standalone  # noqa: E402
 from pipeline.align.geometry import get_template  # noqa: E402
 from pipeline.config import StandaloneParams, load_params  # noqa: E402
-from pipeline.embed import load_rgb  # noqa: E402
-from pipeline.protocols import read_people  # noqa: E402
+from pipeline.align.detection import load_rgb  # noqa: E402
+from pipeline.data.protocols import read_people  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The one tar reader (pipeline.tar_chunks.iter_tar, strict: checksums, bounds, end blocks) against
+"""The one tar reader (pipeline.data.tar_chunks.iter_tar, strict: checksums, bounds, end blocks) against
 Python's tarfile on the same chunks in the same run, and list_chunks' sha256 check of a folder.
 
 Prints one JSON line: members/s and MB/s of each reader, the strict reader's speed as a ratio of
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
-from pipeline.tar_chunks import iter_tar, list_chunks  # noqa: E402
+from pipeline.data.tar_chunks import iter_tar, list_chunks  # noqa: E402
 
 
 def _strict(chunks: list[Path]) -> int:

@@ -1,7 +1,7 @@
 """Benchmark the full training step against a bare torchvision ResNet18 forward+backward.
 
 Full step = next batch from the pair loader (decode + augmentation) + embedding net on both twins +
-ArcFace on both + distillation + backward + grad clip + Adam (pipeline.training.train_step). Bare =
+ArcFace on both + distillation + backward + grad clip + Adam (pipeline.train.pair_model.train_step). Bare =
 torchvision resnet18() forward + backward on the same number of images (2 per pair), no loader, no
 optimiser. Both run in this process, interleaved in rounds so machine load hits both alike; the
 median step time of each is used. One JSON line: pairs/s of each, and overhead = full/bare - 1.
@@ -23,11 +23,11 @@ from torchvision.models import resnet18  # noqa: E402
 
 from benchmarks.measure import PeakRSS, emit  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.pair_loader import make_pair_loader  # noqa: E402
+from pipeline.train.pair_loader import make_pair_loader  # noqa: E402
 from pipeline.devices import select_device  # noqa: E402
 from pipeline.align.geometry import get_template  # noqa: E402
-from pipeline.shards import read_shard_set  # noqa: E402
-from pipeline.training import autocast_for, build_pair_model, channels_last, train_step  # noqa: E402
+from pipeline.pack.shards import read_shard_set  # noqa: E402
+from pipeline.train.pair_model import autocast_for, build_pair_model, channels_last, train_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

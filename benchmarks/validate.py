@@ -1,5 +1,5 @@
 """The validate stage's parts, timed on the real val shards: embedding (the model, both twins),
-the scoring with intervals, by_mask, and identify's 1:N thresholds (pipeline.thresholds).
+the scoring with intervals, by_mask, and identify's 1:N thresholds (pipeline.evaluate.thresholds).
 
 Prints one JSON line: images/s of each part, each part's share of the stage, peak RSS. Needs
 `dvc repro validate` done (data/shards, models/model.pt, data/lfw/masked).
@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.measure import PeakRSS, emit, timed  # noqa: E402
 from pipeline.config import EvaluateParams, ValidateParams  # noqa: E402
 from pipeline.mask.records import read_mask_records  # noqa: E402
-from pipeline.shards import read_shard_set  # noqa: E402
-from pipeline.thresholds import calibrate  # noqa: E402
-from pipeline.validation import embed_validation, score_validation  # noqa: E402
+from pipeline.pack.shards import read_shard_set  # noqa: E402
+from pipeline.evaluate.thresholds import calibrate  # noqa: E402
+from pipeline.evaluate.validation import embed_validation, score_validation  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ photos of their own: a folder ``<identity>/<photos>`` (masked or not, as the doo
 the folder named by each photo's parent is its identity). Every photo is aligned and embedded as
 `identify` does, people with >= 2 photos enrol the mean template of a seeded half of them, the
 other photos search as mated probes, and every person searches as a stranger against everybody
-else (:mod:`pipeline.thresholds`). Written: the thresholds per FPIR target and gallery size that
+else (:mod:`pipeline.evaluate.thresholds`). Written: the thresholds per FPIR target and gallery size that
 `identify --thresholds <out>` then uses, and at this folder's own gallery size the FPIR and FNIR
 measured, each with a bootstrap interval over people. A photo that cannot be aligned is counted
 with its reason in the entry, never dropped silently; the command refuses when none can be.
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.embed import add_model_args, embed_folder, embedder_info, standalone_params, summary
-from pipeline.embedders import make_embedder
-from pipeline.thresholds import ThresholdError, calibrate, write_entry
+from pipeline.recognition.embedders import make_embedder
+from pipeline.evaluate.thresholds import ThresholdError, calibrate, write_entry
 
 
 def calibrate_folder(folder: str | Path, *, model: str, flip: bool = False, device: str = "cpu", seed: int = 0,

@@ -22,7 +22,7 @@ class ParamsError(ValueError):
     """Raised when params.yaml is missing, unreadable or invalid. The message names every bad key."""
 
 
-# The network names of pipeline.models (which imports these; a test checks they agree) and the
+# The network names of pipeline.recognition.models (which imports these; a test checks they agree) and the
 # `pretrained` starts each can take.
 DLIB_BACKBONE = "dlib_resnet"
 TORCHVISION_BACKBONES = ("resnet18", "resnet18_hr", "resnet34", "resnet50")
@@ -218,7 +218,7 @@ class TrainParams(Section):
     """The train stage. Defaults: dlib's face ResNet fine-tuned for masks towards a frozen copy of
     itself, sized for full LFW on 2 CPU cores; README gives the from-scratch / ImageNet GPU recipe."""
 
-    # pipeline.models: resnet18 | resnet18_hr | resnet34 | resnet50 (torchvision + embedding head)
+    # pipeline.recognition.models: resnet18 | resnet18_hr | resnet34 | resnet50 (torchvision + embedding head)
     # | dlib_resnet (dlib's face ResNet, 128-D)
     backbone: Literal[BACKBONE_NAMES] = "dlib_resnet"
     # none (random init) | imagenet (torchvision backbones) | dlib (dlib_resnet: dlib's weights)
@@ -314,13 +314,13 @@ class EvaluateParams(Section):
 class ValidateParams(Section):
     """Validation on the held-out train people (pack's val shards), scored by evaluate's code with
     evaluate's settings (seed, mask portions, folds, flip, bootstrap); only the pairs are its own,
-    as no pairs file exists for these people (pipeline.protocols.build_validation_pairs)."""
+    as no pairs file exists for these people (pipeline.data.protocols.build_validation_pairs)."""
 
     pairs_per_identity: int = Field(5, ge=1, le=100)  # same pairs per person, and as many different
 
 
 class ExportParams(Section):
-    """The export stage: models/model.pt -> models/model.onnx (pipeline.export)."""
+    """The export stage: models/model.pt -> models/model.onnx (pipeline.recognition.export)."""
 
     # real aligned validation crops (both twins of the first val pairs) embedded by the checkpoint
     # and the ONNX graph: the export is refused unless each cosine is >= 0.9999
@@ -362,7 +362,7 @@ def _check_weights(v: dict[str, float], allowed: tuple[str, ...]) -> dict[str, f
 
 
 class OverlapParams(Section):
-    """Overlap by face between an external training set and LFW (pipeline/overlap.py)."""
+    """Overlap by face between an external training set and LFW (pipeline/evaluate/overlap.py)."""
 
     # what pack does with training people who are LFW people: leave them out, stop, or keep them
     # (listed and reported only: a set simulated from LFW's own crops, or a knowing choice)

@@ -14,7 +14,6 @@ embeddings of different models.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -23,17 +22,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
 from pydantic import ValidationError
 
-from pipeline.align.geometry import ARCFACE_112, Template
 from pipeline.config import STANDALONE_ROUTES, StandaloneParams, load_params
-from pipeline.embedders import Embedder, make_embedder
-from pipeline.image_check import check_image
-from pipeline.ingest import IMAGE_EXTENSIONS, walk_source
-from pipeline.tar_chunks import file_sha256
+from pipeline.recognition.embedders import Embedder, make_embedder
+from pipeline.data.ingest import walk_source
+from pipeline.data.tar_chunks import file_sha256
 
 SCHEMA = pa.schema([("path", pa.string()), ("identity", pa.string()), ("status", pa.string()),
                     ("reason", pa.string()), ("route", pa.string()),
@@ -46,36 +42,9 @@ def identity_of(rel_path: str) -> str:
     return parts[0] if len(parts) > 1 else os.path.splitext(parts[0])[0]
 
 
-def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
-    """(RGB uint8 array, "") or (None, reason) for anything that is not a usable photo."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        return None, f"unreadable: {err}"
-    checked = check_image(raw)
-    if checked.status != "accepted":
-        return None, checked.reason
-    with Image.open(io.BytesIO(checked.data)) as im:
-        return np.asarray(im.convert("RGB")), ""
-
-
-def align_file(path: Path, *, standalone: StandaloneParams | None = None,
-               template: Template = ARCFACE_112) -> tuple[np.ndarray | None, str, str]:
-    """(crop on ``template`` or None, route, reason)."""
-    from pipeline.align.detection import align_standalone
-
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return None, "none", f"unsupported extension {path.suffix or '(none)'}; allowed: {sorted(IMAGE_EXTENSIONS)}"
-    image, reason = load_rgb(path)
-    if image is None:
-        return None, "none", reason
-    res = align_standalone(image, params=standalone, template=template)
-    return res.crop, res.route, res.reason
-
-
 def embedder_info(embedder: Embedder, model: str, flip: bool) -> dict:
     info = dict(embedder.describe(), flip=bool(flip))
-    # an ONNX export shares the thresholds of the checkpoint it was checked against (pipeline.export)
+    # an ONNX export shares the thresholds of the checkpoint it was checked against (pipeline.recognition.export)
     info["model_sha256"] = "dlib" if model == "dlib" else getattr(embedder, "source_sha256", None) or file_sha256(model)
     return info
 
@@ -85,6 +54,8 @@ def embed_paths(root: Path, rel_paths: list[str], *, embedder: Embedder, flip: b
                 sheet: str | Path | None = None) -> pa.Table:
     """Align (to the embedder's crop template) and embed the given files (relative to root); one
     row each, in the given order. ``sheet``: also draw the aligned crops into that PNG."""
+    from pipeline.align.detection import align_file
+
     rows, crops, crop_rows = [], [], []
     for rel in tqdm(rel_paths, desc="align", unit="img", disable=len(rel_paths) < 2):
         crop, route, reason = align_file(root / rel, standalone=standalone, template=embedder.template)

@@ -8,7 +8,7 @@ and gets the top-k identities with their scores AND a decision: the best identit
 is above the threshold, else "unknown". The threshold is the one for a target false-positive
 identification rate at this gallery's size (``--fpir``, default 1e-2: the share of strangers'
 searches that return somebody), set on people no choice was tested on with this same enrolment
-(:mod:`pipeline.thresholds`): validation/thresholds.json from the validate stage (masked probes,
+(:mod:`pipeline.evaluate.thresholds`): validation/thresholds.json from the validate stage (masked probes,
 synthetic masks), or a file `python -m pipeline.calibrate` wrote from the deployer's own labelled
 photos; always for that very model (checked by its sha256). ``--threshold`` sets one by hand.
 """
@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 from pipeline.config import StandaloneParams
 from pipeline.embed import (add_model_args, embed_folder, embed_paths, embedder_info, standalone_params,
                             table_embedder)
-from pipeline.embedders import Embedder, make_embedder
+from pipeline.recognition.embedders import Embedder, make_embedder
 from pipeline.metrics import enrol
-from pipeline.thresholds import ThresholdError, describe, find_entry, threshold_for
+from pipeline.evaluate.thresholds import ThresholdError, describe, find_entry, threshold_for
 
 UNKNOWN = "unknown"
 DEFAULT_FPIR = "1e-2"

@@ -177,7 +177,7 @@ def enrol(identities: list[str], embeddings: np.ndarray) -> tuple[list[str], np.
     """(sorted identity names, one unit template each): the normalised mean of an identity's
     photos, which is steadier than any one photo (and one comparison per person). The one
     enrolment: the evaluation's galleries (one image per identity, so the template is that
-    image's embedding), `identify`, the 1:N thresholds (:mod:`pipeline.thresholds`) and the
+    image's embedding), `identify`, the 1:N thresholds (:mod:`pipeline.evaluate.thresholds`) and the
     overlap check all enrol with it."""
     names = sorted(set(identities))
     ids = np.asarray(identities)

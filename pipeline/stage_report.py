@@ -9,7 +9,7 @@ streams, chunk by chunk, so a stage's parent holds O(one chunk) of rows whatever
   chunk. Ingest plans its chunks over sorted ids per split, so this is (split, image_id) order and
   does not depend on the chunk size, the worker count or the backend.
 - :class:`Accounting` checks each chunk's rows against the accepted ids the ingest manifest lists
-  for that chunk, read as a stream (:func:`pipeline.ingest.accepted_ids_by_chunk`), and at the end
+  for that chunk, read as a stream (:func:`pipeline.data.ingest.accepted_ids_by_chunk`), and at the end
   that no manifest chunk was left out: every accepted image exactly once, done or rejected with a
   reason.
 - :class:`SmallestK` keeps the contact-sheet picks: the k rows with the smallest rank keys.
@@ -50,7 +50,7 @@ class Accounting:
     """``in = done + rejected``, checked chunk by chunk as the rows come.
 
     ``expected``: (chunk file name, sorted accepted ids) runs in chunk order, as
-    :func:`pipeline.ingest.accepted_ids_by_chunk` streams them from the manifest; None when there is
+    :func:`pipeline.data.ingest.accepted_ids_by_chunk` streams them from the manifest; None when there is
     no manifest (a folder not made by the ingest stage): then only statuses and uniqueness are
     checked, the latter with a set of every id (the one O(data set) fallback).
     Call :meth:`chunk` for every chunk in chunk order, then :meth:`finish`.

@@ -19,11 +19,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import MaskParams  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.data.images import decode_rgb  # noqa: E402
 from pipeline.mask.bank_stage import load_bank  # noqa: E402
 from pipeline.mask.landmarks import check_predictor  # noqa: E402
 from pipeline.mask.stage import get_detector, mask_image  # noqa: E402
-from pipeline.protocols import read_people  # noqa: E402
+from pipeline.data.protocols import read_people  # noqa: E402
 from pipeline.stage_report import draw_sheet, fit_tile, write_png  # noqa: E402
 
 TILE = 120

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import detection as al  # noqa: E402
 from pipeline.align import geometry as geo  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
+from pipeline.data.images import decode_rgb  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 # Pairs off by more than this (face-box widths) are wrong detections, not bias: left out of the fit.
 OUTLIER = 0.1

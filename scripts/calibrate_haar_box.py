@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import detection as al  # noqa: E402
 from pipeline.align.geometry import box_from_rect  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.protocols import read_people  # noqa: E402
+from pipeline.data.images import decode_rgb  # noqa: E402
+from pipeline.data.protocols import read_people  # noqa: E402
 
 
 def main() -> None:

@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import geometry as geo  # noqa: E402
 from pipeline.align import retinaface as rf  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.mask.overlay import apply_overlay  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
+from pipeline.data.images import apply_overlay, decode_rgb  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 
 def detect_chunk(job: tuple[str, str, int]) -> list[dict]:

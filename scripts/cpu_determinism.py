@@ -30,11 +30,11 @@ def worker(images: int, steps: int, out: Path) -> None:
     import torch
 
     from pipeline.config import TrainParams
-    from pipeline.embedders import make_embedder
-    from pipeline.evaluation import aligned_eval_chunks, read_aligned_chunk
-    from pipeline.shards import read_shard_set
-    from pipeline.pair_loader import make_pair_loader
-    from pipeline.training import build_pair_model, train_step
+    from pipeline.recognition.embedders import make_embedder
+    from pipeline.evaluate.evaluation import aligned_eval_chunks, read_aligned_chunk
+    from pipeline.pack.shards import read_shard_set
+    from pipeline.train.pair_loader import make_pair_loader
+    from pipeline.train.pair_model import build_pair_model, train_step
 
     torch.manual_seed(0)
     crops = []

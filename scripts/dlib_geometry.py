@@ -35,16 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.align import geometry as geo  # noqa: E402
 from pipeline.align.detection import estimate_pair_transform  # noqa: E402
 from pipeline.dlib_models import SHAPE_68, dlib_models_dir  # noqa: E402
-from pipeline.dlib_resnet import DlibEmbeddingNet  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.recognition.dlib_resnet import DlibEmbeddingNet  # noqa: E402
+from pipeline.data.images import decode_rgb  # noqa: E402
 from pipeline.bootstrap import draw_identities, interval, paired_difference, replicate  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.evaluation import round_metrics  # noqa: E402
+from pipeline.evaluate.evaluation import round_metrics  # noqa: E402
 from pipeline.metrics import kfold_accuracy, l2_normalize, verification_metrics  # noqa: E402
-from pipeline.models import pixels_to_input  # noqa: E402
-from pipeline.protocols import build_validation_pairs, parse_pairs  # noqa: E402
-from pipeline.shards import read_shard_set  # noqa: E402
-from pipeline.tar_chunks import read_chunk  # noqa: E402
+from pipeline.recognition.models import pixels_to_input  # noqa: E402
+from pipeline.data.protocols import build_validation_pairs, parse_pairs  # noqa: E402
+from pipeline.pack.shards import read_shard_set  # noqa: E402
+from pipeline.data.tar_chunks import read_chunk  # noqa: E402
 
 SHOWN = ("accuracy", "auc", "eer", "tar_at_far_1e-2", "tar_at_far_1e-3")
 

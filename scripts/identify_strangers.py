@@ -32,13 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.embed import embed_paths, embedder_info  # noqa: E402
-from pipeline.embedders import make_embedder  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.recognition.embedders import make_embedder  # noqa: E402
+from pipeline.data.images import apply_overlay, decode_rgb  # noqa: E402
 from pipeline.mask.bank_stage import photos_in_bank  # noqa: E402
-from pipeline.mask.overlay import apply_overlay  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 from pipeline.metrics import enrol  # noqa: E402
-from pipeline.thresholds import find_entry, threshold_for  # noqa: E402
+from pipeline.evaluate.thresholds import find_entry, threshold_for  # noqa: E402
 
 LFW = Path("data/sources/lfw/lfw-deepfunneled")
 RMFD = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmfd"

@@ -6,7 +6,7 @@ by the standalone default (RetinaFace's five points, as `embed` / `identify` ali
 transform (dlib's five points on the unmasked photo, as the align stage does). The difference of the
 two, a similarity in crop coordinates (standalone crop <- pair crop), is split into a shift of the
 crop's centre (share of the crop side), a rotation (degrees) and a log scale; their spread is what
-pipeline/pair_loader.py's MASKED_GEOMETRY holds. The unmasked photos are measured beside them.
+pipeline/train/pair_loader.py's MASKED_GEOMETRY holds. The unmasked photos are measured beside them.
 
 Run after `make repro`, from the project root (about a minute on 2 cores):
   python scripts/masked_geometry.py [--every 5]
@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.align import detection as al  # noqa: E402
 from pipeline.align import geometry as geo  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.evaluation import aligned_template  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.mask.overlay import apply_overlay  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
+from pipeline.evaluate.evaluation import aligned_template  # noqa: E402
+from pipeline.data.images import apply_overlay, decode_rgb  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 
 def delta(standalone: np.ndarray, pair: np.ndarray, size: int) -> tuple[float, float, float, float]:

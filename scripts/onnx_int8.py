@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.embedders import ONNX_INPUT, OnnxEmbedder  # noqa: E402
-from pipeline.export import validation_crops, with_metadata  # noqa: E402
+from pipeline.recognition.embedders import ONNX_INPUT, OnnxEmbedder  # noqa: E402
+from pipeline.recognition.export import validation_crops, with_metadata  # noqa: E402
 
 
 class Crops:

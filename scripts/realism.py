@@ -34,13 +34,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import MaskParams  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.data.images import decode_rgb  # noqa: E402
 from pipeline.mask.bank import BankBuilder  # noqa: E402
 from pipeline.mask.bank_stage import load_bank  # noqa: E402
 from pipeline.mask.landmarks import check_predictor  # noqa: E402
 from pipeline.mask.realism import eye_crop, mask_crop, paired_difference, separability  # noqa: E402
 from pipeline.mask.stage import get_detector, mask_image  # noqa: E402
-from pipeline.protocols import read_people  # noqa: E402
+from pipeline.data.protocols import read_people  # noqa: E402
 from pipeline.seeding import rank_key  # noqa: E402
 from pipeline.stage_report import draw_sheet, fit_tile, write_png  # noqa: E402
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluation import figure_at as _get  # noqa: E402
+from pipeline.evaluate.evaluation import figure_at as _get  # noqa: E402
 
 VERDICT = {1: "better", -1: "worse", 0: "within noise"}
 CONDITIONS = {"unmasked_unmasked": "u-u", "masked_unmasked": "m-u", "masked_masked": "m-m"}

@@ -37,14 +37,13 @@ from pipeline.align import detection as al  # noqa: E402
 from pipeline.align import geometry as geo  # noqa: E402
 from pipeline.bootstrap import draw_identities, interval, replicate  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.embedders import make_embedder  # noqa: E402
-from pipeline.evaluation import VIEW1_PAIRS, aligned_template, read_aligned_chunk  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.mask.overlay import apply_overlay  # noqa: E402
+from pipeline.recognition.embedders import make_embedder  # noqa: E402
+from pipeline.evaluate.evaluation import VIEW1_PAIRS, aligned_template, read_aligned_chunk  # noqa: E402
+from pipeline.data.images import apply_overlay, decode_rgb  # noqa: E402
 from pipeline.metrics import kfold_correct, verification_metrics  # noqa: E402
-from pipeline.protocols import build_validation_pairs, parse_pairs  # noqa: E402
-from pipeline.shards import read_shard_set  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
+from pipeline.data.protocols import build_validation_pairs, parse_pairs  # noqa: E402
+from pipeline.pack.shards import read_shard_set  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 # (row name, standalone route, retinaface_points)
 VARIANTS = (("retinaface five points", "retinaface", "five"),

@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import recordio  # noqa: E402
+from pipeline.data import recordio# noqa: E402
 from pipeline.align import geometry as geo  # noqa: E402
-from pipeline.images import decode_rgb, encode_jpeg  # noqa: E402
+from pipeline.data.images import decode_rgb, encode_jpeg  # noqa: E402
 from pipeline.seeding import item_rng, rank_key  # noqa: E402
-from pipeline.tar_chunks import list_chunks, read_chunk  # noqa: E402
+from pipeline.data.tar_chunks import list_chunks, read_chunk  # noqa: E402
 
 SIZE = geo.ARCFACE_112.size  # insightface's sets: ArcFace 112 crops
 JPEG_QUALITY = 95

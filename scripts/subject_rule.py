@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.align import retinaface  # noqa: E402
 from pipeline.align.geometry import box_from_rect, dlib_box_from_points, subject_index  # noqa: E402
 from pipeline.dlib_models import FACE_RESNET, SHAPE_68, dlib_models_dir  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
-from pipeline.protocols import read_people  # noqa: E402
+from pipeline.data.images import decode_rgb  # noqa: E402
+from pipeline.data.protocols import read_people  # noqa: E402
 
 SAME_PERSON = 0.6  # dlib's face-descriptor distance threshold for one person
 

@@ -1,6 +1,6 @@
 """Validation figures of trained models, for choosing a recipe on held-out train people: never test.
 
-Scores each model as the validate stage does (pipeline.validation: the val shards' people through
+Scores each model as the validate stage does (pipeline.evaluate.validation: the val shards' people through
 evaluate's embedder path and scoring, 95% intervals from the bootstrap over identities), and the
 paired difference to dlib's network on the same pairs and probes. A model is a models/model.pt
 path (or an ONNX export, models/model.onnx, scored as it is by onnxruntime), or a git revision
@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.bootstrap import paired_difference  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.devices import select_device  # noqa: E402
-from pipeline.embedders import TorchEmbedder, make_embedder  # noqa: E402
-from pipeline.evaluation import figure_at, paired_comparison, round_metrics  # noqa: E402
-from pipeline.models import interpolate_weights  # noqa: E402
-from pipeline.shards import read_shard_set  # noqa: E402
-from pipeline.validation import SELECTION, embed_validation, score_validation  # noqa: E402
+from pipeline.recognition.embedders import TorchEmbedder, make_embedder  # noqa: E402
+from pipeline.evaluate.evaluation import figure_at, paired_comparison, round_metrics  # noqa: E402
+from pipeline.recognition.models import interpolate_weights  # noqa: E402
+from pipeline.pack.shards import read_shard_set  # noqa: E402
+from pipeline.evaluate.validation import SELECTION, embed_validation, score_validation  # noqa: E402
 
 CACHE = Path(".dvc/cache/files/md5")
 # column title -> path in the validation metrics
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = name if name == "dlib" or Path(name).is_file() else str(cached_model(name))
         if name == "dlib":
             runs = [(1.0, dlib)]
-        elif Path(spec).suffix.lower() == ".onnx":  # an export (pipeline.export), run by onnxruntime as it is
+        elif Path(spec).suffix.lower() == ".onnx":  # an export (pipeline.recognition.export), run by onnxruntime as it is
             runs = [(None, score(make_embedder(spec)))]
         else:
             net = make_embedder(spec, device=device, template=template).model

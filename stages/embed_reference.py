@@ -10,7 +10,7 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.evaluation import read_scope, run_embed_reference
+from pipeline.evaluate.evaluation import read_scope, run_embed_reference
 
 
 def main() -> None:

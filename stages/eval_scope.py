@@ -10,8 +10,8 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.evaluation import evaluation_scope
-from pipeline.tar_chunks import write_json
+from pipeline.evaluate.evaluation import evaluation_scope
+from pipeline.data.tar_chunks import write_json
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.evaluation import read_scope, run_evaluate, training_set_info
-from pipeline.pack import read_overlap
+from pipeline.evaluate.evaluation import read_scope, run_evaluate, training_set_info
+from pipeline.pack.stage import read_overlap
 
 
 def main() -> None:

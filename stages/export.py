@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.export import run_export
+from pipeline.recognition.export import run_export
 
 
 def main() -> None:

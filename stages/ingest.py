@@ -5,7 +5,7 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.ingest import run_ingest
+from pipeline.data.ingest import run_ingest
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ import json
 
 from pipeline.config import load_params
 from pipeline.devices import select_device
-from pipeline.evaluation import read_scope
-from pipeline.overlap import run_overlap
+from pipeline.evaluate.evaluation import read_scope
+from pipeline.evaluate.overlap import run_overlap
 
 
 def main() -> None:

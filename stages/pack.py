@@ -5,7 +5,7 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.pack import read_overlap, run_pack
+from pipeline.pack.stage import read_overlap, run_pack
 
 
 def main() -> None:

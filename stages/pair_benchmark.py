@@ -7,7 +7,7 @@ import json
 
 from pipeline.config import load_params
 from pipeline.devices import select_device
-from pipeline.pair_benchmark import run_pair_benchmark
+from pipeline.evaluate.pair_benchmark import run_pair_benchmark
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import json
 import sys
 
 from pipeline.config import load_params
-from pipeline.training import launch_ranks, train
+from pipeline.train.loop import launch_ranks, train
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import argparse
 import json
 
 from pipeline.config import load_params
-from pipeline.validation import SELECTION, run_validate
+from pipeline.evaluate.validation import SELECTION, run_validate
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ def lfw_root() -> Path:
 
 def tree_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file below ``folder``, by relative path: what byte-identical outputs compare."""
-    from pipeline.tar_chunks import file_sha256
+    from pipeline.data.tar_chunks import file_sha256
 
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -87,9 +87,9 @@ def tiny_shards(lfw_small, tmp_path_factory) -> Path:
     pack), cut into shards of 4 pairs so DDP ranks and loader workers each get some."""
     from pipeline.align.stage import run_align
     from pipeline.config import AlignParams, ComputeParams, DatasetParams, IngestParams, MaskParams, PackParams
-    from pipeline.ingest import run_ingest
+    from pipeline.data.ingest import run_ingest
     from pipeline.mask.stage import run_mask
-    from pipeline.pack import run_pack
+    from pipeline.pack.stage import run_pack
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     compute = ComputeParams(n_jobs=1)
@@ -110,7 +110,7 @@ def tiny_twin_shards(tiny_shards, tmp_path_factory) -> Path:
     like tiny_shards: <root>/aligned and <root>/shards."""
     from pipeline.align.stage import run_align
     from pipeline.config import AlignParams, ComputeParams, PackParams
-    from pipeline.pack import run_pack
+    from pipeline.pack.stage import run_pack
 
     tiny, root = tiny_shards.parent, tmp_path_factory.mktemp("tiny_twins")
     run_align(params=AlignParams(standalone_twin_splits=["train"]), compute=ComputeParams(n_jobs=1),

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.models import EmbeddingNet
+from pipeline.recognition.models import EmbeddingNet
 from tests.conftest import PROJECT_ROOT, lfw_root
 
 PEOPLE = {"George_W_Bush": (1, 2), "Colin_Powell": (1, 2), "Tony_Blair": (1, 2)}
@@ -175,8 +175,8 @@ def test_identify_with_the_onnx_export_decides_as_the_checkpoint(gallery, model,
     4 decimals) as the checkpoint it was exported from, on unmasked and masked probes; it shares
     that checkpoint's thresholds entry (looked up by the sha256 in its metadata)."""
     from pipeline.embed import embedder_info
-    from pipeline.embedders import make_embedder
-    from pipeline.export import export_onnx
+    from pipeline.recognition.embedders import make_embedder
+    from pipeline.recognition.export import export_onnx
 
     onnx = tmp_path / "model.onnx"
     export_onnx(model_path=model, out_path=onnx)

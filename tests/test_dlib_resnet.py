@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pipeline.dlib_models import FACE_RESNET, FACE_RESNET_SHA256, SHAPE_68, dlib_models_dir
-from pipeline.dlib_resnet import (DlibEmbeddingNet, DlibFaceResNet, add_zero_extended, load_dlib_resnet,
-                                  read_dat, state_dict_from_dat)
-from pipeline.dlib_serialization import DlibFormatError, DlibReader
-from pipeline.embedders import DlibEmbedder, DlibLibraryEmbedder
-from pipeline.images import decode_rgb
+from pipeline.recognition.dlib_resnet import (DlibEmbeddingNet, DlibFaceResNet, add_zero_extended, load_dlib_resnet,
+                                              read_dat, state_dict_from_dat)
+from pipeline.recognition.dlib_serialization import DlibFormatError, DlibReader
+from pipeline.recognition.embedders import DlibEmbedder, DlibLibraryEmbedder
+from pipeline.data.images import decode_rgb
 from tests.conftest import lfw_root
 
 DAT = dlib_models_dir() / FACE_RESNET

@@ -13,7 +13,7 @@ from tests.conftest import PROJECT_ROOT
 PROJECT_PACKAGES = ("pipeline", "stages")
 
 
-def _module_file(name: str) -> Path | None:
+def module_file(name: str) -> Path | None:
     """The project file of a dotted module name (package -> its __init__.py), or None if external."""
     if name.split(".")[0] not in PROJECT_PACKAGES:
         return None
@@ -25,7 +25,7 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _imports(path: Path) -> set[str]:
+def imported_names(path: Path) -> set[str]:
     """Dotted names imported anywhere in a file (module level and inside functions)."""
     package = ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts[:-1])
     names: set[str] = set()
@@ -38,7 +38,7 @@ def _imports(path: Path) -> set[str]:
                 parts = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(p for p in [*parts, base] if p)
             names.add(base)
-            names.update(f"{base}.{a.name}" for a in node.names)  # `from pipeline import recordio`
+            names.update(f"{base}.{a.name}" for a in node.names)  # `from pipeline.data import recordio`
     return names
 
 
@@ -56,11 +56,11 @@ def import_closure(module: str) -> set[str]:
         parts = name.split(".")
         for i in range(1, len(parts)):
             todo.append(".".join(parts[:i]))
-        f = _module_file(name)
+        f = module_file(name)
         if f is None:
             continue
         files.add(f)
-        todo.extend(_imports(f))
+        todo.extend(imported_names(f))
     return {str(f.relative_to(PROJECT_ROOT)) for f in files if f.stat().st_size > 0}
 
 
@@ -89,6 +89,6 @@ def test_every_stage_lists_exactly_the_modules_it_imports():
 
 def test_closure_follows_lazy_and_transitive_imports():
     closure = import_closure("stages.train")
-    assert "pipeline/pair_loader.py" in closure  # imported inside a function of training.py
+    assert "pipeline/train/pair_loader.py" in closure  # through the train loop
     assert "pipeline/config.py" in closure  # transitively, through every stage
     assert "pipeline/seeding.py" in closure  # through the pair loader

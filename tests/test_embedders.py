@@ -10,8 +10,8 @@ import torch
 from pipeline.align.detection import align_standalone
 from pipeline.align.geometry import DLIB_150
 from pipeline.dlib_models import dlib_models_dir
-from pipeline.embedders import DlibEmbedder, DlibLibraryEmbedder, TorchEmbedder, make_embedder
-from pipeline.models import EmbeddingNet
+from pipeline.recognition.embedders import DlibEmbedder, DlibLibraryEmbedder, TorchEmbedder, make_embedder
+from pipeline.recognition.models import EmbeddingNet
 from tests.conftest import lfw_root
 
 FACES = ["George_W_Bush/George_W_Bush_0001", "George_W_Bush/George_W_Bush_0002",

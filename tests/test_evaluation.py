@@ -11,14 +11,14 @@ import torch
 
 from pipeline.config import MASK_TYPES, EvaluateParams
 from pipeline.mask.records import read_mask_records
-from pipeline.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned, load_embeddings,
-                                 paired_comparison, run_embed_reference, run_evaluate,
-                                 score_embeddings, score_gallery, score_verification)
+from pipeline.evaluate.evaluation import (CONDITIONS, EmbeddedSet, EvaluationError, embed_aligned, load_embeddings,
+                                          paired_comparison, run_embed_reference, run_evaluate,
+                                          score_embeddings, score_gallery, score_verification)
 from pipeline.metrics import identification_ranks, l2_normalize
-from pipeline.models import EmbeddingNet
-from pipeline.shards import read_shard_set
-from pipeline.protocols import (Gallery, IdentityOverlapError, Pairs, build_gallery,
-                                build_paper_protocol, parse_pairs)
+from pipeline.recognition.models import EmbeddingNet
+from pipeline.pack.shards import read_shard_set
+from pipeline.data.protocols import (Gallery, IdentityOverlapError, Pairs, build_gallery,
+                                     build_paper_protocol, parse_pairs)
 from tests.conftest import write_eval_pairs
 
 VERIFICATION_KEYS = {"accuracy", "auc", "tar_at_far_1e-2", "tar_at_far_1e-3", "eer"}
@@ -42,7 +42,7 @@ def tiny(tmp_path_factory, lfw_small, tiny_shards):
                         out_path=d / "reference" / "dlib.parquet")
     # identify's 1:N thresholds, set on the validation people as the validate stage does
     from pipeline.config import ValidateParams
-    from pipeline.validation import run_validate
+    from pipeline.evaluate.validation import run_validate
 
     run_validate(evaluate=params, validate=ValidateParams(), shards_dir=d / "shards", model_path=d / "model.pt",
                  out_dir=d / "validation")
@@ -481,7 +481,7 @@ def test_hand_made_figures_per_mask_type_seen_unseen_and_coverage():
     seen = 4/5, unseen = 2/3, gap 2/15; coverage below_0.40 = 1, 0.40_0.50 = 2/3, above_0.50 = 2/3.
     Planted defects this catches: grouping by the first image (Anna_1's pairs are both right: 1.0),
     a group's figure from the pairs' own best threshold, a missing record passing silently."""
-    from pipeline.evaluation import score_by_mask
+    from pipeline.evaluate.evaluation import score_by_mask
 
     emb = _hand_made()
     same, diff = _hand_made_pairs()

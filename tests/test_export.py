@@ -1,4 +1,4 @@
-"""The ONNX export (pipeline.export) and its runner (embedders.OnnxEmbedder) on real aligned LFW crops."""
+"""The ONNX export (pipeline.recognition.export) and its runner (embedders.OnnxEmbedder) on real aligned LFW crops."""
 from __future__ import annotations
 
 import cv2
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pipeline.align import geometry as geo
-from pipeline.embedders import OnnxEmbedder, TorchEmbedder, make_embedder
-from pipeline.export import MIN_COSINE, ExportError, export_onnx, validation_crops
-from pipeline.images import decode_rgb
-from pipeline.models import EmbeddingNet, build_embedding_net
-from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk
+from pipeline.recognition.embedders import OnnxEmbedder, TorchEmbedder, make_embedder
+from pipeline.recognition.export import MIN_COSINE, ExportError, export_onnx, validation_crops
+from pipeline.data.images import decode_rgb
+from pipeline.recognition.models import EmbeddingNet, build_embedding_net
+from pipeline.data.tar_chunks import file_sha256, list_chunks, read_chunk
 
 
 def _save(net, path):

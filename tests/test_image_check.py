@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.image_check import check_image
+from pipeline.data.image_check import check_image
 from tests.conftest import lfw_root
 
 

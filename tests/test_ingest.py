@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ComputeParams, DatasetParams, IngestParams
-from pipeline.ingest import IngestError, manifest_rows, run_ingest
-from pipeline.tar_chunks import list_chunks, read_chunk
+from pipeline.data.ingest import IngestError, manifest_rows, run_ingest
+from pipeline.data.tar_chunks import list_chunks, read_chunk
 from tests.conftest import lfw_root, tree_hashes
 from tests.test_recordio import write_insightface_rec
 
@@ -248,7 +248,7 @@ def test_folder_links_out_of_the_source_are_rows_and_file_links_are_read(tmp_pat
 
 
 def test_lfw_people_file_is_read_by_the_protocol_parser(tmp_path, lfw_small):
-    from pipeline import ingest, protocols
+    from pipeline.data import ingest, protocols
 
     assert ingest.read_people is protocols.read_people and not hasattr(ingest, "read_people_list")
     root = tmp_path / "lfw"
@@ -261,7 +261,7 @@ def test_lfw_people_file_is_read_by_the_protocol_parser(tmp_path, lfw_small):
 
 
 def test_accepted_image_ids(tmp_path, lfw_small):
-    from pipeline.ingest import accepted_image_ids
+    from pipeline.data.ingest import accepted_image_ids
 
     assert accepted_image_ids(tmp_path) is None
     root = tmp_path / "src"
@@ -280,7 +280,7 @@ def test_accepted_image_ids(tmp_path, lfw_small):
 def test_manifest_is_written_per_chunk_in_chunk_order(tmp_path, lfw_small):
     """One row group per chunk, as the chunks finish; rows in chunk order with ids sorted within a
     chunk, i.e. (split, image_id) order, the same whatever the chunk size."""
-    from pipeline.ingest import accepted_ids_by_chunk
+    from pipeline.data.ingest import accepted_ids_by_chunk
 
     lfw = DatasetParams(path=str(lfw_small))
     run_ingest(params=IngestParams(chunk_size=7), dataset=lfw, compute=ComputeParams(n_jobs=2), out_dir=tmp_path / "a")
@@ -320,7 +320,7 @@ def test_duplicates_found_across_chunks_without_holding_rows(tmp_path, lfw_small
 
 
 def test_a_lost_row_is_an_accounting_error(tmp_path, lfw_small, monkeypatch):
-    from pipeline import ingest
+    from pipeline.data import ingest
 
     real = ingest.ingest_chunk
     monkeypatch.setattr(ingest, "ingest_chunk", lambda job, **kw: real(job, **kw)[1:])  # drop a row per chunk

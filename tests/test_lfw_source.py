@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-from pipeline.lfw_source import LfwSourceError, is_lfw_folder, prepare_lfw, safe_extract
-from pipeline.tar_chunks import UnsafeArchiveError
+from pipeline.data.lfw_source import LfwSourceError, is_lfw_folder, prepare_lfw, safe_extract
+from pipeline.data.tar_chunks import UnsafeArchiveError
 from tests.conftest import lfw_root
 
 

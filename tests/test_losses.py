@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import ArcFace, balancing_mask, distill_per_pair, pair_loss
+from pipeline.train.losses import ArcFace, balancing_mask, distill_per_pair, pair_loss
 
 
 def _head(weight, s=10.0, m=0.5) -> ArcFace:

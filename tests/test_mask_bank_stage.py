@@ -9,12 +9,12 @@ import os
 import pytest
 
 from pipeline.config import ComputeParams, MaskBankParams, MaskParams, parse_params
-from pipeline.images import decode_rgb
+from pipeline.data.images import decode_rgb
 from pipeline.mask import bank_stage
 from pipeline.mask.bank_stage import MaskBankError, link_source, load_bank, run_mask_bank
 from pipeline.mask.stage import MaskStageError, run_mask
 from pipeline.stage_report import status_rows
-from pipeline.tar_chunks import UnsafeArchiveError, list_chunks, read_chunk
+from pipeline.data.tar_chunks import UnsafeArchiveError, list_chunks, read_chunk
 from tests.conftest import RMFD_KEPT, make_bank_subset, tree_hashes
 from tests.test_mask_stage import SERIAL
 

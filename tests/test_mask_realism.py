@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import MaskParams
-from pipeline.images import decode_rgb
+from pipeline.data.images import decode_rgb
 from pipeline.mask.landmarks import default_predictor_path
 from pipeline.mask.realism import CROP, EYE_CROP, GREY, eye_crop, mask_crop, paired_difference, separability
 from pipeline.mask.stage import get_detector, mask_image

@@ -9,13 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ComputeParams, DatasetParams, IngestParams, MaskParams, parse_params
-from pipeline.ingest import run_ingest
-from pipeline.images import decode_rgb
+from pipeline.data.ingest import run_ingest
+from pipeline.data.images import apply_overlay, decode_rgb
 from pipeline.mask.landmarks import LandmarkModelError
-from pipeline.mask.overlay import apply_overlay
 from pipeline.mask.stage import choose_style, image_rng, run_mask
 from pipeline.stage_report import status_rows
-from pipeline.tar_chunks import UnsafeArchiveError, list_chunks, read_chunk
+from pipeline.data.tar_chunks import UnsafeArchiveError, list_chunks, read_chunk
 from tests.conftest import tree_hashes
 from tests.test_mask_landmarks import lfw_rgb
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from pipeline.models import (BACKBONES, PretrainedWeightsError, build_embedding_net, feature_map_size,
-                             interpolate_weights, load_embedding_model)
+from pipeline.recognition.models import (BACKBONES, PretrainedWeightsError, build_embedding_net, feature_map_size,
+                                         interpolate_weights, load_embedding_model)
 
 
 def test_resnet18_maps_112px_faces_to_embeddings():
@@ -83,7 +83,7 @@ def test_registry_names_match_the_params_choices():
 
 
 def test_dlib_resnet_starts_from_dlibs_weights_and_round_trips(tmp_path):
-    from pipeline.dlib_resnet import load_dlib_resnet
+    from pipeline.recognition.dlib_resnet import load_dlib_resnet
 
     net = build_embedding_net("dlib_resnet", pretrained="dlib").eval()
     assert net.config["embedding_dim"] == 128

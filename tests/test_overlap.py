@@ -11,8 +11,8 @@ import pytest
 from pipeline.config import AlignParams, ComputeParams, DatasetParams, EvaluateParams, IngestParams, MaskParams, \
     OverlapParams, PackParams
 from pipeline.metrics import l2_normalize
-from pipeline.overlap import calibrate_threshold, find_overlap, run_overlap
-from pipeline.pack import PackError, run_pack
+from pipeline.evaluate.overlap import calibrate_threshold, find_overlap, run_overlap
+from pipeline.pack.stage import PackError, run_pack
 from tests.conftest import lfw_root
 
 
@@ -40,7 +40,7 @@ def test_threshold_and_matches_by_hand():
 
 def _through_the_stages(source: DatasetParams, root) -> None:
     from pipeline.align.stage import run_align
-    from pipeline.ingest import run_ingest
+    from pipeline.data.ingest import run_ingest
     from pipeline.mask.stage import run_mask
 
     compute = ComputeParams(n_jobs=2)
@@ -55,7 +55,7 @@ def hidden(tmp_path_factory):
     """An LFW subset of 30 people (the evaluation side, whose people also calibrate the threshold)
     and an ImageFolder of numbered folders: 0000-0002 are three of those LFW people, 0003-0005 LFW
     people outside the subset; all through the real ingest, mask and align stages."""
-    from pipeline.evaluation import run_embed_reference
+    from pipeline.evaluate.evaluation import run_embed_reference
     from tests.conftest import make_lfw_subset
 
     root = tmp_path_factory.mktemp("hidden")

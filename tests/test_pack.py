@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline import pack
+from pipeline.pack import stage as pack
 from pipeline.config import ALL_MASK_TYPES, MASK_TYPES, ComputeParams, PackParams
 from pipeline.mask.records import read_mask_types
-from pipeline.pack import PackError, run_pack
-from pipeline.tar_chunks import FIXED_MTIME, file_sha256, list_chunks, read_chunk, record_chunks
+from pipeline.pack.stage import PackError, run_pack
+from pipeline.data.tar_chunks import FIXED_MTIME, file_sha256, list_chunks, read_chunk, record_chunks
 
 
 def _aligned_keys(aligned: Path, split: str) -> list[str]:
@@ -63,8 +63,8 @@ def test_long_keys_pack_and_load_end_to_end(tiny_shards, tmp_path):
     """Keys of 200 characters (deep ImageFolder paths): GNU long names, read back by the loader."""
     import shutil
 
-    from pipeline.pair_loader import make_pair_loader
-    from pipeline.tar_chunks import write_chunk
+    from pipeline.train.pair_loader import make_pair_loader
+    from pipeline.data.tar_chunks import write_chunk
 
     aligned = tmp_path / "aligned"
     (aligned / "chunks").mkdir(parents=True)
@@ -165,7 +165,7 @@ def test_bucket_shuffle_is_the_same_whatever_the_workers_and_memory(tiny_shards,
 def test_val_takes_the_first_images_of_each_held_out_identity(tiny_shards, tmp_path):
     """The first val_images_per_identity keys of each held-out identity over all chunks, by identity
     then key, even when an identity's images lie in several chunks (tiny chunks here)."""
-    from pipeline.tar_chunks import write_chunk
+    from pipeline.data.tar_chunks import write_chunk
 
     src = tiny_shards.parent / "aligned"
     aligned = tmp_path / "aligned"
@@ -188,7 +188,7 @@ def test_val_takes_the_first_images_of_each_held_out_identity(tiny_shards, tmp_p
 def test_validation_people_are_drawn_among_those_with_two_images():
     """Only people with >= 2 images give validation a same pair: people with one stay in training;
     the share is of the former, and holding all of them out is refused."""
-    from pipeline.pack import split_val_identities
+    from pipeline.pack.stage import split_val_identities
 
     counts = {f"p{i:02d}": 1 + (i % 3 == 0) * 4 for i in range(40)}  # 14 people with 5 images, 26 with 1
     val = split_val_identities(counts, PackParams(val_fraction=0.5))

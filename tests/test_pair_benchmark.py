@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import EvaluateParams, PairBenchmarkParams, StandaloneParams
-from pipeline.pair_benchmark import PairBenchmarkError, photo_file, run_pair_benchmark
+from pipeline.evaluate.pair_benchmark import PairBenchmarkError, photo_file, run_pair_benchmark
 from tests.conftest import lfw_root
 from tests.test_cli import masked_copy
 
@@ -42,7 +42,7 @@ def bench(tmp_path_factory):
         lines += ["\t".join(map(str, p)) for p in SAME[4 * k:4 * k + 4]]
         lines += ["\t".join(map(str, p)) for p in DIFF[4 * k:4 * k + 4]]
     (root / "pairs.txt").write_text("\n".join(lines) + "\n")
-    from pipeline.models import build_embedding_net
+    from pipeline.recognition.models import build_embedding_net
 
     net = build_embedding_net("dlib_resnet", None, 0.0, "dlib", None, "dlib150")  # dlib's network as "the model"
     torch.save({"model": net.state_dict(), "config": net.config, "meta": {}}, root / "model.pt")
@@ -58,7 +58,7 @@ def _best_threshold_by_hand(scores, same):
 
 def test_pair_benchmark_accuracy_counts_missing_and_unalignable_photos_as_errors(bench, tmp_path):
     from pipeline.embed import embed_paths
-    from pipeline.embedders import make_embedder
+    from pipeline.recognition.embedders import make_embedder
 
     params = EvaluateParams(bootstrap_replicates=100, device="cpu")
     m = run_pair_benchmark(name="lfw_some_masked", benchmark=PairBenchmarkParams(path=str(bench / "photos"),
@@ -103,7 +103,7 @@ def test_hostile_pairs_files_are_refused(bench, tmp_path):
         photo_file(bench / "photos", "../../etc/passwd")
     bad = tmp_path / "pairs.txt"
     bad.write_text("1\nColin_Powell\t1\n")
-    from pipeline.protocols import ProtocolError
+    from pipeline.data.protocols import ProtocolError
 
     with pytest.raises(ProtocolError, match="expected 'name n1 n2'|header promises"):
         run_pair_benchmark(name="bad", benchmark=PairBenchmarkParams(path=str(bench / "photos"), pairs=str(bad)),

@@ -14,9 +14,9 @@ import torch
 
 from pipeline.align.geometry import TEMPLATES
 from pipeline.config import AugmentParams
-from pipeline.pair_loader import PairAugment, make_pair_loader, mean_grey, shard_samples, shuffled, to_batch
+from pipeline.train.pair_loader import PairAugment, make_pair_loader, mean_grey, shard_samples, shuffled, to_batch
 from pipeline.seeding import seed_for
-from pipeline.tar_chunks import read_chunk
+from pipeline.data.tar_chunks import read_chunk
 
 
 def _shards(tiny_shards, split="train"):
@@ -77,7 +77,7 @@ def test_standalone_geometry_moves_the_masked_twin_alone_by_the_measured_spread(
     """masked_geometry: standalone (issue 23 item 2): the shared draw is unchanged (the raw twin's
     output is byte for byte the "pair" one), the masked twin is moved on top, and over many draws
     the moves have the mean and spread measured for standalone alignment on masked photos."""
-    from pipeline.pair_loader import MASKED_GEOMETRY
+    from pipeline.train.pair_loader import MASKED_GEOMETRY
 
     pair, standalone = AugmentParams(), AugmentParams(masked_geometry="standalone")
     draws = [(PairAugment.draw(pair, np.random.default_rng(seed_for(0, 0, f"k{i}"))),
@@ -104,7 +104,7 @@ def test_detected_geometry_trains_on_the_twin_aligned_on_its_own(tiny_twin_shard
     """masked_geometry: detected: the masked twin is masked_standalone.jpg (the pair's masked.jpg
     where no face was found), the raw twin and the augmentation draw are the pair's."""
     from pipeline.align.geometry import STANDALONE_TWIN
-    from pipeline.images import decode_rgb
+    from pipeline.data.images import decode_rgb
 
     still = dict(flip=False, crop_jitter=0.0, scale_jitter=0.0, color_jitter=0.0)
     shards = _shards(tiny_twin_shards)
@@ -148,7 +148,7 @@ def test_shard_samples_match_webdataset_and_refuse_unsafe_members(tiny_shards, t
 
     import webdataset as wds
 
-    from pipeline.tar_chunks import UnsafeArchiveError, write_tar
+    from pipeline.data.tar_chunks import UnsafeArchiveError, write_tar
 
     # the packed shards, plus one with 200-character keys (GNU long names) and one written by
     # webdataset's own TarWriter (PAX headers for names over 100 bytes)
@@ -259,7 +259,7 @@ def test_benchmark_ceiling_yields_the_shard_loaders_batches(tiny_shards):
 
 def test_training_builds_its_loader_once_and_sets_each_epoch(tiny_shards, tmp_path):
     from pipeline.config import TrainParams
-    from pipeline.training import train
+    from pipeline.train.loop import train
 
     calls, epochs = [], []
 

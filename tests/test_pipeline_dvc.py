@@ -315,7 +315,7 @@ def test_code_change_retrains_from_scratch(tiny_project):
     run's checkpoint and keep the old model under the new code's hash (issue: stale model)."""
     import json
 
-    losses = tiny_project / "pipeline" / "losses.py"
+    losses = tiny_project / "pipeline" / "train" / "losses.py"
     source = losses.read_text()
     before = lock_hashes(tiny_project)["train"]["models/model.pt"]
     assert not (tiny_project / "checkpoints" / "train").exists()  # a finished run leaves no resume state
@@ -421,7 +421,7 @@ def test_switching_the_training_set_reruns_no_lfw_side_stage(external_project):
     import json
 
     from pipeline.config import load_params
-    from pipeline.evaluation import training_set_info
+    from pipeline.evaluate.evaluation import training_set_info
 
     params = external_project / "params.yaml"
     before = params.read_text()

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from pipeline import protocols
+from pipeline.data import protocols
 from tests.conftest import lfw_root
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import recordio
+from pipeline.data import recordio
 
 MAGIC = 0xCED7230A
 M = struct.pack("<I", MAGIC)  # the magic as it appears inside a payload

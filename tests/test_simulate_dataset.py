@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import recordio
-from pipeline.images import decode_rgb
-from pipeline.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk
+from pipeline.data import recordio
+from pipeline.data.images import decode_rgb
+from pipeline.data.tar_chunks import list_chunks, read_chunk, record_chunks, write_chunk
 from tests.conftest import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "scripts"))

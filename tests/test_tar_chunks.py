@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 
-from pipeline.tar_chunks import (CHUNK_RECORD, FIXED_MTIME, UnsafeArchiveError, check_key, iter_tar, list_chunks,
-                                 read_chunk, record_chunks, write_chunk)
+from pipeline.data.tar_chunks import (CHUNK_RECORD, FIXED_MTIME, UnsafeArchiveError, check_key, iter_tar, list_chunks,
+                                      read_chunk, record_chunks, write_chunk)
 
 
 def test_round_trip_sorted_and_fixed_metadata(tmp_path):

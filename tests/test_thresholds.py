@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.metrics import enrol, l2_normalize
-from pipeline.thresholds import (ThresholdError, calibrate, describe, fpir_at, searches, split_enrolment,
-                                 threshold_at_fpir, threshold_for)
+from pipeline.evaluate.thresholds import (ThresholdError, calibrate, describe, fpir_at, searches, split_enrolment,
+                                          threshold_at_fpir, threshold_for)
 
 
 def test_fpir_at_gallery_size_by_hand():
@@ -105,7 +105,7 @@ def test_masked_probes_search_raw_templates():
 def test_thresholds_set_on_some_people_are_checked_once_on_others():
     """Validation's thresholds on other people of the same kind: the FPIR they give there is
     near the target, taken from the grid at the first size >= the other set's gallery size."""
-    from pipeline.thresholds import check_thresholds
+    from pipeline.evaluate.thresholds import check_thresholds
 
     ids, emb = _people(150, 4, noise=1.2, seed=0)
     entry = {"one_to_n": calibrate(emb, emb, ids, seed=0, source="A", probes="as given", replicates=50)}

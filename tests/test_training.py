@@ -20,11 +20,13 @@ import torch.multiprocessing as mp
 import yaml
 
 from pipeline.config import DistillParams, TrainParams
-from pipeline.models import load_embedding_model
-from pipeline.pair_loader import make_pair_loader
-from pipeline.tar_chunks import list_chunks, read_chunk
-from pipeline.shards import read_shard_set
-from pipeline.training import build_pair_model, code_fingerprint, fingerprint, lr_at, train, train_step
+from pipeline.recognition.models import load_embedding_model
+from pipeline.train.pair_loader import make_pair_loader
+from pipeline.data.tar_chunks import list_chunks, read_chunk
+from pipeline.pack.shards import read_shard_set
+from pipeline.train.checkpoint import code_fingerprint, fingerprint
+from pipeline.train.loop import lr_at, train
+from pipeline.train.pair_model import build_pair_model, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # the from-scratch recipe (ResNet18, ArcFace + the report's twin distillation), at toy size
@@ -62,7 +64,7 @@ def test_fingerprint_covers_params_data_world_and_code_not_workers(tmp_path):
         shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
     base = code_fingerprint(tmp_path)
     assert base == code_fingerprint(ROOT)
-    losses = tmp_path / "pipeline" / "losses.py"
+    losses = tmp_path / "pipeline" / "train" / "losses.py"
     losses.write_text(losses.read_text().replace("std=0.01", "std=0.02"))
     assert code_fingerprint(tmp_path) != base
 
@@ -203,16 +205,16 @@ def test_killed_run_resumes_to_a_byte_identical_model(tiny_shards, tmp_path):
 
 def test_resume_state_of_other_code_is_ignored(tiny_shards, tmp_path, monkeypatch):
     """A resume state from other code (same params and data) trains from scratch."""
-    import pipeline.training as training
+    import pipeline.train.loop as loop
 
     params = TrainParams(**TINY, epochs=1, val_every=0)
     kw = dict(params=params, shards_dir=tiny_shards, live_dir=tmp_path / "live", resume_dir=tmp_path / "r")
-    monkeypatch.setattr(training, "code_fingerprint", lambda root=None: "old code")
-    monkeypatch.setattr(training, "discard_resume_state", lambda d, **kw: None)
+    monkeypatch.setattr(loop, "code_fingerprint", lambda root=None: "old code")
+    monkeypatch.setattr(loop, "discard_resume_state", lambda d, **kw: None)
     first = train(out_dir=tmp_path / "a", **kw)
     assert (tmp_path / "r" / "last.pt").is_file()  # as if the run had been killed after its last epoch
     monkeypatch.undo()
-    monkeypatch.setattr(training, "code_fingerprint", lambda root=None: "new code")
+    monkeypatch.setattr(loop, "code_fingerprint", lambda root=None: "new code")
     second = train(out_dir=tmp_path / "b", **kw)
     assert not second["resumed"] and second["steps"] == first["steps"] > 0
 
@@ -311,7 +313,7 @@ def test_arcface_centres_start_at_the_class_means_of_a_pretrained_net(tiny_shard
     augmentation) under dlib's network, so the first ArcFace loss is far below a random head's."""
     import torch.nn.functional as F
 
-    from pipeline.training import Dist, centre_init, imprint_class_centres
+    from pipeline.train.loop import Dist, centre_init, imprint_class_centres
 
     params = TrainParams(**{**FINE_TUNE, "arcface": {"weight": 1.0}, "distill": {"kind": "none", "teacher": "self"}})
     assert centre_init(params) == "class_means" and centre_init(TrainParams(**TINY)) == "random"
@@ -334,7 +336,7 @@ def test_frozen_teacher_fine_tuning_trains_the_student_only(tiny_shards):
     """dlib's network fine-tuned towards a frozen copy of itself: at the first step student ==
     teacher, so the loss is exactly mean(1 - cos(teacher(masked), teacher(raw))); the teacher and the
     folded BatchNorms stay, the convolutions move at lr * backbone_lr_ratio."""
-    from pipeline.dlib_resnet import Affine
+    from pipeline.recognition.dlib_resnet import Affine
 
     params = TrainParams(**FINE_TUNE)
     classes = json.loads((tiny_shards / "classes.json").read_text())
@@ -383,8 +385,10 @@ def test_the_written_model_is_the_best_point_moved_towards_the_start(tiny_shards
     on 2 held-out people is not this test's business, so the trained net is made the best point.)"""
     from dvclive import Live
 
-    from pipeline.models import build_embedding_net
-    from pipeline.training import Validator, model_checkpoint, save_atomic, setup
+    from pipeline.recognition.models import build_embedding_net
+    from pipeline.evaluate.validation import Validator
+    from pipeline.train.checkpoint import model_checkpoint, save_atomic
+    from pipeline.train.loop import setup
 
     params = TrainParams(**dict(FINE_TUNE, arcface={"weight": 1.0}), epochs=1, val_every=0, device="cpu",
                          wise_alpha=0.5)
@@ -436,12 +440,12 @@ def test_the_trainer_deletes_only_its_own_files(tiny_shards, tmp_path):
 def test_a_kill_at_the_resume_write_resumes_to_the_same_model(tiny_shards, tmp_path, monkeypatch):
     """The best point travels inside last.pt (one atomic write per epoch): a kill after the new file
     is written but before it replaces the old one resumes from the epoch before, to the same model."""
-    import pipeline.training as training
+    import pipeline.train.checkpoint as checkpoint
 
     params = TrainParams(**TINY, epochs=2)
     kw = dict(params=params, shards_dir=tiny_shards)
     train(out_dir=tmp_path / "a", live_dir=tmp_path / "la", resume_dir=tmp_path / "ra", **kw)
-    real = training.save_atomic
+    real = checkpoint.save_atomic
 
     def killed_before_the_rename(obj, path):
         if path.name == "last.pt" and obj["epoch"] == 2:
@@ -449,7 +453,7 @@ def test_a_kill_at_the_resume_write_resumes_to_the_same_model(tiny_shards, tmp_p
             raise KeyboardInterrupt("killed")
         real(obj, path)
 
-    monkeypatch.setattr(training, "save_atomic", killed_before_the_rename)
+    monkeypatch.setattr(checkpoint, "save_atomic", killed_before_the_rename)
     with pytest.raises(KeyboardInterrupt):
         train(out_dir=tmp_path / "b", live_dir=tmp_path / "lb", resume_dir=tmp_path / "rb", **kw)
     monkeypatch.undo()

@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import validate_models  # noqa: E402
 
-from pipeline.models import build_embedding_net, interpolate_weights  # noqa: E402
-from pipeline.shards import read_shard_set  # noqa: E402
+from pipeline.recognition.models import build_embedding_net, interpolate_weights  # noqa: E402
+from pipeline.pack.shards import read_shard_set  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

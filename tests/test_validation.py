@@ -1,4 +1,4 @@
-"""pipeline.validation on real shards: the held-out train people scored as evaluate scores test."""
+"""pipeline.evaluate.validation on real shards: the held-out train people scored as evaluate scores test."""
 from __future__ import annotations
 
 import json
@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from pipeline.config import EvaluateParams, ValidateParams
-from pipeline.evaluation import embed_chunks, pair_scores
+from pipeline.evaluate.evaluation import embed_chunks, pair_scores
 from pipeline.metrics import kfold_accuracy
-from pipeline.models import build_embedding_net
-from pipeline.protocols import build_validation_pairs
-from pipeline.tar_chunks import list_chunks
-from pipeline.shards import read_shard_set
-from pipeline.training import Validator
+from pipeline.recognition.models import build_embedding_net
+from pipeline.data.protocols import build_validation_pairs
+from pipeline.data.tar_chunks import list_chunks
+from pipeline.pack.shards import read_shard_set
 from pipeline.config import MASK_TYPES
-from pipeline.tar_chunks import file_sha256
-from pipeline.validation import embed_validation, resolution, run_validate, score_validation, training_figures
+from pipeline.data.tar_chunks import file_sha256
+from pipeline.evaluate.validation import (Validator, embed_validation, resolution, run_validate, score_validation,
+                                          training_figures)
 
 EVAL = EvaluateParams(device="cpu", bootstrap_replicates=200)
 VAL = ValidateParams(pairs_per_identity=4)

@@ -23,19 +23,27 @@ Images are RGB numpy arrays everywhere here; conversion to grey happens inside.
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
+from pipeline.data.image_check import check_image
+from pipeline.data.ingest import IMAGE_EXTENSIONS
 from pipeline.dlib_models import CNN_DETECTOR, SHAPE_68, dlib_models_dir
 from pipeline.align.geometry import (ARCFACE_112, CROP_SIZE, AlignmentError, Template, box_from_rect,
                                      box_from_xywh, crop_to_crop_matrix, dlib_box_from_points,
                                      eye_centres_from_landmarks, five_points_from_landmarks, similarity_from_eyes,
                                      subject_index, subject_order, umeyama_similarity, warp)
+
+if TYPE_CHECKING:
+    from pipeline.config import StandaloneParams
 
 
 # Eye cascades and where the eye centre lies inside each one's box (share of width / height):
@@ -390,3 +398,30 @@ def align_standalone(image_rgb: np.ndarray, *, params=None, template: Template =
             matrix, name = found
             return StandaloneResult(warp(image_rgb, matrix, template.size), name, "", matrix)
     return StandaloneResult(None, "none", f"no face found ({', '.join(params.routes)})")
+
+
+def load_rgb(path: Path) -> tuple[np.ndarray | None, str]:
+    """(RGB uint8 array, "") or (None, reason) for anything that is not a usable photo."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        return None, f"unreadable: {err}"
+    checked = check_image(raw)
+    if checked.status != "accepted":
+        return None, checked.reason
+    with Image.open(io.BytesIO(checked.data)) as im:
+        return np.asarray(im.convert("RGB")), ""
+
+
+def align_file(path: Path, *, standalone: StandaloneParams | None = None,
+               template: Template = ARCFACE_112) -> tuple[np.ndarray | None, str, str]:
+    """One photo file -> (crop on ``template`` or None, route, reason): vetted as ingest vets a file
+    (:func:`load_rgb`), then :func:`align_standalone`. The user commands (embed, identify,
+    calibrate) and the pair benchmarks align their photos through here."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return None, "none", f"unsupported extension {path.suffix or '(none)'}; allowed: {sorted(IMAGE_EXTENSIONS)}"
+    image, reason = load_rgb(path)
+    if image is None:
+        return None, "none", reason
+    res = align_standalone(image, params=standalone, template=template)
+    return res.crop, res.route, res.reason

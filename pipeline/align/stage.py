@@ -29,14 +29,13 @@ import pyarrow.parquet as pq
 from pipeline.align import detection as al
 from pipeline.align import geometry as geo
 from pipeline.config import AlignParams, ComputeParams, StandaloneParams
-from pipeline.ingest import accepted_ids_by_chunk
-from pipeline.images import decode_gray, decode_rgb, encode_jpeg
-from pipeline.mask.overlay import apply_overlay
+from pipeline.data.ingest import accepted_ids_by_chunk
+from pipeline.data.images import apply_overlay, decode_gray, decode_rgb, encode_jpeg
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
 from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,
                                    write_png)
-from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, record_chunks, write_chunk, write_json
+from pipeline.data.tar_chunks import dumps_json, list_chunks, read_chunk, record_chunks, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("identity", pa.string()), ("split", pa.string()),

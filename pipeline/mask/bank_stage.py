@@ -1,9 +1,9 @@
 """The mask-bank stage: a folder of real masked photos -> data/mask_bank/ (entries the mask stage
 wears, every photo's row, a summary and contact sheets).
 
-The folder (``mask_bank.path``) is walked like an ingest source (:func:`pipeline.ingest.walk_source`:
+The folder (``mask_bank.path``) is walked like an ingest source (:func:`pipeline.data.ingest.walk_source`:
 what DVC hashes is what is read; links not taken are rows); a copy of an earlier file is a row, not
-a second entry; every photo is vetted like an ingest photo (:func:`pipeline.image_check.check_image`,
+a second entry; every photo is vetted like an ingest photo (:func:`pipeline.data.image_check.check_image`,
 sizes bounded before decoding) and given to :class:`pipeline.mask.bank.BankBuilder`, in batches of
 ``BATCH`` sorted files over the workers. Each batch writes ``entries/bank-NNNNN.tar``: per kept photo an RGBA template (``png``, the procedural
 templates' frame) and its ``json`` (source, scores, the 68 landmarks in the photo). Outputs depend on the photos and params only.
@@ -24,17 +24,17 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import BANK_MASK_TYPE, ComputeParams, MaskBankParams
-from pipeline.image_check import check_image
-from pipeline.images import decode_rgb, decode_rgba, encode_png
-from pipeline.ingest import IMAGE_EXTENSIONS, walk_source
+from pipeline.data.image_check import check_image
+from pipeline.data.images import decode_rgb, decode_rgba, encode_png
+from pipeline.data.ingest import IMAGE_EXTENSIONS, walk_source
 from pipeline.mask.bank import SCORE_NAMES, BankBuilder
 from pipeline.mask.landmarks import check_predictor
 from pipeline.mask.templates import SIZE, Template, canonical_anchors
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import rank_key
 from pipeline.stage_report import SmallestK, StatusWriter, draw_sheet, fit_tile, status_rows, write_png
-from pipeline.tar_chunks import (dumps_json, file_sha256, list_chunks, read_chunk, record_chunks, write_chunk,
-                                 write_json)
+from pipeline.data.tar_chunks import (dumps_json, file_sha256, list_chunks, read_chunk, record_chunks, write_chunk,
+                                      write_json)
 
 BATCH = 64  # photos per worker task and per entries chunk
 MAX_FILE_BYTES = 64 << 20  # a photo file larger than this is rejected unread

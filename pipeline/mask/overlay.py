@@ -132,26 +132,3 @@ def overlay_mask(rgb: np.ndarray, landmarks: np.ndarray, template: Template, *, 
     out[y0:y1, x0:x1] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)  # round half up, then clip
     mask[y0:y1, x0:x1] = np.where(covered, 255, 0).astype(np.uint8)
     return out, mask
-
-
-def overlay_patch(raw: np.ndarray, masked: np.ndarray) -> tuple[list[int], np.ndarray]:
-    """The smallest box [x0, y0, x1, y1] holding every pixel the overlay changed, and the masked
-    image inside it. Stored losslessly, it lets the align stage rebuild the masked twin from the
-    raw photo's own pixels: both twins are then JPEG-encoded once, at the same quality, and are
-    bit-identical outside the mask (no compression cue for the network to learn)."""
-    changed = np.any(raw != masked, axis=2)
-    ys, xs = np.nonzero(changed)
-    if not len(xs):
-        return [0, 0, 0, 0], masked[:0, :0]
-    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    return [x0, y0, x1, y1], np.ascontiguousarray(masked[y0:y1, x0:x1])
-
-
-def apply_overlay(raw: np.ndarray, box: list[int], patch: np.ndarray) -> np.ndarray:
-    """The masked twin: ``raw`` with ``patch`` pasted at ``box`` (inverse of :func:`overlay_patch`)."""
-    x0, y0, x1, y1 = box
-    if patch.shape[:2] != (y1 - y0, x1 - x0) or x1 > raw.shape[1] or y1 > raw.shape[0]:
-        raise ValueError(f"overlay patch {patch.shape[:2]} does not fit box {box} in image {raw.shape[:2]}")
-    out = raw.copy()
-    out[y0:y1, x0:x1] = patch
-    return out

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.config import ALL_MASK_TYPES
-from pipeline.tar_chunks import list_chunks, read_chunk
+from pipeline.data.tar_chunks import list_chunks, read_chunk
 
 # (name, low, high): coverage in [low, high); LFW's tertiles are about 0.42 and 0.50
 COVERAGE_BINS = (("below_0.40", 0.0, 0.40), ("0.40_0.50", 0.40, 0.50), ("above_0.50", 0.50, 1.01))

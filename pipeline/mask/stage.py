@@ -23,17 +23,17 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ALL_MASK_TYPES, BANK_MASK_TYPE, MASK_TEXTURES, ComputeParams, MaskParams
-from pipeline.ingest import accepted_ids_by_chunk
+from pipeline.data.ingest import accepted_ids_by_chunk
 from pipeline.mask.bank_stage import load_bank
 from pipeline.mask.landmarks import ROUTES, LandmarkDetector, check_predictor
-from pipeline.mask.overlay import apply_overlay, overlay_mask, overlay_patch
+from pipeline.mask.overlay import overlay_mask
 from pipeline.mask.templates import N_VARIANTS, PALETTES, Template, get_template
-from pipeline.images import decode_rgb, encode_png
+from pipeline.data.images import apply_overlay, decode_rgb, encode_png, overlay_patch
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, rank_key
 from pipeline.stage_report import (Accounting, SmallestK, StatusCounts, collect_chunk_rows, draw_sheet,
                                    fit_tile, write_png)
-from pipeline.tar_chunks import dumps_json, list_chunks, read_chunk, record_chunks, write_chunk, write_json
+from pipeline.data.tar_chunks import dumps_json, list_chunks, read_chunk, record_chunks, write_chunk, write_json
 
 STATUS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("identity", pa.string()), ("split", pa.string()),

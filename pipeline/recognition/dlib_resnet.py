@@ -37,7 +37,7 @@ from torch import nn
 
 from pipeline.align.geometry import ARCFACE_112, CHIP_SIZE, DLIB_150, crop_to_crop_matrix, get_template
 from pipeline.dlib_models import FACE_RESNET, FACE_RESNET_SHA256, dlib_models_dir
-from pipeline.dlib_serialization import DlibFormatError, DlibReader
+from pipeline.recognition.dlib_serialization import DlibFormatError, DlibReader
 
 EMBEDDING_DIM = 128
 # (filters, blocks, first block is a down block) from the input side: alevel4 .. alevel0

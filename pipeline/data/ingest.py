@@ -2,7 +2,7 @@
 
 Sources: an LFW release (split from View 1: peopleDevTrain -> train, peopleDevTest -> test), an
 ImageFolder ``root/<identity>/<image>`` (any depth under the identity folder) or an insightface
-RecordIO pair. Each file is decoded and vetted (:mod:`pipeline.image_check`); bad files are rejected
+RecordIO pair. Each file is decoded and vetted (:mod:`pipeline.data.image_check`); bad files are rejected
 with a reason, exact duplicates are reported, and the stage asserts ``in = accepted + rejected``.
 
 Streaming: the listing keeps one small :class:`SourceItem` per file; chunks are vetted in parallel
@@ -29,12 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import recordio
+from pipeline.data import recordio
 from pipeline.config import ComputeParams, DatasetParams, IngestParams
-from pipeline.image_check import check_image
+from pipeline.data.image_check import check_image
 from pipeline.parallel import iter_chunks
-from pipeline.protocols import ProtocolError, read_people
-from pipeline.tar_chunks import dumps_json, record_chunks, write_chunk, write_json
+from pipeline.data.protocols import ProtocolError, read_people
+from pipeline.data.tar_chunks import dumps_json, record_chunks, write_chunk, write_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LFW_IMAGE_DIRS = ("lfw-deepfunneled", "lfw_funneled", "lfw-funneled", "lfw")

@@ -9,7 +9,7 @@ Order of preference:
    depend on how the archive was compressed).
 Offline with no source: one message saying how to set LFW_SOURCE.
 
-``python -m pipeline.lfw_source --dest data/sources/lfw``
+``python -m pipeline.data.lfw_source --dest data/sources/lfw``
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from pipeline.tar_chunks import UnsafeArchiveError, check_member_name, file_sha256
+from pipeline.data.tar_chunks import UnsafeArchiveError, check_member_name, file_sha256
 
 IMAGE_DIR = "lfw-deepfunneled"
 ARCHIVE = "lfw-deepfunneled.tgz"

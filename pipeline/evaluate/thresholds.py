@@ -233,7 +233,7 @@ def write_entry(path: str | Path, key: str, entry: dict) -> None:
     """Add or replace ``key`` in a thresholds file (other models' entries stay)."""
     import json
 
-    from pipeline.tar_chunks import write_json
+    from pipeline.data.tar_chunks import write_json
 
     path = Path(path)
     data = json.loads(path.read_text()) if path.is_file() else {}

@@ -14,7 +14,7 @@ What a pair costs: decoding its two 112 px JPEGs (~150-220 us on one core) and a
 the same decode + augmentation + batching on bytes already in memory (its ceiling, measured in the
 same run by ``benchmarks/loader.py``):
 
-- one tar pass per shard (:func:`pipeline.tar_chunks.read_chunk`), the next shard read into the
+- one tar pass per shard (:func:`pipeline.data.tar_chunks.read_chunk`), the next shard read into the
   page cache by a background thread meanwhile, so a cold shard's disk time overlaps the decoding;
 - a plain seeded shuffle buffer (webdataset's algorithm, without its per-sample pipeline stages);
 - batches built in the worker: each augmented twin is written straight into a uint8 batch array,
@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.align.geometry import STANDALONE_TWIN
 from pipeline.config import AugmentParams
-from pipeline.images import decode_rgb
-from pipeline.models import pixels_to_input
+from pipeline.data.images import decode_rgb
+from pipeline.recognition.models import pixels_to_input
 from pipeline.seeding import seed_for
-from pipeline.tar_chunks import read_chunk
+from pipeline.data.tar_chunks import read_chunk
 
 # One sample: (key, raw JPEG bytes, masked JPEG bytes, label).
 Sample = tuple[str, bytes, bytes, int]
@@ -157,7 +157,7 @@ def mean_grey(image: np.ndarray) -> float:
 
 
 def decode_twins(key: str, raw_jpg: bytes, masked_jpg: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Both twins as HxWx3 uint8 RGB (the one decoder, :func:`pipeline.images.decode_rgb`)."""
+    """Both twins as HxWx3 uint8 RGB (the one decoder, :func:`pipeline.data.images.decode_rgb`)."""
     raw, masked = decode_rgb(raw_jpg), decode_rgb(masked_jpg)
     if raw is None or masked is None:
         raise ValueError(f"{key}: a twin is not a decodable image")
@@ -201,7 +201,7 @@ def _empty_float(shape: tuple[int, ...]) -> torch.Tensor:
 
 def to_batch(images: np.ndarray) -> torch.Tensor:
     """N x H x W x 3 uint8 RGB -> N x 3 x H x W float32 in [-1, 1] (the networks' input scale,
-    :func:`pipeline.models.pixels_to_input`), one pass.
+    :func:`pipeline.recognition.models.pixels_to_input`), one pass.
     The memory is channels_last (NHWC), the layout the training step uses."""
     n, h, w, c = images.shape
     out = _empty_float((n, h, w, c))
@@ -212,7 +212,7 @@ def to_batch(images: np.ndarray) -> torch.Tensor:
 
 def shard_samples(urls: Sequence[str], masked_member: str = "masked.jpg") -> Iterator[Sample]:
     """The samples of these shards in file order, through the one tar reader
-    (:func:`pipeline.tar_chunks.read_chunk`). Background threads read the first shard and, while one
+    (:func:`pipeline.data.tar_chunks.read_chunk`). Background threads read the first shard and, while one
     shard is parsed, the next into the page cache, so a cold shard's disk time overlaps decoding.
     ``masked_member``: the masked twin's member, ``masked.jpg`` where a sample has none of that name
     (``masked_standalone.jpg``: the twin aligned on its own, where a face was found)."""

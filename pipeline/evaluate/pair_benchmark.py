@@ -4,7 +4,7 @@
 -> ``eval/benchmarks/<name>/metrics.json`` (in ``dvc metrics show / diff``) and
 ``photos.parquet`` (every photo the pairs name: aligned, or why not).
 
-- The pairs file is read as LFW's (:func:`pipeline.protocols.parse_pairs`): ``N`` then N same +
+- The pairs file is read as LFW's (:func:`pipeline.data.protocols.parse_pairs`): ``N`` then N same +
   N different pairs, cut into ``evaluate.n_folds`` balanced folds, or ``SETS N`` with each set a
   fold. A photo is ``<path>/<name>/<name>_<NNNN>`` with a .jpg, .jpeg or .png suffix.
 - Each photo is aligned on its own, as `identify` aligns a photo (the ``standalone`` routes:
@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from pipeline.bootstrap import draw_identities, interval, paired_difference, replicate
 from pipeline.config import EvaluateParams, PairBenchmarkParams, StandaloneParams
-from pipeline.embedders import Embedder, make_embedder
+from pipeline.recognition.embedders import Embedder, make_embedder
 from pipeline.metrics import FAR_TARGETS, kfold_correct, tar_key, verification_metrics
-from pipeline.protocols import Pairs, parse_pairs
-from pipeline.tar_chunks import write_json
+from pipeline.data.protocols import Pairs, parse_pairs
+from pipeline.data.tar_chunks import write_json
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_PAIRS_FILE_BYTES = 64 << 20  # a pairs file is text: bigger is refused before reading
@@ -68,7 +68,7 @@ def photo_file(folder: Path, image_id: str) -> Path | None:
 
 def align_photos(folder: Path, image_ids: list[str], *, template, standalone: StandaloneParams | None):
     """({image_id: crop} of the photos that aligned, one status row per photo)."""
-    from pipeline.embed import align_file
+    from pipeline.align.detection import align_file
 
     crops, rows = {}, []
     for image_id in tqdm(image_ids, desc="align", unit="photo"):
@@ -165,7 +165,7 @@ def run_pair_benchmark(*, name: str, benchmark: PairBenchmarkParams, evaluate: E
                                   evaluate.ci_level)
             if d is not None:
                 metrics["vs_dlib"][k] = d
-    from pipeline.evaluation import round_metrics
+    from pipeline.evaluate.evaluation import round_metrics
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

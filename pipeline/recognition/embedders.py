@@ -55,7 +55,7 @@ class Embedder(ABC):
 
 
 class TorchEmbedder(Embedder):
-    """A torch embedding network (pipeline.models' interface: B x 3 x S x S in [-1, 1]), batched
+    """A torch embedding network (pipeline.recognition.models' interface: B x 3 x S x S in [-1, 1]), batched
     on ``device``: the trained model (``model_path``) or a given ``net``; the crop template is the
     network's (``config["template"]``)."""
 
@@ -63,7 +63,7 @@ class TorchEmbedder(Embedder):
                  name: str = "model"):
         import torch
 
-        from pipeline.models import load_embedding_model, pixels_to_input
+        from pipeline.recognition.models import load_embedding_model, pixels_to_input
 
         self._torch, self._to_input = torch, pixels_to_input
         self.path = None if model_path is None else str(model_path)
@@ -86,14 +86,14 @@ class TorchEmbedder(Embedder):
         return {**super().describe(), "path": Path(self.path).name if self.path else None}
 
 
-# The ONNX export's input name and metadata keys (written by pipeline.export, read here).
+# The ONNX export's input name and metadata keys (written by pipeline.recognition.export, read here).
 ONNX_INPUT = "crops"
 ONNX_METADATA_KEYS = ("template", "crop_size", "template_points", "input", "mean", "std", "channel_order", "flip",
                       "embedding_dim", "output", "source_sha256", "producer")
 
 
 class OnnxEmbedder(Embedder):
-    """The trained model as exported by :mod:`pipeline.export`, run by onnxruntime (CPU): the crop
+    """The trained model as exported by :mod:`pipeline.recognition.export`, run by onnxruntime (CPU): the crop
     template, input scaling and embedding size come from the file's metadata, which is checked
     (a file without it, or with another preprocessing, is refused). ``threads``: onnxruntime's
     intra-op threads (None: its default, all cores). ``source_sha256``: the checkpoint it was
@@ -123,7 +123,7 @@ class OnnxEmbedder(Embedder):
                 or meta["mean"] != "127.5,127.5,127.5" or meta["std"] != "127.5,127.5,127.5" \
                 or meta["channel_order"] != "RGB" or [i.name for i in self.session.get_inputs()] != [ONNX_INPUT]:
             raise ValueError(f"{model_path}: ONNX metadata {dict(meta)} is not the preprocessing this "
-                             f"embedder feeds (pipeline/export.py)")
+                             f"embedder feeds (pipeline/recognition/export.py)")
         self.dim = int(dim)
         self.source_sha256 = meta["source_sha256"]
         self.metadata = dict(meta)
@@ -131,7 +131,7 @@ class OnnxEmbedder(Embedder):
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        from pipeline.models import pixels_to_input
+        from pipeline.recognition.models import pixels_to_input
 
         x = pixels_to_input(torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))).numpy()
         return self.session.run(None, {ONNX_INPUT: x})[0]
@@ -155,7 +155,7 @@ def _dlib_resnet_path(model_path: str | Path | None) -> Path:
 
 class DlibEmbedder(TorchEmbedder):
     """dlib's ResNet (99.38% on LFW with its own alignment) through its PyTorch port
-    (:mod:`pipeline.dlib_resnet`, the same numbers as dlib, batched, on a GPU when present), fed
+    (:mod:`pipeline.recognition.dlib_resnet`, the same numbers as dlib, batched, on a GPU when present), fed
     our aligned crops: ``dlib150`` crops are its own chip; ``arcface112`` crops are resampled to
     it (they cover slightly less chin: the missing bottom rows, ~8 px of 150, are filled by edge
     replication). It never saw masks: it shows where a strong mask-unaware model stands, and it
@@ -163,7 +163,7 @@ class DlibEmbedder(TorchEmbedder):
     """
 
     def __init__(self, model_path: str | Path | None = None, device: str = "cpu", template: str = "dlib150"):
-        from pipeline.dlib_resnet import DlibEmbeddingNet
+        from pipeline.recognition.dlib_resnet import DlibEmbeddingNet
 
         path = _dlib_resnet_path(model_path)  # the shipped copy (None) is also checked by hash
         super().__init__(device=device, net=DlibEmbeddingNet(template=template).load_dat(model_path), name="dlib")
@@ -194,7 +194,7 @@ class DlibLibraryEmbedder(Embedder):
     dim = 128
 
     def __init__(self, model_path: str | Path | None = None, template: str = "dlib150"):
-        from pipeline.dlib_resnet import crop_to_chip_matrix
+        from pipeline.recognition.dlib_resnet import crop_to_chip_matrix
 
         self.path = _dlib_resnet_path(model_path)
         self.net = _dlib_net(self.path)

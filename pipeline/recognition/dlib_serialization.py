@@ -1,7 +1,7 @@
 """Reader for dlib's binary serialization (dlib/serialize.h, dlib/cuda/tensor.h), no dlib needed.
 
 Why: dlib's face ResNet ships as a ``.dat`` file that only dlib can run, as a black box that cannot be
-trained. Reading the format ourselves lets :mod:`pipeline.dlib_resnet` put the same weights into a
+trained. Reading the format ourselves lets :mod:`pipeline.recognition.dlib_resnet` put the same weights into a
 PyTorch network. The encodings, as dlib's code writes them (not as some of its comments say):
 
 - integer: one control byte (low nibble = number of magnitude bytes, 0x80 = negative), then the

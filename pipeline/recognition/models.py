@@ -1,11 +1,11 @@
 """Face embedding networks, looked up by name: torchvision ResNets + an embedding head, or dlib's
-pretrained face ResNet (``dlib_resnet``, :mod:`pipeline.dlib_resnet`).
+pretrained face ResNet (``dlib_resnet``, :mod:`pipeline.recognition.dlib_resnet`).
 
 The backbone is torchvision's ResNet as is (so ImageNet weights load unchanged); the adaptation to
 112x112 faces is the head: ResNet18 leaves a 512 x 4 x 4 map at 112 px, and instead of averaging it
 away (which discards where on the face a feature is, the part a mask hides) the head keeps it, like
 insightface's output layer: BN -> dropout -> flatten -> linear -> BN. "*_hr" backbones drop the max
-pool (7 x 7 map, 4x the compute: for GPUs). The ArcFace head lives in pipeline/losses.py and is not
+pool (7 x 7 map, 4x the compute: for GPUs). The ArcFace head lives in pipeline/train/losses.py and is not
 part of the saved embedding model.
 
 ``dlib_resnet`` is dlib's 128-D network with its weights read from the .dat file
@@ -27,13 +27,13 @@ from torchvision import models as tvm
 
 from pipeline.align.geometry import LEGACY_TEMPLATE, get_template
 from pipeline.config import BACKBONE_NAMES, DLIB_BACKBONE, PRETRAINED_FOR_BACKBONE
-from pipeline.dlib_resnet import DlibEmbeddingNet
+from pipeline.recognition.dlib_resnet import DlibEmbeddingNet
 
 
 def pixels_to_input(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 RGB pixels (any shape) -> float32 in [-1, 1], x / 127.5 - 1: the input scale of every
-    network here, for training batches (:func:`pipeline.pair_loader.to_batch`, as a table) and for
-    embedding (:class:`pipeline.embedders.TorchEmbedder`) alike."""
+    network here, for training batches (:func:`pipeline.train.pair_loader.to_batch`, as a table) and for
+    embedding (:class:`pipeline.recognition.embedders.TorchEmbedder`) alike."""
     return pixels.to(torch.float32) / 127.5 - 1.0
 
 

@@ -2,8 +2,8 @@
 
 Every embedder (the trained model, dlib's reference network) goes through the same functions on the
 same aligned crops: :func:`embed_chunks` then :func:`score_embeddings`; validation
-(:mod:`pipeline.validation`) runs the same functions on the held-out train people. The dlib pass
-(its torch port, :mod:`pipeline.dlib_resnet`) does not depend on the model, so the
+(:mod:`pipeline.evaluate.validation`) runs the same functions on the held-out train people. The dlib pass
+(its torch port, :mod:`pipeline.recognition.dlib_resnet`) does not depend on the model, so the
 `embed_reference` stage computes it once into a parquet that DVC caches; `evaluate` only scores it.
 
 Outputs (``out_dir``): metrics.json (nested, so ``dvc metrics show`` flattens it to keys like
@@ -26,18 +26,18 @@ import pyarrow.parquet as pq
 from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import BANK_MASK_TYPE, MASK_TYPES, EvaluateParams, Params
 from pipeline.devices import select_device
-from pipeline.embedders import Embedder, make_embedder
-from pipeline.images import decode_rgb
+from pipeline.recognition.embedders import Embedder, make_embedder
+from pipeline.data.images import decode_rgb
 from pipeline.mask.records import COVERAGE_BINS, MaskRecord, coverage_bin, read_mask_records
-from pipeline.shards import read_shard_set
+from pipeline.pack.shards import read_shard_set
 from pipeline.bootstrap import Draws, draw_identities, interval, paired_difference, replicate
 from pipeline.metrics import (FAR_TARGETS, Searches, cmc, identification_ranks, kfold_accuracy, kfold_correct,
                               open_set_figures, open_set_searches, roc_curve, tar_at_far, tar_key, thin_roc,
                               verification_metrics)
-from pipeline.protocols import (Gallery, Pairs, build_gallery, build_open_set, build_paper_protocol,
-                                check_identity_overlap, parse_pairs)
-from pipeline.tar_chunks import file_sha256, list_chunks, read_chunk, write_json
-from pipeline.thresholds import ThresholdError, check_thresholds, find_entry
+from pipeline.data.protocols import (Gallery, Pairs, build_gallery, build_open_set, build_paper_protocol,
+                                     check_identity_overlap, parse_pairs)
+from pipeline.data.tar_chunks import file_sha256, list_chunks, read_chunk, write_json
+from pipeline.evaluate.thresholds import ThresholdError, check_thresholds, find_entry
 
 CONDITIONS = ("unmasked_unmasked", "masked_unmasked", "masked_masked")
 VIEW1_PAIRS = "pairsDevTest.txt"

@@ -1,5 +1,5 @@
 """What the pack stage writes, as the stages after it read it: the one reader of a shards folder
-(``classes.json``, ``index.json``, ``train-*.tar``, ``val-*.tar``; :mod:`pipeline.pack` writes
+(``classes.json``, ``index.json``, ``train-*.tar``, ``val-*.tar``; :mod:`pipeline.pack.stage` writes
 them). Kept apart from the packing code so that train, validate and evaluate depend on the format,
 not on how pack computes it.
 """
@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pipeline.align.geometry import LEGACY_TEMPLATE
-from pipeline.tar_chunks import file_sha256, list_chunks
+from pipeline.data.tar_chunks import file_sha256, list_chunks
 
 CLASSES_FILE, INDEX_FILE = "classes.json", "index.json"
 TRAIN_PREFIX, VAL_PREFIX = "train-", "val-"

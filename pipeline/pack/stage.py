@@ -5,7 +5,7 @@ seed could not scale past LFW because of that I/O; DVC also slows to hours past 
 
 - Train identities with >= ``min_images_per_identity`` aligned images are kept; a seeded share of
   those with >= 2 images (``val_fraction``, at most ``val_max_identities``) is held out for every
-  choice made on validation (:mod:`pipeline.validation`), so the split is part of the cached data
+  choice made on validation (:mod:`pipeline.evaluate.validation`), so the split is part of the cached data
   set and training never has to filter it.
 - ``unseen_mask_types``: a training person's pairs whose twin wears one of these types (the mask
   stage's status.parquet says which) are not packed, so evaluation can tell mask types the model
@@ -45,7 +45,7 @@ byte-identical across runs, worker counts and ``PACK_MEMORY_BYTES``. The tempora
 deleted at the end.
 
 Members per sample: ``{key}.raw.jpg``, ``{key}.masked.jpg``, ``{key}.cls`` (ascii int),
-``{key}.json`` (a train pair also ``{key}.masked_standalone.jpg`` where align wrote it), written by :func:`pipeline.tar_chunks.write_tar` (GNU long names, fixed metadata),
+``{key}.json`` (a train pair also ``{key}.masked_standalone.jpg`` where align wrote it), written by :func:`pipeline.data.tar_chunks.write_tar` (GNU long names, fixed metadata),
 so two runs give byte-identical shards whatever the key length.
 """
 from __future__ import annotations
@@ -66,9 +66,9 @@ from pipeline.config import ComputeParams, PackParams
 from pipeline.mask.records import MaskRecordError, read_mask_types
 from pipeline.parallel import iter_chunks
 from pipeline.seeding import item_rng, seed_for
-from pipeline.shards import CLASSES_FILE, INDEX_FILE, TRAIN_PREFIX, VAL_PREFIX
-from pipeline.tar_chunks import (dumps_json, file_sha256, list_chunks, member_bytes, read_chunk,
-                                 record_chunks, tar_file_size, write_chunk, write_json, write_tar)
+from pipeline.pack.shards import CLASSES_FILE, INDEX_FILE, TRAIN_PREFIX, VAL_PREFIX
+from pipeline.data.tar_chunks import (dumps_json, file_sha256, list_chunks, member_bytes, read_chunk,
+                                      record_chunks, tar_file_size, write_chunk, write_json, write_tar)
 
 # Most sample bytes a shard writer holds in memory at once (a bigger bucket is read once per group
 # of shards of at most this size). Does not change the output.
@@ -297,7 +297,7 @@ def _val_shard_jobs(candidates: dict[str, list[tuple[str, int, str]]], val_ids: 
 
 
 def read_overlap(path: str | Path | None) -> dict:
-    """The overlap stage's finding (:mod:`pipeline.overlap`); none checked when there is no file."""
+    """The overlap stage's finding (:mod:`pipeline.evaluate.overlap`); none checked when there is no file."""
     if path is None or not Path(path).is_file():
         return {"checked": 0, "reason": "no overlap file", "action": "drop", "matches": 0, "matched": []}
     return json.loads(Path(path).read_text())
@@ -352,7 +352,7 @@ def run_pack(*, params: PackParams, aligned_dir: str | Path, out_dir: str | Path
     ``compute``: workers for the three chunk-parallel passes (default: this process only);
     ``masked_dir``: the mask stage's output, for ``params.unseen_mask_types`` (default: the
     aligned folder's sibling ``masked``, the stages' layout data/<set>/{masked,aligned});
-    ``overlap``: the overlap stage's finding (:mod:`pipeline.overlap`): its matched people are left
+    ``overlap``: the overlap stage's finding (:mod:`pipeline.evaluate.overlap`): its matched people are left
     out, or the pack refused, as its ``action`` says."""
     compute = compute or ComputeParams(n_jobs=1)
     aligned_dir, out_dir = Path(aligned_dir), Path(out_dir)

@@ -3,12 +3,12 @@ a photo library), with its preprocessing written into the file.
 
 :func:`export_onnx` traces ``models/model.pt``'s embedding network (torch.onnx, opset
 ``ONNX_OPSET``, the batch axis dynamic) and stores, as ONNX metadata (``metadata_props``), all a
-user needs to feed it (``pipeline.embedders.ONNX_METADATA_KEYS``):
+user needs to feed it (``pipeline.recognition.embedders.ONNX_METADATA_KEYS``):
 
 - ``template`` / ``crop_size``: the crop layout (pipeline.align.geometry; five points given in
   ``template_points``, pixels of the crop), so any aligner can make the crop;
 - ``input``: ``NCHW float32, RGB, x / 127.5 - 1`` (``mean`` / ``std`` in 0-255 units:
-  127.5 each, :func:`pipeline.models.pixels_to_input`); ``flip``: whether evaluation averaged the mirrored crop (evaluate.flip);
+  127.5 each, :func:`pipeline.recognition.models.pixels_to_input`); ``flip``: whether evaluation averaged the mirrored crop (evaluate.flip);
 - ``embedding_dim`` and ``output``: raw embeddings, to L2-normalise and compare by cosine;
 - ``source_sha256``: the sha256 of the checkpoint it was exported from; decision thresholds
   calibrated for that checkpoint (validation/thresholds.json) hold for the ONNX file because
@@ -16,7 +16,7 @@ user needs to feed it (``pipeline.embedders.ONNX_METADATA_KEYS``):
 
 With ``check_crops`` (real aligned crops: the export stage passes validation crops), both the
 torch model and the ONNX graph embed them and the export is refused unless every crop's cosine
-between the two is at least ``min_cosine``. :class:`pipeline.embedders.OnnxEmbedder` runs the
+between the two is at least ``min_cosine``. :class:`pipeline.recognition.embedders.OnnxEmbedder` runs the
 file and checks its metadata.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ExportParams
-from pipeline.embedders import ONNX_INPUT, ONNX_METADATA_KEYS, OnnxEmbedder, TorchEmbedder
+from pipeline.recognition.embedders import ONNX_INPUT, ONNX_METADATA_KEYS, OnnxEmbedder, TorchEmbedder
 
 ONNX_OPSET = 17
 OUTPUT = "embedding"
@@ -62,6 +62,8 @@ def with_metadata(model_bytes: bytes, metadata: dict[str, str]) -> bytes:
     for key in sorted(metadata):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(metadata[key])
+    # the file names the module by its path when the exported models were made (pipeline/export.py, now
+    # pipeline/recognition/export.py): kept, so moving the code changes no byte of model.onnx
     model.doc_string = "face embedder; preprocessing in metadata_props (pipeline/export.py)"
     return model.SerializeToString()
 
@@ -72,8 +74,8 @@ def export_onnx(*, model_path: str | Path, out_path: str | Path, flip: bool = Fa
     import torch
 
     from pipeline.align.geometry import get_template
-    from pipeline.models import load_embedding_model
-    from pipeline.tar_chunks import file_sha256
+    from pipeline.recognition.models import load_embedding_model
+    from pipeline.data.tar_chunks import file_sha256
 
     model_path, out_path = Path(model_path), Path(out_path)
     net = load_embedding_model(model_path)
@@ -86,6 +88,7 @@ def export_onnx(*, model_path: str | Path, out_path: str | Path, flip: bool = Fa
         "input": "NCHW float32, RGB, x / 127.5 - 1 for uint8 x", "mean": "127.5,127.5,127.5",
         "std": "127.5,127.5,127.5", "channel_order": "RGB", "flip": str(bool(flip)).lower(),
         "embedding_dim": dim, "output": "B x embedding_dim, not normalised: L2-normalise, compare by cosine",
+        # "pipeline.export": the module's name when the exported models were made (see with_metadata)
         "source_sha256": file_sha256(model_path), "producer": f"pipeline.export, opset {ONNX_OPSET}",
     }
     assert sorted(metadata) == sorted(ONNX_METADATA_KEYS)  # what OnnxEmbedder checks for
@@ -112,9 +115,9 @@ def export_onnx(*, model_path: str | Path, out_path: str | Path, flip: bool = Fa
 def validation_crops(shards_dir: str | Path, n: int) -> np.ndarray | None:
     """Up to ``n`` real aligned crops, both twins of the val shards' first pairs in shard order
     (held-out train people: never a test person); None when n is 0 or there are none."""
-    from pipeline.images import decode_rgb
-    from pipeline.shards import read_shard_set
-    from pipeline.tar_chunks import read_chunk
+    from pipeline.data.images import decode_rgb
+    from pipeline.pack.shards import read_shard_set
+    from pipeline.data.tar_chunks import read_chunk
 
     if n <= 0:
         return None
@@ -131,7 +134,7 @@ def run_export(*, params: ExportParams, flip: bool, model_path: str | Path, shar
                out_path: str | Path, report_path: str | Path) -> dict:
     """The export stage: the ONNX file, checked on ``params.check_crops`` validation crops, and its
     report (eval/export.json)."""
-    from pipeline.tar_chunks import write_json
+    from pipeline.data.tar_chunks import write_json
 
     report = export_onnx(model_path=model_path, out_path=out_path, flip=flip,
                          check_crops=validation_crops(shards_dir, params.check_crops))

@@ -9,7 +9,7 @@ network (the one every figure is paired against):
 - each LFW identity's centroid from the `embed_reference` stage's embeddings (every LFW image when
   the training set is external);
 - the threshold, calibrated on LFW itself: each LFW person with >= 2 images is split in two seeded
-  halves (:func:`pipeline.thresholds.split_enrolment`); half-centroid vs half-centroid of the same
+  halves (:func:`pipeline.evaluate.thresholds.split_enrolment`); half-centroid vs half-centroid of the same
   person are "same", of two people "different"; the threshold is the one ``overlap.far`` of the
   different ones pass (where the pairs can measure it: impostors x far >= 10; else just above
   the highest different score, and the file says which FAR that is), with the share of same
@@ -29,10 +29,10 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import OverlapParams
-from pipeline.evaluation import load_embeddings, read_aligned_chunk
+from pipeline.evaluate.evaluation import load_embeddings, read_aligned_chunk
 from pipeline.metrics import enrol, reachable, threshold_at_rate
-from pipeline.tar_chunks import list_chunks, write_json
-from pipeline.thresholds import split_enrolment
+from pipeline.data.tar_chunks import list_chunks, write_json
+from pipeline.evaluate.thresholds import split_enrolment
 
 
 class OverlapError(RuntimeError):
@@ -102,8 +102,8 @@ def run_overlap(*, params: OverlapParams, external: bool, train_aligned: str | P
         if ref.embedder.get("disabled") or not ref.image_ids:
             raise OverlapError(f"{reference_path}: no dlib reference embeddings (evaluate.reference_dlib must be "
                                f"true for the overlap check)")
-        from pipeline.embedders import make_embedder
-        from pipeline.evaluation import aligned_template
+        from pipeline.recognition.embedders import make_embedder
+        from pipeline.evaluate.evaluation import aligned_template
 
         idents, crops = first_crops(Path(train_aligned), params.images_per_identity)
         dlib = make_embedder("dlib", device=device, template=aligned_template(train_aligned))

@@ -1,32 +1,32 @@
 """The training loop: pairs of (raw, masked) faces -> embedding net + ArcFace + distillation.
 
-One readable loop in the spirit of nanoGPT's train.py. What it guarantees:
+One readable loop in the spirit of nanoGPT's train.py, top to bottom: ranks, the schedule, one
+epoch (:meth:`Trainer.run_epoch`), setup, then :func:`train`. What it guarantees:
 
 - Model selection never sees the test set: pack holds out a seeded share of the TRAIN identities
   (``val-*.tar``, never in a training step); verification pairs among them, probe side masked, give
-  ``val/accuracy``; the best point by it, moved back towards the pretrained start by
-  ``wise_alpha`` (WiSE-FT), becomes ``models/model.pt``, validated once more as it is written.
-- Resume without stale results: the resume state (``last.pt``, the best point inside it) lives in
-  its own folder OUTSIDE the DVC output, written atomically after every epoch. It is resumed only when its
-  fingerprint matches: params, shard hashes, world size AND the code (every .py of pipeline/ and
-  stages/), so a code change always trains from scratch. A finished run deletes it, so a finished
-  run is never "resumed". Data order and dropout are seeded by (seed, epoch): a killed and resumed
-  run writes a model.pt byte-identical to an uninterrupted one, and ``models/`` holds only that file.
+  ``val/accuracy`` (:class:`pipeline.evaluate.validation.Validator`); the best point by it, moved
+  back towards the pretrained start by ``wise_alpha`` (WiSE-FT), becomes ``models/model.pt``,
+  validated once more as it is written.
+- Resume without stale results (:mod:`pipeline.train.checkpoint`): the resume state lives outside
+  the DVC output, is written atomically after every epoch and resumed only by the same params,
+  data, world size and code. Data order and dropout are seeded by (seed, epoch): a killed and
+  resumed run writes a model.pt byte-identical to an uninterrupted one, and ``models/`` holds only
+  that file.
 - DDP under torchrun (nccl on CUDA, gloo on CPU): shards are split across ranks by the pair loader
   (every rank x worker needs a shard: checked before training), ranks stop together at the
   shortest rank's end and together on a non-finite loss; only rank 0 logs and writes.
-- bf16 autocast on CUDA, channels_last on CUDA and CPU; device auto-select cuda > mps > cpu.
+- bf16 autocast on CUDA, channels_last on CUDA and CPU (:mod:`pipeline.train.pair_model`); device
+  auto-select cuda > mps > cpu.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -36,27 +36,20 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.align.geometry import LEGACY_TEMPLATE
 from pipeline.config import EvaluateParams, TrainParams, ValidateParams
 from pipeline.devices import select_device
-from pipeline.dlib_resnet import Affine
-from pipeline.embedders import TorchEmbedder
-from pipeline.evaluation import embed_chunks
-from pipeline.losses import ArcFace, PairLoss, pair_loss
-from pipeline.models import build_embedding_net, interpolate_weights, make_net
-from pipeline.shards import ShardSet, read_shard_set
-from pipeline.pair_loader import check_shard_count, make_pair_loader
-from pipeline.tar_chunks import dumps_json
-from pipeline.validation import score_validation, training_figures
-
-CHECKPOINT_FORMAT = 3  # 3: the best point travels inside last.pt (no best.pt)
-CODE_DIRS = ("pipeline", "stages")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Params that change how fast, not what is learned: a checkpoint stays resumable across them.
-_NOT_FINGERPRINTED = ("num_workers", "device")
+from pipeline.evaluate.validation import Validator
+from pipeline.pack.shards import ShardSet, read_shard_set
+from pipeline.recognition.models import interpolate_weights
+from pipeline.train.checkpoint import (RunState, check_resume_dir, code_fingerprint, discard_resume_state,
+                                       fingerprint, load_resume, model_checkpoint, save_atomic, save_resume,
+                                       truncate_live, weights_sha256)
+from pipeline.train.losses import PairLoss
+from pipeline.train.pair_loader import check_shard_count, make_pair_loader
+from pipeline.train.pair_model import PairModel, autocast_for, build_pair_model, train_step
 
 
-# ----------------------------------------------------------------------------- devices and ranks
+# --------------------------------------------------------------------------- devices and ranks
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -66,19 +59,6 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def channels_last(device: torch.device) -> bool:
-    """NHWC activations: faster convolutions with cuDNN, and with oneDNN on CPU (ResNet18 step +9%
-    on 2 cores)."""
-    return device.type in ("cuda", "cpu")
-
-
-def autocast_for(device: torch.device, bf16: bool) -> Callable[[], Any]:
-    """bf16 autocast on CUDA (the tensor cores' fast path); plain fp32 elsewhere."""
-    if device.type == "cuda" and bf16:
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -114,274 +94,6 @@ def launch_ranks(params: TrainParams, module: str, argv: list[str], shards_dir: 
     return subprocess.run(cmd).returncode
 
 
-# ----------------------------------------------------------------------------- data
-def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
-    """sha256 over every .py of pipeline/ and stages/ (path and bytes): a superset of what DVC
-    hashes for the train stage, so no code change can resume a checkpoint made by other code."""
-    h = hashlib.sha256()
-    for d in CODE_DIRS:
-        for f in sorted((root / d).rglob("*.py")):
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-class Validator:
-    """The validate stage's figures of the net being trained (:mod:`pipeline.validation`: the
-    held-out train people in the val shards, through evaluate's embedder path and scoring, without
-    the intervals), read afresh from the shards at each call: nothing is held between validations.
-    ``accuracy`` (masked-unmasked verification) picks the checkpoint; unmasked accuracy and rank-1
-    without masks are logged beside it, where forgetting shows first."""
-
-    def __init__(self, val_shards: list[Path], template: str, device: torch.device, batch_size: int,
-                 evaluate: EvaluateParams | None = None, validate: ValidateParams | None = None):
-        self.shards, self.template, self.device, self.batch_size = val_shards, template, device, batch_size
-        self.evaluate, self.validate = evaluate or EvaluateParams(), validate or ValidateParams()
-
-    def __call__(self, net: nn.Module) -> dict[str, float]:
-        was_training = net.training
-        try:  # TorchEmbedder puts the net in eval mode and runs it in fp32
-            emb = embed_chunks(TorchEmbedder(net=net, device=str(self.device)), self.shards, template=self.template,
-                               flip=self.evaluate.flip, batch_size=self.batch_size, where="the val shards")
-        finally:
-            net.train(was_training)
-        metrics, _ = score_validation(emb, evaluate=self.evaluate, validate=self.validate, intervals=False)
-        return training_figures(metrics)
-
-
-# ----------------------------------------------------------------------------- model and schedule
-class PairModel(nn.Module):
-    """Embedding net + ArcFace head; one forward = both twins through the net in one batch (shared
-    BN statistics, one kernel launch) and the pair loss. DDP wraps this."""
-
-    def __init__(self, net: nn.Module, head: ArcFace, params: TrainParams, teacher: nn.Module | None = None):
-        super().__init__()
-        self.net, self.head, self.p, self.ce_weight = net, head, params.distill, params.arcface.weight
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "PairModel":
-        super().train(mode)
-        if self.teacher is not None:  # the frozen teacher always embeds as at inference
-            self.teacher.eval()
-        return self
-
-    def forward(self, raw: torch.Tensor, masked: torch.Tensor, labels: torch.Tensor) -> PairLoss:
-        emb = self.net(torch.cat([raw, masked]))
-        e_raw, e_masked = emb.float().chunk(2)
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher = self.teacher(raw).float()
-        with torch.autocast(emb.device.type, enabled=False):  # margins and cosines in fp32
-            return pair_loss(self.head, e_raw, e_masked, labels, kind=self.p.kind, beta=self.p.beta,
-                             margin=self.p.margin, dynamic=self.p.dynamic, stop_grad=self.p.stop_grad,
-                             ce_weight=self.ce_weight, teacher=teacher, raw_weight=self.p.raw_weight)
-
-
-def build_pair_model(params: TrainParams, num_classes: int, device: torch.device,
-                     template: str = LEGACY_TEMPLATE) -> tuple[PairModel, torch.optim.Optimizer]:
-    """Seeded embedding net + ArcFace head (+ the frozen teacher: a copy of the starting net) on
-    ``device`` (channels_last where it helps) and its Adam: the pretrained network's parameters at
-    ``lr * backbone_lr_ratio``, the new ones (ArcFace centres; a torchvision net's new head) at
-    ``lr``; dlib_resnet's folded BatchNorm (affine) layers frozen with ``freeze_affine``."""
-    torch.manual_seed(params.seed)
-    net = build_embedding_net(params.backbone, params.embedding_dim, params.dropout,
-                              params.pretrained, params.pretrained_path, template)
-    dim = net.config["embedding_dim"]
-    head = ArcFace(dim, num_classes, params.arcface.s, params.arcface.m)
-    teacher = None
-    if params.distill.teacher == "frozen":  # a second copy of the starting weights
-        teacher = make_net(net.config["backbone"], net.config["embedding_dim"], net.config["dropout"], template)
-        teacher.load_state_dict(net.state_dict())
-    model = PairModel(net, head, params, teacher).to(device)
-    if channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    if params.freeze_affine:
-        for m in net.modules():
-            if isinstance(m, Affine):
-                m.requires_grad_(False)
-    pretrained, new = [], list(head.parameters())
-    for name, p in net.named_parameters():
-        if p.requires_grad:
-            fresh = params.pretrained == "imagenet" and name.startswith("head.")
-            (new if fresh or params.pretrained == "none" else pretrained).append(p)
-    groups = [{"params": new, "lr_ratio": 1.0}]
-    if pretrained:
-        groups.append({"params": pretrained, "lr_ratio": params.backbone_lr_ratio})
-    # fused Adam: one kernel over all tensors; the per-tensor loop costs ~7% of a CPU step
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(groups, lr=params.lr, weight_decay=params.weight_decay, fused=fused or None)
-    return model, optimizer
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, *, lr: float, grad_clip: float,
-               device: torch.device, autocast: Any = nullcontext) -> PairLoss:
-    """One optimiser step on a batch of twins (the loop and benchmarks/train_step.py share it)."""
-    raw, masked, labels = (t.to(device, non_blocking=True) for t in batch)
-    if channels_last(device):
-        raw = raw.contiguous(memory_format=torch.channels_last)
-        masked = masked.contiguous(memory_format=torch.channels_last)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_ratio", 1.0)
-    with autocast():
-        out = model(raw, masked, labels)
-    optimizer.zero_grad(set_to_none=True)
-    out.total.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return out
-
-
-def lr_at(step: int, total: int, params: TrainParams) -> float:
-    """Linear warmup, then cosine from lr to lr * min_lr_ratio at the last step."""
-    if step < params.warmup_steps:
-        return params.lr * (step + 1) / params.warmup_steps
-    span = max(1, total - params.warmup_steps)
-    t = min(1.0, (step - params.warmup_steps) / span)
-    floor = params.lr * params.min_lr_ratio
-    return floor + 0.5 * (params.lr - floor) * (1.0 + math.cos(math.pi * t))
-
-
-def weights_sha256(net: nn.Module) -> str:
-    """A hash of the trainable weights (names, shapes, bytes): equal on every DDP rank (BatchNorm's
-    running statistics are not weights: each rank's last batch updates its own)."""
-    h = hashlib.sha256()
-    for k, v in sorted(net.named_parameters()):
-        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def fingerprint(params: TrainParams, data_fingerprint: str, world: int, code: str) -> str:
-    p = params.model_dump(mode="json")
-    for k in _NOT_FINGERPRINTED:
-        p.pop(k, None)
-    return dumps_json({"params": p, "data": data_fingerprint, "world": world, "code": code}).decode()
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a kill never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def model_checkpoint(net: nn.Module, meta: dict) -> dict:
-    """The stage's model file: embedding net only (no ArcFace head), plain types + tensors."""
-    return {"model": {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
-            "config": dict(net.config), "meta": meta}
-
-
-def _truncate_live(live_dir: Path, last_step: int) -> None:
-    """Drop metric rows logged after the checkpoint we resume from (the killed run's tail)."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines()
-        head, rows = lines[:1], lines[1:]
-        col = head[0].split("\t").index("step") if head else 0
-        kept = [r for r in rows if int(r.split("\t")[col]) <= last_step]
-        tsv.write_text("\n".join(head + kept) + "\n")
-
-
-@dataclass
-class RunState:
-    """Where a run stands; with the weights and optimiser it is the resume state."""
-
-    epoch: int = 0
-    step: int = 0
-    best: float = -1.0
-    history: list = field(default_factory=list)
-    resumed: bool = False
-    best_point: dict | None = None  # model_checkpoint() of the best validation point
-
-
-def load_resume(resume_dir: Path, fp: str, model: "PairModel",
-                optimizer: torch.optim.Optimizer) -> RunState:
-    """The state of an interrupted run of exactly this fingerprint, else a fresh state."""
-    path = resume_dir / "last.pt"
-    if not path.is_file():
-        return RunState()
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("fingerprint") != fp or ckpt.get("format") != CHECKPOINT_FORMAT:
-        print(f"ignoring {path}: made by other params, data or code (fresh start)")
-        return RunState()
-    model.net.load_state_dict(ckpt["model"])
-    model.head.load_state_dict(ckpt["head"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    return RunState(ckpt["epoch"], ckpt["step"], ckpt["best_val_accuracy"], json.loads(ckpt["history"]), True,
-                    ckpt["best_point"])
-
-
-def save_resume(resume_dir: Path, fp: str, state: RunState, model: "PairModel",
-                optimizer: torch.optim.Optimizer) -> None:
-    """One file, written atomically, holds the whole resume point, the best point included: a kill
-    before the rename resumes from the epoch before (replayed to the same weights), after it from
-    this one; never a best point of one epoch with the training state of another."""
-    save_atomic({"format": CHECKPOINT_FORMAT, "fingerprint": fp, "epoch": state.epoch, "step": state.step,
-                 "best_val_accuracy": float(state.best), "history": json.dumps(state.history),
-                 "model": model.net.state_dict(), "head": model.head.state_dict(),
-                 "optimizer": optimizer.state_dict(), "best_point": state.best_point},
-                resume_dir / "last.pt")
-
-
-RESUME_FILES = ("last.pt", "last.pt.tmp")  # all the trainer ever writes into the resume folder
-
-
-def discard_resume_state(resume_dir: Path, remove_folder: bool = True) -> None:
-    """A finished run's resume state goes (a finished run is never "resumed"): the trainer's own
-    files only, then the folder when it is left empty and ``remove_folder`` (the trainer made it)."""
-    for name in RESUME_FILES:
-        (resume_dir / name).unlink(missing_ok=True)
-    if remove_folder and resume_dir.is_dir() and not any(resume_dir.iterdir()):
-        resume_dir.rmdir()
-
-
-PROJECT_MARKERS = (".git", ".dvc", "dvc.yaml")
-
-
-def dvc_outputs(project: Path) -> list[Path]:
-    """Every output path dvc.yaml names (outs, metrics, plots), templated ones (``data/${key}/x``)
-    cut at their first template part, relative to ``project``; none without a dvc.yaml."""
-    import yaml
-
-    spec = project / "dvc.yaml"
-    if not spec.is_file():
-        return []
-    paths = []
-    for stage in (yaml.safe_load(spec.read_text()) or {}).get("stages", {}).values():
-        stage = stage.get("do", stage) if isinstance(stage, dict) else {}
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind) or []:
-                name = next(iter(entry)) if isinstance(entry, dict) else entry
-                if isinstance(name, str):
-                    parts = Path(name.split("${")[0]).parts if "${" in name else Path(name).parts
-                    if parts:
-                        paths.append(project / Path(*parts))
-    return paths
-
-
-def check_resume_dir(resume_dir: Path, *keep: Path, project: Path | None = None) -> None:
-    """Refuse a resume folder the trainer could harm: the project root or a folder above it (or
-    one holding .git, .dvc or dvc.yaml), a DVC output or a folder holding or inside one, or one of
-    ``keep`` (the run's own outputs and inputs). The trainer only ever deletes its own files there,
-    and these rules keep even those away from what DVC tracks."""
-    project = (project or Path.cwd()).resolve()
-    r = resume_dir.resolve()
-
-    def overlaps(p: Path) -> bool:
-        p = p.resolve()
-        return r == p or p.is_relative_to(r) or r.is_relative_to(p)
-
-    if project.is_relative_to(r) or any((r / m).exists() for m in PROJECT_MARKERS):
-        raise ValueError(f"--resume-dir {resume_dir}: the project root or a folder holding one; "
-                         "use a folder of its own (the default checkpoints/train)")
-    for p in (*keep, *dvc_outputs(project)):
-        if overlaps(p):
-            raise ValueError(f"--resume-dir {resume_dir}: overlaps {p} (a DVC output, or the run's own "
-                             "input or output); use a folder of its own (the default checkpoints/train)")
-
-
 def all_ranks(rank: Dist, device: torch.device, *flags: bool) -> list[bool]:
     """Each flag AND-ed over the ranks (one all-reduce): ranks stop, skip and fail together."""
     if rank.world == 1:
@@ -390,6 +102,17 @@ def all_ranks(rank: Dist, device: torch.device, *flags: bool) -> list[bool]:
                      device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return [bool(v) for v in t.tolist()]
+
+
+# ------------------------------------------------------------------------- schedule and checks
+def lr_at(step: int, total: int, params: TrainParams) -> float:
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio at the last step."""
+    if step < params.warmup_steps:
+        return params.lr * (step + 1) / params.warmup_steps
+    span = max(1, total - params.warmup_steps)
+    t = min(1.0, (step - params.warmup_steps) / span)
+    floor = params.lr * params.min_lr_ratio
+    return floor + 0.5 * (params.lr - floor) * (1.0 + math.cos(math.pi * t))
 
 
 def _check_finite(finite: bool, step: int) -> None:
@@ -406,7 +129,7 @@ def _loss_parts(out: PairLoss) -> tuple[torch.Tensor, ...]:
             out.correct_raw.float().mean(), out.correct_masked.float().mean())
 
 
-# ----------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------ the loop
 @dataclass
 class Trainer:
     """Everything one run needs; :meth:`run_epoch` is the loop body, :func:`train` the driver."""
@@ -552,6 +275,7 @@ class Trainer:
         return epoch_pairs
 
 
+# ------------------------------------------------------------------------ setup and the driver
 def centre_init(params: TrainParams) -> str:
     """``train.arcface.init`` resolved: auto = class means for a pretrained start, else random."""
     if params.arcface.init != "auto":
@@ -639,7 +363,7 @@ def train(*, params: TrainParams, shards_dir: str | Path, out_dir: str | Path, l
 
         resume_dir.mkdir(parents=True, exist_ok=True)
         if s.resumed:
-            _truncate_live(live_dir, s.step)
+            truncate_live(live_dir, s.step)
             print(f"resuming from {resume_dir / 'last.pt'} at epoch {s.epoch}, step {s.step}")
         tr.live = Live(str(live_dir), resume=s.resumed, save_dvc_exp=False, dvcyaml=None)
         if not s.resumed:

@@ -3,38 +3,43 @@
 Every choice (checkpoint, recipe, hyperparameters, WiSE-FT alpha, align defaults, thresholds) is
 made here and never on test figures. The people are pack's val shards (``pack.val_fraction`` of
 the train people with >= 2 images, never trained on); their crops go through the same path as the
-test crops (:func:`pipeline.evaluation.embed_chunks`: fp32, the same template and flip handling)
+test crops (:func:`pipeline.evaluate.evaluation.embed_chunks`: fp32, the same template and flip handling)
 and the same scoring code with evaluate's settings, so a validation figure and a test figure of the
 same people agree:
 
 - verification in the three conditions on seeded LFW-style pairs of these people
-  (:func:`pipeline.protocols.build_validation_pairs`: ``validate.pairs_per_identity`` each);
+  (:func:`pipeline.data.protocols.build_validation_pairs`: ``validate.pairs_per_identity`` each);
 - gallery rank-1 at each mask portion and open-set DIR@FPIR (the evaluate stage's builders);
 - in the validate stage, ``by_mask``: the same figures per mask type, seen vs unseen in training
-  (pack.unseen_mask_types) and per coverage bin (:func:`pipeline.evaluation.score_by_mask`);
+  (pack.unseen_mask_types) and per coverage bin (:func:`pipeline.evaluate.evaluation.score_by_mask`);
 - with intervals (the bootstrap over identities) and, in the validate stage, dlib's reference
   network on the same pairs with paired differences, and :func:`resolution`: how many people it
   takes to resolve a 1-point difference in masked-unmasked accuracy, from the spread measured here.
 
-The train stage runs :class:`pipeline.training.Validator` (the same figures, no intervals) to pick
+The train stage runs :class:`Validator` (the same figures, no intervals) to pick
 its checkpoint on :data:`SELECTION`.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import EvaluateParams, ValidateParams
 from pipeline.devices import select_device
-from pipeline.embedders import Embedder
-from pipeline.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks,
-                                 paired_comparison, round_metrics, score_by_mask, score_identification,
-                                 score_verification)
+from pipeline.recognition.embedders import Embedder, TorchEmbedder
+from pipeline.evaluate.evaluation import (EmbeddedSet, EvaluationError, Replicates, embed_chunks,
+                                          paired_comparison, round_metrics, score_by_mask, score_identification,
+                                          score_verification)
 from pipeline.mask.records import MaskRecord, read_mask_records
-from pipeline.shards import read_shard_set
-from pipeline.protocols import build_validation_pairs
-from pipeline.tar_chunks import file_sha256, write_json
-from pipeline.thresholds import calibrate
+from pipeline.pack.shards import read_shard_set
+from pipeline.data.protocols import build_validation_pairs
+from pipeline.data.tar_chunks import file_sha256, write_json
+from pipeline.evaluate.thresholds import calibrate
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 SELECTION = ("verification", "masked_unmasked", "accuracy")  # what the checkpoint and recipes are picked on
 RESOLVE = 0.01  # the difference in masked-unmasked accuracy validation must be able to resolve
@@ -139,7 +144,7 @@ def run_validate(*, evaluate: EvaluateParams, validate: ValidateParams, shards_d
 
 
 def identify_thresholds(emb: EmbeddedSet, evaluate: EvaluateParams, *, model_sha256: str) -> dict:
-    """`identify`'s entry for one embedder (:mod:`pipeline.thresholds`): the validation people's
+    """`identify`'s entry for one embedder (:mod:`pipeline.evaluate.thresholds`): the validation people's
     raw crops enrolled, their masked twins searching (a masked stranger at the door, unmasked
     enrolment photos); keyed by what identify checks (the model's sha256, template, flip)."""
     block = calibrate(emb.raw, emb.masked, emb.identities, seed=evaluate.seed, replicates=evaluate.bootstrap_replicates,
@@ -147,3 +152,26 @@ def identify_thresholds(emb: EmbeddedSet, evaluate: EvaluateParams, *, model_sha
                       source=f"validation people ({len(set(emb.identities))}, held-out train people)")
     return {"model_sha256": model_sha256, "template": emb.embedder.get("template"), "flip": bool(evaluate.flip),
             "one_to_n": block}
+
+
+class Validator:
+    """The validate stage's figures of the net being trained, for the train loop (the
+    held-out train people in the val shards, through evaluate's embedder path and scoring, without
+    the intervals), read afresh from the shards at each call: nothing is held between validations.
+    ``accuracy`` (masked-unmasked verification) picks the checkpoint; unmasked accuracy and rank-1
+    without masks are logged beside it, where forgetting shows first."""
+
+    def __init__(self, val_shards: list[Path], template: str, device: torch.device, batch_size: int,
+                 evaluate: EvaluateParams | None = None, validate: ValidateParams | None = None):
+        self.shards, self.template, self.device, self.batch_size = val_shards, template, device, batch_size
+        self.evaluate, self.validate = evaluate or EvaluateParams(), validate or ValidateParams()
+
+    def __call__(self, net: nn.Module) -> dict[str, float]:
+        was_training = net.training
+        try:  # TorchEmbedder puts the net in eval mode and runs it in fp32
+            emb = embed_chunks(TorchEmbedder(net=net, device=str(self.device)), self.shards, template=self.template,
+                               flip=self.evaluate.flip, batch_size=self.batch_size, where="the val shards")
+        finally:
+            net.train(was_training)
+        metrics, _ = score_validation(emb, evaluate=self.evaluate, validate=self.validate, intervals=False)
+        return training_figures(metrics)
