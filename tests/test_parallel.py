@@ -126,10 +126,13 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_mask_and_align_on_a_dask_cluster_are_byte_identical_to_joblib(tiny, dask_cluster, tmp_path):
+def test_mask_and_align_on_a_dask_cluster_are_byte_identical_to_joblib(tiny, dask_cluster, tmp_path, monkeypatch):
     """``tiny`` comes first: the joblib reference is built before the cluster starts, not while it waits."""
     from distributed import get_task_stream
 
+    # the stage's own client to the running scheduler: Dask's 30 s, not the stage's fail-fast 10 s
+    # (seen once on a busy 2-core machine: the live scheduler answered after more than 10 s)
+    monkeypatch.setattr(parallel, "CONNECT_TIMEOUT_S", 30)
     address, client, logs = dask_cluster
     workers = set(client.scheduler_info()["workers"])
     assert len(workers) == N_WORKERS and all(w.startswith(f"tcp://{HOST}:") for w in workers)
