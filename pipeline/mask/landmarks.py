@@ -130,20 +130,22 @@ class LandmarkDetector:
         s = self.predictor(rgb, rect)
         return np.array([[p.x, p.y] for p in s.parts()], dtype=np.float64)
 
-    def _retinaface_fast(self, rgb: np.ndarray) -> LandmarkResult | None:
-        """The ``retinaface_fast`` route, or None when it finds no face or a subject too small."""
+    def _retinaface(self, rgb: np.ndarray, route: str, long_side: int, min_face: float = 0) -> LandmarkResult | None:
+        """The RetinaFace routes: RetinaFace on the photo scaled to ``long_side``, its subject's five
+        points turned into the box dlib's HOG would draw, the 68-point predictor inside it. None when
+        it finds no face, or a subject under ``min_face`` px at that scale."""
         from pipeline.align import retinaface
         from pipeline.align.geometry import dlib_box_from_points
 
         h, w = rgb.shape[:2]
-        faces = retinaface.detect(rgb, long_side=retinaface.FAST_LONG_SIDE)
+        faces = retinaface.detect(rgb, long_side=long_side)
         if not faces:
             return None
         subject = faces[subject_index([f.xyxy for f in faces], w, h)]
-        if min(subject.box[2:]) * retinaface.FAST_LONG_SIDE / max(h, w) < retinaface.FAST_MIN_FACE:
+        if min(subject.box[2:]) * long_side / max(h, w) < min_face:
             return None
         box = dlib_box_from_points(subject.points)
-        return LandmarkResult("retinaface_fast", self._shape(rgb, box), box, len(faces))
+        return LandmarkResult(route, self._shape(rgb, box), box, len(faces))
 
     def detect(self, rgb: np.ndarray) -> LandmarkResult:
         """Landmarks of the subject of an 8-bit RGB image (H x W x 3)."""
@@ -153,7 +155,9 @@ class LandmarkDetector:
         h, w = rgb.shape[:2]
         if min(h, w) >= MIN_DETECT_SIDE:
             if self.retinaface_first and not self.assume_aligned:
-                fast = self._retinaface_fast(rgb)
+                from pipeline.align.retinaface import FAST_LONG_SIDE, FAST_MIN_FACE
+
+                fast = self._retinaface(rgb, "retinaface_fast", FAST_LONG_SIDE, FAST_MIN_FACE)
                 if fast is not None:
                     return fast
             gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
@@ -165,13 +169,11 @@ class LandmarkDetector:
                     return LandmarkResult("hog" if up == 0 else f"hog_upsample{up}",
                                           self._shape(rgb, box), box, len(rects))
             if self.retinaface and not self.assume_aligned:
-                from pipeline.align import retinaface
-                from pipeline.align.geometry import dlib_box_from_points
+                from pipeline.align.retinaface import LONG_SIDE
 
-                faces = retinaface.detect(rgb)
-                if faces:
-                    box = dlib_box_from_points(faces[subject_index([f.xyxy for f in faces], w, h)].points)
-                    return LandmarkResult("retinaface", self._shape(rgb, box), box, len(faces))
+                full = self._retinaface(rgb, "retinaface", LONG_SIDE)
+                if full is not None:
+                    return full
             if self.haar and not self.assume_aligned:
                 from pipeline.align.detection import cascade_gray, detect_faces
 
